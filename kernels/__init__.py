@@ -1,0 +1,1 @@
+"""Triton kernels shipped with pyengine (imported by the triton backend)."""

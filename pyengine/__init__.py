@@ -1,0 +1,23 @@
+"""pyengine: a compiled sampling engine for diffusion models.
+
+Solvers compile to float64 coefficient plans; one fused update kernel per backend runs them.
+"""
+
+from . import backends, noise, parameterization, processes, schedules, solvers
+from .parameterization import Denoiser
+from .plan import Plan
+from .sampler import Sampler, build_plan
+from .solvers import list_solvers
+
+__version__ = "0.1.0"
+
+__all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "processes", "schedules",
+           "solvers", "backends", "noise", "parameterization", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy submodules with optional dependencies.
+    if name in ("integrations", "models"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'pyengine' has no attribute {name!r}")

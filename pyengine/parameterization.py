@@ -1,0 +1,127 @@
+"""Model parameterizations, normalized once at the boundary.
+
+With alpha = s and sigma_dpm = s * sigma, a state x = alpha * x0 + sigma_dpm * eps, every
+model output kind is affine in (x, out), so the denoised estimate D = x0_hat and the noise
+estimate eps_hat fold into the plan's coefficients (no solver branches on the prediction):
+
+| prediction | D = x0_hat | eps_hat |
+|---|---|---|
+| epsilon | (x - sigma_dpm out) / alpha | out |
+| sample  | out | (x - alpha out) / sigma_dpm |
+| v (v = alpha eps - sigma_dpm x0) | (alpha x - sigma_dpm out) / (alpha^2 + sigma_dpm^2) | (sigma_dpm x + alpha out) / (alpha^2 + sigma_dpm^2) |
+| flow (out = eps - x0) | (x - sigma_dpm out) / (alpha + sigma_dpm) | (x + alpha out) / (alpha + sigma_dpm) |
+| score (out = grad log p(x)) | (x + sigma_dpm^2 out) / alpha | -sigma_dpm out |
+
+For VP processes alpha^2 + sigma_dpm^2 = 1 and for flow alpha + sigma_dpm = 1, which gives
+the familiar forms. The model also needs calling in the process's convention; :func:`wrap`
+builds that callable, including for k-diffusion-style denoisers ``D(x_hat, sigma)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTIONS = ("epsilon", "sample", "v", "flow", "score")
+_ALIASES = {"eps": "epsilon", "x0": "sample", "v_prediction": "v", "velocity": "flow",
+            "flow_prediction": "flow"}
+
+__all__ = ["PREDICTIONS", "check_prediction", "affine", "output_from_denoised", "Denoiser",
+           "ModelAdapter", "wrap"]
+
+
+def check_prediction(prediction: str) -> str:
+    p = _ALIASES.get(prediction, prediction)
+    if p not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS} (or an alias in "
+                         f"{sorted(_ALIASES)}), got {prediction!r}")
+    return p
+
+
+def affine(prediction: str, alpha: float, sd: float):
+    """((D_x, D_out), (eps_x, eps_out)): D = D_x x + D_out out, eps = eps_x x + eps_out out."""
+    p = check_prediction(prediction)
+    inv = (lambda a: 1.0 / a if a != 0 else math.nan)
+    if p == "epsilon":
+        return (inv(alpha), -sd * inv(alpha)), (0.0, 1.0)
+    if p == "sample":
+        return (0.0, 1.0), (inv(sd), -alpha * inv(sd))
+    if p == "v":
+        n = inv(alpha * alpha + sd * sd)
+        return (alpha * n, -sd * n), (sd * n, alpha * n)
+    if p == "flow":
+        n = inv(alpha + sd)
+        return (n, -sd * n), (n, alpha * n)
+    # score
+    return (inv(alpha), sd * sd * inv(alpha)), (0.0, -sd)
+
+
+def output_from_denoised(prediction: str, x, denoised, alpha: float, sd: float):
+    """The model output of the given kind whose denoised estimate is ``denoised`` (inverse of
+    :func:`affine`); used to turn an exact denoiser into an eps/v/flow/score model."""
+    p = check_prediction(prediction)
+    if p == "sample":
+        return denoised
+    eps = (x - alpha * denoised) / sd
+    if p == "epsilon":
+        return eps
+    if p == "v":
+        return alpha * eps - sd * denoised
+    if p == "flow":
+        return eps - denoised
+    return -eps / sd
+
+
+class Denoiser:
+    """Marks a k-diffusion-style denoiser ``D(x_hat, sigma) -> x0_hat``.
+
+    pyengine calls it with the scaled state x_hat = x / s and a [B] tensor of sigmas, whatever
+    the process; its output is taken as prediction="sample".
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError(f"Denoiser needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, x_hat, sigma):
+        return self.fn(x_hat, sigma)
+
+
+class ModelAdapter:
+    """Calls a user model in the process convention: ``model(x, t)`` with t a [B] tensor.
+
+    ``t`` has the dtype of x (float32 for reduced-precision states). A :class:`Denoiser` is
+    called as ``D(x / s, sigma)`` instead. Extra keyword arguments are passed through.
+    """
+
+    def __init__(self, model, extra_args: dict | None = None):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+        self.is_denoiser = isinstance(model, Denoiser)
+        self.extra_args = dict(extra_args or {})
+
+    def __call__(self, x: torch.Tensor, sigma: float, t: float, s: float) -> torch.Tensor:
+        tdtype = x.dtype if x.dtype == torch.float64 else torch.float32
+        B = x.shape[0]
+        if self.is_denoiser:
+            sig = torch.full((B,), sigma, dtype=tdtype, device=x.device)
+            out = self.model(x / s if s != 1.0 else x, sig, **self.extra_args)
+        else:
+            tt = torch.full((B,), t, dtype=tdtype, device=x.device)
+            out = self.model(x, tt, **self.extra_args)
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+            out = out.sample  # diffusers model outputs
+        elif isinstance(out, tuple):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model output must be a tensor of the input's shape "
+                             f"{tuple(x.shape)}, got {got}")
+        return out
+
+
+def wrap(model, extra_args: dict | None = None) -> ModelAdapter:
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model, extra_args)

@@ -1,0 +1,48 @@
+"""The one solver registry: every solver registers its name, order, model evaluations per
+step and whether it is stochastic. The CLI, the diffusers adapter and the tests read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["SolverInfo", "register", "get", "list_solvers", "REGISTRY"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    name: str
+    build: Callable = field(repr=False)   # build(builder, **options) -> None
+    order: int                            # the convergence order it really has (measured)
+    nfe_per_step: int                     # model evaluations per step
+    stochastic: bool
+    family: str
+    summary: str
+    options: tuple = ()                   # accepted option names
+    defaults: dict = field(default_factory=dict, repr=False)
+    ends_at_zero: str = "first_order"     # how the step to sigma 0 is taken
+
+
+REGISTRY: dict[str, SolverInfo] = {}
+
+
+def register(name, *, order, nfe_per_step, stochastic, family, summary, options=(), **defaults):
+    def deco(fn):
+        if name in REGISTRY:
+            raise RuntimeError(f"solver {name!r} registered twice")
+        REGISTRY[name] = SolverInfo(name=name, build=fn, order=order, nfe_per_step=nfe_per_step,
+                                    stochastic=stochastic, family=family, summary=summary,
+                                    options=tuple(options), defaults=dict(defaults))
+        return fn
+    return deco
+
+
+def get(name: str) -> SolverInfo:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def list_solvers() -> list[SolverInfo]:
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
