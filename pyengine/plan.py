@@ -135,8 +135,18 @@ class PlanBuilder:
     * ``assign(dst, xhat, sigma, ...)`` emits one fused update writing s(sigma) * xhat into dst.
     """
 
-    def __init__(self, process, sigmas, prediction: str, solver: str = "?"):
+    def __init__(self, process, sigmas, prediction: str, solver: str = "?", timesteps=None):
         self.process = process
+        # Optional explicit model times at the grid's levels (diffusers' own float32 timesteps,
+        # for parity); other levels use the process's model_time(sigma).
+        self._times: dict[float, float] = {}
+        if timesteps is not None:
+            ts = np.asarray(timesteps, dtype=np.float64).reshape(-1)
+            sg = np.asarray(sigmas, dtype=np.float64)
+            if ts.size not in (sg.size, sg.size - 1):
+                raise ValueError(f"timesteps has {ts.size} entries for {sg.size} sigmas "
+                                 f"(give one per level, or one per level but the last)")
+            self._times = {float(a): float(t) for a, t in zip(sg, ts)}
         self.prediction = param.check_prediction(prediction)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.plan = Plan(solver=solver, sigmas=self.sigmas)
@@ -150,6 +160,11 @@ class PlanBuilder:
 
     def s(self, sigma: float) -> float:
         return float(self.process.s_of_sigma(float(sigma)))
+
+    def time_of(self, sigma: float) -> float:
+        """The model's time value at ``sigma``."""
+        t = self._times.get(float(sigma))
+        return float(self.process.model_time(float(sigma))) if t is None else t
 
     @staticmethod
     def lam(sigma: float) -> float:
@@ -178,7 +193,7 @@ class PlanBuilder:
         s = self.s(sigma)
         x = self.ref(slot)
         self.plan.ops.append(Eval(src=slot, dst=dst, sigma=sigma,
-                                  t=float(self.process.model_time(sigma)), s=s, step=self.step))
+                                  t=self.time_of(sigma), s=s, step=self.step))
         self._version[dst] = self._version.get(dst, -1) + 1
         out = self.ref(dst)
         alpha, sd = s, s * sigma

@@ -15,8 +15,8 @@ from .solvers import registry
 __all__ = ["Sampler", "build_plan"]
 
 
-def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon",
-               **options) -> Plan:
+def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon", *,
+               timesteps=None, **options) -> Plan:
     """Compile ``solver`` over the grid ``sigmas`` into a Plan (float64 coefficients)."""
     info = registry.get(solver)
     unknown = sorted(set(options) - set(info.options))
@@ -25,7 +25,7 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
         raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} (it accepts: {accepted})")
     opts = {**info.defaults, **options}
     sig = sched.validate(sigmas, increasing=info.family == "inversion")
-    b = PlanBuilder(process, sig, prediction, solver=solver)
+    b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps)
     info.build(b, **opts)
     return b.finish()
 
@@ -41,6 +41,8 @@ class Sampler:
     (default True) appends the final step to sigma 0; ``to_zero=False`` stops at the last
     positive level. ``init_noise_scale`` overrides the factor that turns standard-normal
     noise into the first state (default: the process's prior std at the first level).
+    ``timesteps`` gives the model's time values at the grid's levels explicitly (else the
+    process's ``model_time``), as ``from_diffusers`` does to reproduce a scheduler exactly.
     Solver options (``eta``, ``s_churn``, ``lower_order_final``, ...) are keyword arguments.
     For an inversion solver (``ddim_inverse``) the grid runs upward and ``sample`` takes data.
     """
@@ -48,7 +50,8 @@ class Sampler:
     def __init__(self, process: Process, solver: str = "dpmpp_2m", steps: int | None = None, *,
                  schedule: str = "karras", prediction: str = "epsilon", sigmas=None,
                  to_zero: bool = True, schedule_options: dict | None = None,
-                 init_noise_scale: float | None = None, backend: str | None = None, **options):
+                 init_noise_scale: float | None = None, backend: str | None = None,
+                 timesteps=None, **options):
         if not isinstance(process, Process):
             raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
                             f"{type(process).__name__}")
@@ -74,7 +77,9 @@ class Sampler:
         self.schedule = schedule if sigmas is None else "custom"
         self.options = options
         self.backend = backend
-        self.plan = build_plan(process, solver, sig, self.prediction, **options)
+        self.timesteps = timesteps
+        self.plan = build_plan(process, solver, sig, self.prediction, timesteps=timesteps,
+                               **options)
         if init_noise_scale is None:
             init_noise_scale = 1.0 if inverse else float(process.prior_std(sig[0]))
         self.init_noise_scale = float(init_noise_scale)

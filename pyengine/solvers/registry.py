@@ -20,19 +20,34 @@ class SolverInfo:
     summary: str
     options: tuple = ()                   # accepted option names
     defaults: dict = field(default_factory=dict, repr=False)
-    ends_at_zero: str = "first_order"     # how the step to sigma 0 is taken
+    #: configurations with their own order, for solvers whose options change the order:
+    #: tuples (label, options dict, order, nfe_per_step). The order test runs each one.
+    variants: tuple = ()
+
+    def configurations(self):
+        """[(label, options, order, nfe_per_step)]: the variants, or the default alone."""
+        if self.variants:
+            return list(self.variants)
+        return [(self.name, {}, self.order, self.nfe_per_step)]
 
 
 REGISTRY: dict[str, SolverInfo] = {}
 
 
-def register(name, *, order, nfe_per_step, stochastic, family, summary, options=(), **defaults):
+def register(name, *, order, nfe_per_step, stochastic, family, summary, options=(), variants=(),
+             **defaults):
+    """Register a plan builder ``fn(builder, **options)``; ``defaults`` holds every option's
+    default value. ``order`` and ``nfe_per_step`` describe the default configuration."""
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"solver {name!r} registered twice")
+        missing = set(options) - set(defaults)
+        if missing:
+            raise RuntimeError(f"solver {name!r}: options without defaults: {sorted(missing)}")
         REGISTRY[name] = SolverInfo(name=name, build=fn, order=order, nfe_per_step=nfe_per_step,
                                     stochastic=stochastic, family=family, summary=summary,
-                                    options=tuple(options), defaults=dict(defaults))
+                                    options=tuple(options), defaults=dict(defaults),
+                                    variants=tuple(variants))
         return fn
     return deco
 
