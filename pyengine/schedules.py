@@ -162,7 +162,10 @@ def vp_discrete(process, n: int, spacing: str = "leading", steps_offset: int = 0
     if final == "zero":
         s = np.concatenate([s, [0.0]])
     elif final == "sigma_min":
-        s = np.concatenate([s, [process.sigma_min]])
+        # A last timestep of 0 already sits at sigma_min: the step to alpha_bar_0 would be
+        # the identity, so it is not repeated.
+        if s[-1] != process.sigma_min:
+            s = np.concatenate([s, [process.sigma_min]])
     else:
         raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
     return validate(s)
