@@ -85,8 +85,8 @@ class Denoiser:
             raise TypeError(f"Denoiser needs a callable, got {type(fn).__name__}")
         self.fn = fn
 
-    def __call__(self, x_hat, sigma):
-        return self.fn(x_hat, sigma)
+    def __call__(self, x_hat, sigma, **kwargs):
+        return self.fn(x_hat, sigma, **kwargs)
 
 
 class ModelAdapter:

@@ -45,7 +45,7 @@ def ddpm(b, variance_type):
         else:
             var = beta
         # x_vp = sqrt(a) x_hat on both sides; the state is then rescaled by the process's s.
-        draw = float(b.process.model_time(sig[i])) > 0
+        draw = b.time_of(sig[i]) > 0   # diffusers draws only while t > 0
         D, _ = b.evaluate("x", sig[i])
         x_hat = b.xhat("x", sig[i])
         b.assign("x", (c0 / math.sqrt(a_p)) * D + (ct * math.sqrt(a_t / a_p)) * x_hat,

@@ -1,0 +1,540 @@
+"""Build the pyengine Sampler that reproduces a diffusers scheduler.
+
+    sampler = from_diffusers(scheduler, num_inference_steps=20)
+    x0 = sampler.sample(unet_fn, torch.randn(shape), generator=torch.Generator().manual_seed(0))
+
+equals diffusers' own loop (``latents = noise * init_noise_sigma``; for each t in
+``timesteps``: ``x = step(model(scale_model_input(x, t), t), t, x, generator=g).prev_sample``)
+to float32 rounding, for the same model, noise and generator seed.
+
+How: a deep copy of the scheduler runs ``set_timesteps``; its own float32 tables
+(``alphas_cumprod``, ``sigmas``, ``timesteps``) give the float64 sigma grid and the model's
+time values, which are passed to the Sampler explicitly, so the model sees the very ``t``
+diffusers gives it (rounded Karras timesteps, fractional Euler ones, EDM's 0.25 log sigma).
+Everything diffusers decides at ``set_timesteps`` or inside ``step`` (timestep spacing,
+sigma interpolation, ``final_sigmas_type``, ``lower_order_final`` with its ``< 15 steps``
+rule, the forced first-order step to sigma 0, singlestep order lists, UniPC's corrector
+schedule) becomes the grid and the solver options. Nothing here imports diffusers: schedulers
+are recognized by class name.
+
+State spaces. pyengine keeps x = s (x0 + sigma eps) (s = 1/sqrt(1 + sigma^2) for VP). DDIM,
+DDPM, DPM-Solver and UniPC schedulers keep the same x; the Euler-type schedulers (Euler,
+Euler ancestral, Heun) keep x_hat = x / s and divide by sqrt(sigma^2 + 1) in
+``scale_model_input``, so the model input is pyengine's x again. Both agree wherever sigma is
+0; with ``final_sigmas_type="sigma_min"`` an Euler-type scheduler returns x_hat at sigma_min
+and pyengine x = s x_hat: :meth:`DiffusersSampler.to_scheduler_space` converts.
+
+Only the scheduler is read, not arguments of its ``step()``: DDIM's ``eta`` is
+:func:`from_diffusers`'s own argument, the generator goes to ``sample``; Euler's step-time
+``s_churn`` is not mapped (diffusers adds that noise after the model call, at the model's
+un-churned input, which differs from EDM Algorithm 2 that pyengine's ``euler`` follows).
+
+EDMEulerScheduler preconditions the network: it is called as F(c_in x, 0.25 log sigma) and
+the denoiser is c_skip x + c_out F. ``sample`` wraps the user's F in that preconditioning (a
+:class:`~pyengine.parameterization.Denoiser`) on the EDM process, so the same F plugs into
+both loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..parameterization import Denoiser
+from ..processes import EDM, Process, VPDiscrete
+from ..sampler import Sampler
+
+__all__ = ["from_diffusers", "DiffusersSampler", "SUPPORTED", "EDMPreconditioned"]
+
+
+class DiffusersSampler(Sampler):
+    """A :class:`pyengine.Sampler` built by :func:`from_diffusers`; it remembers the scheduler
+    it reproduces and, for EDM schedulers, wraps the model in the scheduler's preconditioning."""
+
+    def __init__(self, *args, scheduler_name: str, state_space: str, model_wrapper=None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scheduler_name = scheduler_name
+        #: "x" when the scheduler's state is pyengine's x, "x_hat" when it is x / s.
+        self.state_space = state_space
+        self.model_wrapper = model_wrapper
+
+    def sample(self, model, noise, seed=0, **kwargs):
+        if self.model_wrapper is not None:
+            model = self.model_wrapper(model)
+        return super().sample(model, noise, seed, **kwargs)
+
+    def to_scheduler_space(self, x: torch.Tensor) -> torch.Tensor:
+        """The final state as the scheduler's own loop returns it (x / s(sigma_last) for
+        Euler-type schedulers; unchanged otherwise, and always unchanged at sigma 0)."""
+        if self.state_space == "x":
+            return x
+        s = float(self.process.s_of_sigma(float(self.sigmas[-1])))
+        return x if s == 1.0 else x / s
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", from={self.scheduler_name})"
+
+
+class EDMPreconditioned(Denoiser):
+    """The EDM denoiser of diffusers' EDM schedulers (Karras et al. 2022, Table 1):
+    D(x; sigma) = c_skip x + c_out F(c_in x, 0.25 log sigma), c_in = 1/sqrt(sigma^2 + sd^2),
+    c_skip = sd^2/(sigma^2 + sd^2), c_out = +-sigma sd/sqrt(sigma^2 + sd^2) (minus for
+    v_prediction)."""
+
+    def __init__(self, model, sigma_data: float, sign: float):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        super().__init__(model)
+        self.sigma_data = float(sigma_data)
+        self.sign = float(sign)
+
+    def __call__(self, x_hat, sigma, **kwargs):
+        view = (-1,) + (1,) * (x_hat.dim() - 1)
+        sig = sigma.to(x_hat.dtype).view(view)
+        sd2 = self.sigma_data ** 2
+        c_in = 1 / ((sig ** 2 + sd2) ** 0.5)
+        out = self.fn(x_hat * c_in, 0.25 * torch.log(sigma), **kwargs)
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+            out = out.sample
+        elif isinstance(out, tuple):
+            out = out[0]
+        c_skip = sd2 / (sig ** 2 + sd2)
+        c_out = self.sign * sig * self.sigma_data / (sig ** 2 + sd2) ** 0.5
+        return c_skip * x_hat + c_out * out
+
+
+# ---------------------------------------------------------------------------------------
+# What a scheduler folds into
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Recipe:
+    process: Process
+    sigmas: np.ndarray                 # float64 grid, one level per model call plus the last
+    timesteps: np.ndarray | None       # float64, one per level but the last
+    solver: str
+    prediction: str
+    init_noise_scale: float
+    state_space: str                   # "x" or "x_hat"
+    options: dict = field(default_factory=dict)
+    model_wrapper: object = None
+    orders: list | None = None         # the scheduler's order at every step (multistep solvers)
+
+    @property
+    def last_order(self) -> int:
+        return self.orders[-1] if self.orders else 1
+
+
+_PREDICTIONS = {"epsilon": "epsilon", "sample": "sample", "original_sample": "sample",
+                "v_prediction": "v"}
+# Sampler keywords that would change the grid diffusers chose; not accepted as overrides.
+_GRID_KEYWORDS = ("steps", "sigmas", "schedule", "schedule_options", "to_zero", "timesteps")
+
+
+def _f64(t) -> np.ndarray:
+    """A scheduler table as float64 (float32 values kept exactly, integers converted)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        t = t.to(torch.float64) if t.is_floating_point() else t
+        return t.numpy().astype(np.float64)
+    return np.asarray(t, dtype=np.float64)
+
+
+def _sigma_of_abar(a) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return np.sqrt((1.0 - a) / a)
+
+
+def _s_vp(sigma: float) -> float:
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+def _prediction(name: str, cfg, allowed=("epsilon", "sample", "v_prediction")) -> str:
+    p = cfg.get("prediction_type", "epsilon")
+    if p not in allowed:
+        raise NotImplementedError(
+            f"{name}(prediction_type={p!r}) is not supported by from_diffusers for this "
+            f"scheduler (supported: {', '.join(allowed)})")
+    return _PREDICTIONS[p]
+
+
+def _vp_process(name: str, sch) -> VPDiscrete:
+    """The discrete VP process of the scheduler's float32 alpha_bar table.
+
+    The grid and the model's time values are passed explicitly, so the process contributes
+    s(sigma) = 1/sqrt(1 + sigma^2) and defaults only. diffusers' zero-terminal-SNR fix for
+    the Euler, DPM-Solver and UniPC schedulers sets alpha_bar[-1] = 2^-24, above
+    alpha_bar[-2]; the process then gets the table's decreasing envelope."""
+    abar = _f64(sch.alphas_cumprod)
+    if not (np.all(abar > 0) and np.all(abar < 1)):
+        field_ = ("rescale_betas_zero_snr=True" if sch.config.get("rescale_betas_zero_snr")
+                  else "its alphas_cumprod table")
+        raise NotImplementedError(
+            f"{name} with {field_}: alpha_bar = 0 (zero terminal SNR) is an infinite noise "
+            f"level, which a sigma grid cannot hold")
+    for i in np.flatnonzero(np.diff(abar) >= 0) + 1:
+        abar[i] = abar[i - 1] * (1.0 - 1e-9)
+    betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+    return VPDiscrete(trained_betas=betas)
+
+
+def _reject_common(name: str, cfg) -> None:
+    if cfg.get("thresholding", False):
+        raise NotImplementedError(
+            f"{name}(thresholding=True): dynamic thresholding clips x0_hat at a per-sample "
+            f"quantile of |x0_hat|, which is not affine in (x, model output) and cannot be "
+            f"folded into a coefficient plan; construct the scheduler with thresholding=False")
+    if cfg.get("clip_sample", False):
+        raise NotImplementedError(
+            f"{name}(clip_sample=True): clamping x0_hat to [-clip_sample_range, "
+            f"clip_sample_range] is not affine in (x, model output) and cannot be folded into "
+            f"a coefficient plan; construct the scheduler with clip_sample=False")
+    if cfg.get("variance_type") in ("learned", "learned_range"):
+        raise NotImplementedError(
+            f"{name}(variance_type={cfg.get('variance_type')!r}): a learned variance is read "
+            f"from the model output at sampling time, not a coefficient known in advance")
+    if cfg.get("use_flow_sigmas", False):
+        raise NotImplementedError(
+            f"{name}(use_flow_sigmas=True): flow-matching schedules are not mapped by "
+            f"from_diffusers yet; build pe.Sampler(pe.processes.RectifiedFlow(...), ...)")
+
+
+def _no_eta(name: str, eta: float) -> None:
+    if eta != 0.0:
+        raise ValueError(f"eta={eta} is an argument of DDIMScheduler.step(); {name}.step() "
+                         f"has none")
+
+
+def _multistep_state(sch):
+    """(grid, timesteps) of the schedulers that keep ``sigmas`` with one level per step."""
+    return _f64(sch.sigmas), _f64(sch.timesteps)
+
+
+# ---------------------------------------------------------------------------------------
+# One builder per scheduler class
+# ---------------------------------------------------------------------------------------
+
+
+def _ddim(name, sch, eta):
+    cfg = sch.config
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    proc = _vp_process(name, sch)
+    abar = _f64(sch.alphas_cumprod)
+    ts = sch.timesteps.cpu().numpy().astype(np.int64)
+    ratio = cfg.num_train_timesteps // sch.num_inference_steps
+    # DDIMScheduler.step() moves from t to prev_t = t - N // n; the next call must be there.
+    for i in range(len(ts) - 1):
+        prev = int(ts[i]) - ratio
+        if prev != int(ts[i + 1]):
+            raise ValueError(
+                f"{name}(timestep_spacing={cfg.timestep_spacing!r}) with num_inference_steps="
+                f"{sch.num_inference_steps}: step() moves the state from timestep {int(ts[i])} "
+                f"to prev_timestep = t - num_train_timesteps // num_inference_steps = {prev}, "
+                f"but the next model call is at timestep {int(ts[i + 1])}, so the model is "
+                f"told a noise level the state was not moved to; no sigma grid reproduces "
+                f"that. Use timestep_spacing='leading', or 'trailing' with num_train_timesteps "
+                f"divisible by num_inference_steps")
+    prev = int(ts[-1]) - ratio
+    a_last = abar[prev] if prev >= 0 else float(sch.final_alpha_cumprod)
+    grid = np.concatenate([_sigma_of_abar(abar[ts]), _sigma_of_abar([a_last])])
+    return _Recipe(proc, grid, ts.astype(np.float64), "ddim", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x", dict(eta=float(eta)))
+
+
+def _ddpm(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    vt = cfg.variance_type
+    # fixed_small_log draws with exp(0.5 log var) = sqrt(var): the same as fixed_small.
+    variance = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+                "fixed_large": "fixed_large"}.get(vt)
+    if variance is None:
+        raise NotImplementedError(f"{name}(variance_type={vt!r}) is not supported "
+                                  f"(fixed_small, fixed_small_log, fixed_large are)")
+    proc = _vp_process(name, sch)
+    abar = _f64(sch.alphas_cumprod)
+    ts = sch.timesteps.cpu().numpy().astype(np.int64)
+    # previous_timestep() walks the timestep list and ends at alpha_bar = 1 (sigma 0).
+    grid = np.concatenate([_sigma_of_abar(abar[ts]), [0.0]])
+    return _Recipe(proc, grid, ts.astype(np.float64), "ddpm", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x", dict(variance_type=variance))
+
+
+def _euler(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    grid, ts = _multistep_state(sch)
+    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    pred = _prediction(name, cfg, allowed=("epsilon", "sample", "original_sample",
+                                           "v_prediction"))
+    return _Recipe(proc, grid, ts, "euler", pred, init, "x_hat")
+
+
+def _euler_ancestral(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    grid, ts = _multistep_state(sch)
+    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    # diffusers' step() raises for prediction_type="sample": nothing to reproduce.
+    pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
+    return _Recipe(proc, grid, ts, "euler_ancestral", pred, init, "x_hat",
+                   dict(eta=1.0, s_noise=1.0))
+
+
+def _heun(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    sig, ts = _multistep_state(sch)
+    # set_timesteps repeats every inner level for the corrector call:
+    # sigmas [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0], timesteps [t0, t1, t1, ..., t_{n-1}, t_{n-1}].
+    if sig.size % 2 or not np.array_equal(sig[1:-1:2], sig[2:-1:2]):
+        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
+    grid = np.concatenate([sig[0:-1:2], sig[-1:]])
+    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    return _Recipe(proc, grid, ts[0::2], "heun", _prediction(name, cfg), init, "x_hat")
+
+
+def _dpm_multistep_orders(cfg, n: int, final_zero: bool) -> list[int]:
+    """The order DPMSolverMultistepScheduler.step() uses at each of its n steps: warm-up
+    min(order, i + 1); the last step first order with euler_at_final, with lower_order_final
+    below 15 steps, and always on a step to sigma 0; the second-to-last at most second order
+    with lower_order_final below 15 steps."""
+    order = int(cfg.solver_order)
+    lof = bool(cfg.lower_order_final) and n < 15
+    orders = [min(order, i + 1) for i in range(n)]
+    if n >= 2 and lof:
+        orders[n - 2] = min(orders[n - 2], 2)
+    if cfg.euler_at_final or lof or final_zero:
+        orders[n - 1] = 1
+    return orders
+
+
+def _dpm_multistep(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    grid, ts = _multistep_state(sch)
+    pred = _prediction(name, cfg)
+    alg, order, n = cfg.algorithm_type, int(cfg.solver_order), len(ts)
+    recipe = dict(process=proc, sigmas=grid, timesteps=ts, prediction=pred,
+                  init_noise_scale=float(sch.init_noise_sigma), state_space="x",
+                  orders=_dpm_multistep_orders(cfg, n, grid[-1] == 0))
+    # lower_order_final of the pyengine solvers is set from the order list at the end
+    # (_settle_orders), once the grid is final.
+    if order == 1 and alg in ("dpmsolver++", "dpmsolver"):
+        # First-order DPM-Solver and DPM-Solver++ are both DDIM (Lu et al. 2022, eq. 3.7).
+        return _Recipe(solver="ddim", options=dict(eta=0.0), **recipe)
+    if order == 1 and alg == "sde-dpmsolver++":
+        # First-order SDE-DPM-Solver++ is DDIM with eta = 1 (same mean and variance), and
+        # both draw noise in every step.
+        return _Recipe(solver="ddim", options=dict(eta=1.0), **recipe)
+    if alg == "dpmsolver++" and order in (2, 3):
+        return _Recipe(solver=f"dpmpp_{order}m", options=dict(solver_type=cfg.solver_type),
+                       **recipe)
+    if alg == "sde-dpmsolver++" and order == 2:
+        return _Recipe(solver="dpmpp_2m_sde", options=dict(
+            eta=1.0, s_noise=1.0, solver_type=cfg.solver_type), **recipe)
+    raise NotImplementedError(
+        f"{name}(algorithm_type={alg!r}, solver_order={order}) has no pyengine solver "
+        f"(supported: dpmsolver++ orders 1-3, sde-dpmsolver++ orders 1-2, dpmsolver order 1)")
+
+
+#: max order of the pyengine DPM-Solver++ multistep solvers whose lower_order_final is settled
+#: from the scheduler's order list.
+_PP_MULTISTEP = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
+
+
+def _pp_orders(max_order: int, n: int, lower_order_final: bool, final_zero: bool) -> list[int]:
+    """The per-step orders of pyengine's DPM-Solver++ multistep plans (solvers/dpm.py)."""
+    orders = [min(max_order, i + 1) for i in range(n)]
+    if lower_order_final:
+        if n >= 2:
+            orders[n - 2] = min(orders[n - 2], 2)
+        orders[n - 1] = 1
+    if final_zero:
+        orders[n - 1] = 1
+    return orders
+
+
+def _settle_orders(r: _Recipe, name: str) -> None:
+    """Pick the lower_order_final that makes the pyengine plan use the scheduler's orders."""
+    max_order = _PP_MULTISTEP.get(r.solver)
+    if max_order is None:
+        return
+    n, final_zero = r.sigmas.size - 1, r.sigmas[-1] == 0
+    for lof in (False, True):
+        if _pp_orders(max_order, n, lof, final_zero) == r.orders:
+            r.options["lower_order_final"] = lof
+            return
+    raise NotImplementedError(
+        f"{name}: the scheduler's per-step orders {r.orders} (solver_order, lower_order_final, "
+        f"euler_at_final, final_sigmas_type) are not an option of {r.solver}")
+
+
+def _dpm_singlestep(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    alg = cfg.algorithm_type
+    if alg not in ("dpmsolver++", "dpmsolver"):
+        raise NotImplementedError(
+            f"{name}(algorithm_type={alg!r}) has no pyengine solver (dpmsolver++ and "
+            f"dpmsolver are supported)")
+    proc = _vp_process(name, sch)
+    grid, ts = _multistep_state(sch)
+    # set_timesteps has settled the order of every step (and may have switched
+    # lower_order_final on, for an uneven step count or a final step to sigma 0).
+    order_list = [int(o) for o in sch.order_list]
+    options = dict(solver_order=int(cfg.solver_order), algorithm=alg,
+                   solver_type=cfg.solver_type, order_list=order_list,
+                   lower_order_final=bool(cfg.lower_order_final))
+    return _Recipe(proc, grid, ts, "dpm_singlestep", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x", options, orders=order_list)
+
+
+def _unipc(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    if not cfg.predict_x0:
+        raise NotImplementedError(f"{name}(predict_x0=False): the noise-prediction UniPC has no "
+                                  f"pyengine solver (predict_x0=True is supported)")
+    if sch.solver_p is not None:
+        raise NotImplementedError(f"{name}(solver_p=...): a foreign predictor scheduler is not "
+                                  f"supported")
+    proc = _vp_process(name, sch)
+    grid, ts = _multistep_state(sch)
+    order, n = int(cfg.solver_order), len(ts)
+    variant = cfg.solver_type
+    if grid[-1] == 0:
+        # On the step to sigma 0, h = inf: diffusers' B(h) = h (bh1) times a zero predictor
+        # residual is nan, and at order >= 2 its residual divides by r_k = 0 (inf).
+        p_last = 1 if cfg.lower_order_final else min(order, n)
+        if variant == "bh1" or p_last >= 2:
+            raise ValueError(
+                f"{name}(solver_type={variant!r}, solver_order={order}, lower_order_final="
+                f"{cfg.lower_order_final}, final_sigmas_type='zero'): diffusers' own step to "
+                f"sigma 0 returns nan/inf here (h = inf makes B(h) = h or the divided "
+                f"differences non-finite), so there is no result to reproduce. Use "
+                f"final_sigmas_type='sigma_min', or solver_type='bh2' with lower_order_final="
+                f"True; pe.Sampler(..., solver='unipc') takes the finite limit")
+    options = dict(order=order, variant=variant, corrector=True,
+                   disable_corrector=[int(j) for j in (cfg.disable_corrector or [])],
+                   lower_order_final=bool(cfg.lower_order_final))
+    return _Recipe(proc, grid, ts, "unipc", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x", options)
+
+
+def _edm_euler(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    pred = cfg.prediction_type
+    if pred not in ("epsilon", "v_prediction"):
+        raise NotImplementedError(f"{name}(prediction_type={pred!r}) is not supported")
+    proc = EDM(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data)
+    grid = _f64(sch.sigmas)
+    sign, sd = (1.0 if pred == "epsilon" else -1.0), float(cfg.sigma_data)
+
+    def wrapper(model):
+        return EDMPreconditioned(model, sd, sign)
+
+    # The wrapped model is a denoiser D(x, sigma): prediction "sample" on the EDM process.
+    # EDM's s is 1, so init_noise_sigma scales the noise as it is.
+    return _Recipe(proc, grid, None, "euler", "sample", float(sch.init_noise_sigma), "x_hat",
+                   model_wrapper=wrapper)
+
+
+_BUILDERS = {
+    "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
+    "EulerDiscreteScheduler": _euler,
+    "EulerAncestralDiscreteScheduler": _euler_ancestral,
+    "HeunDiscreteScheduler": _heun,
+    "DPMSolverMultistepScheduler": _dpm_multistep,
+    "DPMSolverSinglestepScheduler": _dpm_singlestep,
+    "UniPCMultistepScheduler": _unipc,
+    "EDMEulerScheduler": _edm_euler,
+}
+
+#: The diffusers scheduler classes :func:`from_diffusers` reads.
+SUPPORTED = tuple(_BUILDERS)
+
+
+def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
+    """Some configurations end on a repeated level (final_sigmas_type="sigma_min" when the last
+    timestep is 0 already, or with Karras/exponential sigmas, whose last level is sigma_min).
+    diffusers then takes a final step of length 0. Where that step leaves the state exactly
+    as it is, it is dropped (a sigma grid must decrease strictly); elsewhere it is an error."""
+    g = r.sigmas
+    if not (g.size >= 3 and g[-1] == g[-2]):
+        return
+    where = (f"{name}: the grid ends with a step of length 0 (sigma {g[-1]:.6g} twice, "
+             f"final_sigmas_type='sigma_min')")
+    if r.solver == "unipc":
+        # The zero-length predictor is the identity, but the corrector of the step before
+        # still runs with the model output at the repeated level; a plan cannot end there.
+        raise ValueError(f"{where}: UniPC still corrects the previous step there, which no "
+                         f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
+    if r.solver == "dpm_singlestep" and r.last_order > 1:
+        raise ValueError(f"{where}: its last singlestep block (order {r.last_order}) starts "
+                         f"before the repeated level and is not the identity there, which no "
+                         f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
+    if r.last_order >= 3 or (r.last_order == 2 and r.options.get("solver_type") == "heun"):
+        raise ValueError(f"{where}: diffusers' order-{r.last_order} "
+                         f"{r.options.get('solver_type', '')} update divides by h = 0 there "
+                         f"and returns nan; there is no result to reproduce")
+    r.sigmas = g[:-1]
+    if r.timesteps is not None:
+        r.timesteps = r.timesteps[: r.sigmas.size - 1]
+    if r.orders is not None:
+        r.orders = r.orders[:-1]
+    if "order_list" in r.options:
+        r.options["order_list"] = r.orders
+
+
+def from_diffusers(scheduler, num_inference_steps: int, *, eta: float = 0.0,
+                   **overrides) -> DiffusersSampler:
+    """The pyengine Sampler that reproduces ``scheduler`` at ``num_inference_steps``.
+
+    ``scheduler`` is a diffusers scheduler instance of a class in :data:`SUPPORTED`; it is not
+    modified (a deep copy runs ``set_timesteps``). ``eta`` is DDIMScheduler.step()'s eta.
+    ``overrides`` are Sampler keywords (``backend=``) or solver options that replace the ones
+    read from the scheduler. Raises NotImplementedError (naming the config field) for
+    configurations that are not linear in the model output (``clip_sample``,
+    ``thresholding``, learned variances) or have no pyengine solver, and ValueError for those
+    no sigma grid reproduces (DDIM's uneven trailing/linspace spacings) or where diffusers
+    itself returns non-finite values.
+    """
+    name = type(scheduler).__name__
+    build = _BUILDERS.get(name)
+    if build is None:
+        raise NotImplementedError(f"from_diffusers does not support {name}; supported: "
+                                  f"{', '.join(SUPPORTED)}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps,
+                                                               (int, np.integer)):
+        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    bad = sorted(set(overrides) & set(_GRID_KEYWORDS))
+    if bad:
+        raise ValueError(f"from_diffusers takes the grid from the scheduler; {bad[0]!r} cannot "
+                         f"be overridden (build pe.Sampler directly for another grid)")
+    _reject_common(name, scheduler.config)
+    sch = copy.deepcopy(scheduler)
+    sch.set_timesteps(int(num_inference_steps))
+    r = build(name, sch, float(eta))
+    _drop_zero_length_final_step(r, name)
+    _settle_orders(r, name)
+    kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **r.options)
+    kwargs.update(overrides)
+    return DiffusersSampler(r.process, r.solver, sigmas=r.sigmas, timesteps=r.timesteps,
+                            scheduler_name=name, state_space=r.state_space,
+                            model_wrapper=r.model_wrapper, **kwargs)

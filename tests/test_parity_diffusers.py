@@ -1,0 +1,404 @@
+"""Parity with diffusers: from_diffusers(scheduler).sample == diffusers' own loop.
+
+The reference is diffusers' full loop (latents = noise * init_noise_sigma; for each t:
+scale_model_input, model call, step with a seeded generator). pyengine runs the Sampler that
+from_diffusers returns, with the same nonlinear model, noise and an identically seeded
+generator (noise drawn in diffusers' order). Both run in float32; the bound is 1e-5 relative
+(max |a - b| / max |b|). `pytest -s` prints the worst error per scheduler.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+D = pytest.importorskip("diffusers")
+
+from pyengine.integrations.diffusers import (  # noqa: E402
+    SUPPORTED,
+    DiffusersSampler,
+    from_diffusers,
+)
+
+# diffusers 0.42 itself warns (numpy __array__ copy keyword, deprecated algorithm types).
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:diffusers")]
+
+TOL = 1e-5
+SHAPE = (2, 3, 8, 8)
+WORST: dict[str, float] = {}
+
+
+class NonlinearModel:
+    """out = tanh(W x + b) (1 + sin(t/157)/2) + x cos(t/311)/5: nonlinear in x and in t, so a
+    wrong time value, input scaling or step order shows up (a linear model would let errors
+    cancel). t may be diffusers' 0-dim timestep or pyengine's [B] tensor."""
+
+    def __init__(self, channels: int = SHAPE[1], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(channels, channels, generator=g) / channels ** 0.5
+        self.b = 0.1 * torch.randn(channels, generator=g)
+        self.times: list[float] = []
+
+    def __call__(self, x, t):
+        t = torch.as_tensor(t).to(torch.float32)
+        self.times.append(float(t.reshape(-1)[0]))
+        t = t.reshape(-1, 1, 1, 1) if t.dim() else t
+        h = torch.einsum("oc,bchw->bohw", self.W, x) + self.b.view(1, -1, 1, 1)
+        return torch.tanh(h) * (1 + 0.5 * torch.sin(t / 157.0)) + 0.2 * x * torch.cos(t / 311.0)
+
+
+def diffusers_loop(scheduler, model, noise, steps, seed, eta=None):
+    sch = copy.deepcopy(scheduler)
+    sch.set_timesteps(steps)
+    params = inspect.signature(sch.step).parameters
+    kw = {}
+    if "generator" in params:
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    if eta is not None:
+        kw["eta"] = eta
+    x = noise * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(model(sch.scale_model_input(x, t), t), t, x, **kw).prev_sample
+    return x
+
+
+def check_parity(label, scheduler, steps, *, eta=None, seed=1):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234 + steps))
+    ref_model, pe_model = NonlinearModel(), NonlinearModel()
+    ref = diffusers_loop(scheduler, ref_model, noise, steps, seed, eta)
+    sampler = from_diffusers(scheduler, steps, **({} if eta is None else {"eta": eta}))
+    assert isinstance(sampler, DiffusersSampler)
+    out = sampler.sample(pe_model, noise, generator=torch.Generator().manual_seed(seed))
+    out = sampler.to_scheduler_space(out)
+    assert out.dtype == torch.float32 and torch.isfinite(ref).all()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    key = type(scheduler).__name__
+    WORST[key] = max(WORST.get(key, 0.0), err)
+    print(f"  {label:52s} steps={steps:3d} solver={sampler.solver:15s} rel err {err:.2e}")
+    assert err < TOL, f"{label} at {steps} steps: relative error {err:.3e} > {TOL}"
+    return sampler, ref_model, pe_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst():
+    yield
+    if WORST:
+        print("\nworst parity error vs diffusers (float32, max|a-b|/max|b|):")
+        for k, v in sorted(WORST.items()):
+            print(f"  {k:34s} {v:.2e}")
+        print(f"  {'overall':34s} {max(WORST.values()):.2e}")
+
+
+# ---------------------------------------------------------------------------------------
+# DDIM / DDPM
+# ---------------------------------------------------------------------------------------
+
+DDIM_CASES = [
+    ("ddim eps", dict(), (10, 25)),
+    ("ddim v, alpha_bar_0 final, steps_offset=1", dict(prediction_type="v_prediction",
+                                                      set_alpha_to_one=False, steps_offset=1),
+     (10,)),
+    ("ddim sample, trailing", dict(prediction_type="sample", timestep_spacing="trailing"), (10,)),
+    ("ddim eps, scaled_linear", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                     beta_end=0.012), (20,)),
+]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("label,cfg,steps", DDIM_CASES, ids=[c[0] for c in DDIM_CASES])
+def test_ddim(label, cfg, steps, eta):
+    for n in steps:
+        check_parity(f"{label}, eta={eta}", D.DDIMScheduler(clip_sample=False, **cfg), n, eta=eta)
+
+
+DDPM_CASES = [
+    ("ddpm eps", dict(), (10, 25)),
+    ("ddpm v, trailing", dict(prediction_type="v_prediction", timestep_spacing="trailing"), (7,)),
+    ("ddpm sample, linspace", dict(prediction_type="sample", timestep_spacing="linspace"), (9,)),
+]
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("label,cfg,steps", DDPM_CASES, ids=[c[0] for c in DDPM_CASES])
+def test_ddpm(label, cfg, steps, variance_type):
+    for n in steps:
+        sch = D.DDPMScheduler(clip_sample=False, variance_type=variance_type, **cfg)
+        check_parity(f"{label}, {variance_type}", sch, n)
+
+
+# ---------------------------------------------------------------------------------------
+# Euler, Euler ancestral, Heun, EDM Euler
+# ---------------------------------------------------------------------------------------
+
+EULER_CASES = [
+    ("euler eps", dict(), (8, 20)),
+    ("euler v, karras", dict(prediction_type="v_prediction", use_karras_sigmas=True), (12,)),
+    ("euler sample, exponential", dict(prediction_type="sample", use_exponential_sigmas=True),
+     (9,)),
+    ("euler eps, leading, sigma_min final", dict(timestep_spacing="leading", steps_offset=1,
+                                                 final_sigmas_type="sigma_min"), (10,)),
+    ("euler eps, linspace, sigma_min final (zero-length last step)",
+     dict(final_sigmas_type="sigma_min"), (10,)),
+    ("euler v, zero terminal SNR, trailing", dict(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing"), (10,)),
+    ("euler v, continuous timesteps, log_linear", dict(
+        prediction_type="v_prediction", timestep_type="continuous",
+        interpolation_type="log_linear"), (10,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", EULER_CASES, ids=[c[0] for c in EULER_CASES])
+def test_euler(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.EulerDiscreteScheduler(**cfg), n)
+
+
+EULER_A_CASES = [
+    ("euler_a eps", dict(), (8, 20)),
+    ("euler_a v, trailing", dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+     (11,)),
+    ("euler_a v, zero terminal SNR, trailing", dict(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing"), (10,)),
+    ("euler_a eps, leading, scaled_linear", dict(timestep_spacing="leading", steps_offset=1,
+                                                 beta_schedule="scaled_linear",
+                                                 beta_start=0.00085, beta_end=0.012), (10,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", EULER_A_CASES, ids=[c[0] for c in EULER_A_CASES])
+def test_euler_ancestral(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.EulerAncestralDiscreteScheduler(**cfg), n)
+
+
+HEUN_CASES = [
+    ("heun eps", dict(), (6, 16)),
+    ("heun v, karras", dict(prediction_type="v_prediction", use_karras_sigmas=True), (8,)),
+    ("heun sample, trailing", dict(prediction_type="sample", timestep_spacing="trailing"), (7,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", HEUN_CASES, ids=[c[0] for c in HEUN_CASES])
+def test_heun(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.HeunDiscreteScheduler(**cfg), n)
+
+
+EDM_CASES = [
+    ("edm euler eps, karras", dict(), (8, 20)),
+    ("edm euler v, exponential, sigma_min final", dict(
+        prediction_type="v_prediction", sigma_schedule="exponential",
+        final_sigmas_type="sigma_min"), (10,)),
+    ("edm euler eps, sigma_data=1, rho=5", dict(sigma_data=1.0, rho=5.0, sigma_max=20.0), (9,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", EDM_CASES, ids=[c[0] for c in EDM_CASES])
+def test_edm_euler(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.EDMEulerScheduler(**cfg), n)
+
+
+# ---------------------------------------------------------------------------------------
+# DPM-Solver multistep (2M, 3M, SDE 2M), singlestep, UniPC
+# ---------------------------------------------------------------------------------------
+
+# 5, 8 and 14 steps: lower_order_final applies (diffusers: only below 15); 15 and 20: not.
+MULTISTEP_STEPS = (5, 8, 14, 15, 20)
+
+DPM_CASES = [
+    ("2M eps", dict(), MULTISTEP_STEPS),
+    ("2M v, heun", dict(prediction_type="v_prediction", solver_type="heun"), (8, 16)),
+    ("2M sample, karras", dict(prediction_type="sample", use_karras_sigmas=True), (10, 16)),
+    ("2M eps, karras, sigma_min final (zero-length last step)",
+     dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), (10, 20)),
+    ("2M eps, sigma_min final, lower_order_final=False",
+     dict(final_sigmas_type="sigma_min", lower_order_final=False), (10,)),
+    ("2M eps, sigma_min final, euler_at_final", dict(final_sigmas_type="sigma_min",
+                                                     euler_at_final=True), (20,)),
+    ("3M eps", dict(solver_order=3), MULTISTEP_STEPS),
+    ("3M v, heun warm-up", dict(solver_order=3, prediction_type="v_prediction",
+                                solver_type="heun"), (8, 16)),
+    ("3M eps, sigma_min final", dict(solver_order=3, final_sigmas_type="sigma_min"), (10, 20)),
+    ("2M v, zero terminal SNR, trailing", dict(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing"), (10,)),
+    ("3M sample, lu lambdas, trailing", dict(solver_order=3, prediction_type="sample",
+                                             use_lu_lambdas=True, timestep_spacing="trailing"),
+     (12,)),
+    ("SDE 2M eps", dict(algorithm_type="sde-dpmsolver++"), MULTISTEP_STEPS),
+    ("SDE 2M v, heun", dict(algorithm_type="sde-dpmsolver++", solver_type="heun",
+                            prediction_type="v_prediction"), (8, 16)),
+    ("SDE 2M eps, karras", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+     (16,)),
+    ("SDE 1 (= DDIM eta 1)", dict(algorithm_type="sde-dpmsolver++", solver_order=1), (10,)),
+    ("1 (= DDIM)", dict(solver_order=1, prediction_type="v_prediction"), (10,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", DPM_CASES, ids=[c[0] for c in DPM_CASES])
+def test_dpm_multistep(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.DPMSolverMultistepScheduler(**cfg), n)
+
+
+SINGLESTEP_CASES = [
+    ("single o2 eps", dict(), (6, 7, 16)),
+    ("single o3 eps", dict(solver_order=3), (6, 7, 8, 16)),
+    ("single o3 v, heun", dict(solver_order=3, prediction_type="v_prediction",
+                               solver_type="heun"), (12,)),
+    ("single o2 sample, karras", dict(prediction_type="sample", use_karras_sigmas=True), (9,)),
+    ("single o2 dpmsolver, sigma_min final", dict(algorithm_type="dpmsolver",
+                                                  final_sigmas_type="sigma_min"), (10,)),
+    ("single o3 dpmsolver heun, sigma_min final", dict(
+        solver_order=3, algorithm_type="dpmsolver", solver_type="heun",
+        final_sigmas_type="sigma_min"), (12,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", SINGLESTEP_CASES,
+                         ids=[c[0] for c in SINGLESTEP_CASES])
+def test_dpm_singlestep(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.DPMSolverSinglestepScheduler(**cfg), n)
+
+
+UNIPC_CASES = [
+    # bh1 returns nan in diffusers on a step to sigma 0 (B(h) = h = inf): sigma_min final.
+    ("unipc bh1 p2", dict(solver_type="bh1", final_sigmas_type="sigma_min"), (5, 8, 16)),
+    ("unipc bh1 p3", dict(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"),
+     (5, 8, 16)),
+    ("unipc bh2 p2", dict(), (5, 8, 16)),
+    ("unipc bh2 p3", dict(solver_order=3), (5, 8, 16)),
+    ("unipc bh2 p3 v, karras", dict(solver_order=3, prediction_type="v_prediction",
+                                    use_karras_sigmas=True), (10,)),
+    ("unipc bh2 p3 sample, disable_corrector=[0, 3]", dict(
+        solver_order=3, prediction_type="sample", disable_corrector=[0, 3]), (10,)),
+    ("unipc bh1 p3, lower_order_final=False", dict(
+        solver_type="bh1", solver_order=3, lower_order_final=False,
+        final_sigmas_type="sigma_min"), (10,)),
+]
+
+
+@pytest.mark.parametrize("label,cfg,steps", UNIPC_CASES, ids=[c[0] for c in UNIPC_CASES])
+def test_unipc(label, cfg, steps):
+    for n in steps:
+        check_parity(label, D.UniPCMultistepScheduler(**cfg), n)
+
+
+# ---------------------------------------------------------------------------------------
+# The model sees diffusers' own time values; the scheduler is left untouched
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,steps", [
+    (lambda: D.DPMSolverMultistepScheduler(use_karras_sigmas=True), 10),      # rounded timesteps
+    (lambda: D.EulerDiscreteScheduler(use_karras_sigmas=True), 10),           # fractional timesteps
+    (lambda: D.HeunDiscreteScheduler(), 6),                                   # repeated timesteps
+    (lambda: D.EDMEulerScheduler(), 6),                                       # 0.25 log sigma
+], ids=["dpm_karras", "euler_karras", "heun", "edm"])
+def test_model_sees_the_schedulers_timesteps(make, steps):
+    scheduler = make()
+    _, ref_model, pe_model = check_parity(f"timesteps of {type(scheduler).__name__}",
+                                          scheduler, steps)
+    assert len(pe_model.times) == len(ref_model.times)
+    torch.testing.assert_close(torch.tensor(pe_model.times), torch.tensor(ref_model.times),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,eta", [
+    (lambda: D.DDIMScheduler(clip_sample=False), 1.0),
+    (lambda: D.DDPMScheduler(clip_sample=False), None),
+    (lambda: D.EulerAncestralDiscreteScheduler(), None),
+    (lambda: D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), None),
+], ids=["ddim_eta1", "ddpm", "euler_a", "sde_2m"])
+def test_stochastic_parity_depends_on_the_generator(make, eta):
+    # The parity above is not an accident of small noise: another seed moves the result.
+    scheduler, steps = make(), 8
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    ref = diffusers_loop(scheduler, NonlinearModel(), noise, steps, seed=1, eta=eta)
+    sampler = from_diffusers(scheduler, steps, **({} if eta is None else {"eta": eta}))
+    other = sampler.sample(NonlinearModel(), noise, generator=torch.Generator().manual_seed(2))
+    assert ((other - ref).abs().max() / ref.abs().max()).item() > 1e-2
+
+
+def test_scheduler_not_modified_and_overrides():
+    sch = D.DPMSolverMultistepScheduler()
+    before = sch.timesteps.clone()
+    sampler = from_diffusers(sch, 10, backend="torch", lower_order_final=False)
+    assert sch.num_inference_steps is None and torch.equal(sch.timesteps, before)
+    assert sampler.options["lower_order_final"] is False and sampler.backend == "torch"
+    assert sampler.steps == 10 and sampler.scheduler_name == "DPMSolverMultistepScheduler"
+    with pytest.raises(ValueError, match="sigmas"):
+        from_diffusers(sch, 10, sigmas=[1.0, 0.0])
+
+
+def test_imports_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None; "
+            "import pyengine.integrations.diffusers as m; print(len(m.SUPPORTED))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(len(SUPPORTED))
+
+
+# ---------------------------------------------------------------------------------------
+# Configurations that do not fold into a linear plan raise, naming the config field
+# ---------------------------------------------------------------------------------------
+
+
+UNSUPPORTED = [
+    ("ddim default", "clip_sample", lambda: D.DDIMScheduler()),    # DDIM's default is True
+    ("ddpm default", "clip_sample", lambda: D.DDPMScheduler()),
+    ("heun", "clip_sample", lambda: D.HeunDiscreteScheduler(clip_sample=True)),
+    ("ddim", "thresholding", lambda: D.DDIMScheduler(clip_sample=False, thresholding=True)),
+    ("ddpm", "thresholding", lambda: D.DDPMScheduler(clip_sample=False, thresholding=True)),
+    ("dpm", "thresholding", lambda: D.DPMSolverMultistepScheduler(thresholding=True)),
+    ("single", "thresholding", lambda: D.DPMSolverSinglestepScheduler(thresholding=True)),
+    ("unipc", "thresholding", lambda: D.UniPCMultistepScheduler(thresholding=True)),
+    ("ddpm", "variance_type",
+     lambda: D.DDPMScheduler(clip_sample=False, variance_type="learned_range")),
+    ("dpm", "algorithm_type", lambda: D.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    ("single", "algorithm_type",
+     lambda: D.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++")),
+    ("unipc", "predict_x0", lambda: D.UniPCMultistepScheduler(predict_x0=False)),
+    ("ddim", "rescale_betas_zero_snr",
+     lambda: D.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True)),
+    ("dpm", "use_flow_sigmas", lambda: D.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction")),
+]
+
+
+@pytest.mark.parametrize("field,make", [c[1:] for c in UNSUPPORTED],
+                         ids=[f"{c[0]}-{c[1]}" for c in UNSUPPORTED])
+def test_unsupported_configs_raise(field, make):
+    with pytest.raises(NotImplementedError, match=field):
+        from_diffusers(make(), 10)
+
+
+def test_unrepresentable_or_nan_configs_raise():
+    # DDIM's prev_timestep = t - N // n misses the next timestep with uneven trailing spacing.
+    with pytest.raises(ValueError, match="timestep_spacing='trailing'"):
+        from_diffusers(D.DDIMScheduler(clip_sample=False, timestep_spacing="trailing"), 7)
+    with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
+        from_diffusers(D.DDIMScheduler(clip_sample=False, timestep_spacing="linspace"), 10)
+    # diffusers' own UniPC bh1 returns nan on the step to sigma 0.
+    with pytest.raises(ValueError, match="bh1"):
+        from_diffusers(D.UniPCMultistepScheduler(solver_type="bh1"), 10)
+    # A zero-length final step on which diffusers' heun-type update divides by h = 0.
+    with pytest.raises(ValueError, match="length 0"):
+        from_diffusers(D.DPMSolverMultistepScheduler(
+            solver_type="heun", use_karras_sigmas=True, final_sigmas_type="sigma_min"), 20)
+    with pytest.raises(ValueError, match="eta"):
+        from_diffusers(D.EulerDiscreteScheduler(), 10, eta=0.5)
+    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
+        from_diffusers(D.PNDMScheduler(), 10)
