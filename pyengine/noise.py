@@ -16,6 +16,7 @@ So a sample's noise depends only on its own seed, never on batch size, position 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -46,13 +47,18 @@ def seeds_tensor(seed, batch: int) -> torch.Tensor:
         seed = seed.tolist()
     if isinstance(seed, bool) or seed is None:
         raise ValueError(f"seed must be an int or a sequence of ints, got {seed!r}")
+    if not isinstance(seed, int) and hasattr(seed, "__index__"):
+        seed = operator.index(seed)          # numpy integers
     if isinstance(seed, int):
         if not 0 <= seed < 2 ** 32:
             raise ValueError(f"seed must be in [0, 2**32) when it is one int for the batch "
                              f"(sample i then uses (seed, i)); got {seed}")
         vals = [sample_seed(seed, i) for i in range(batch)]
-    elif isinstance(seed, Sequence):
-        vals = [int(v) for v in seed]
+    elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        try:
+            vals = [operator.index(v) for v in seed]
+        except TypeError:
+            raise ValueError(f"seed must be an int or a sequence of ints, got {seed!r}") from None
         if len(vals) != batch:
             raise ValueError(f"seed has {len(vals)} per-sample seeds but the batch has {batch}")
         if any(not 0 <= v < 2 ** 64 for v in vals):

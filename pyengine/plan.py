@@ -110,7 +110,9 @@ class Plan:
     def describe(self) -> str:
         lines = [f"Plan({self.solver}, steps={len(self.sigmas) - 1}, nfe={self.nfe})"]
         for op in self.ops:
-            if isinstance(op, Eval):
+            if not isinstance(op, (Eval, Update)):
+                lines.append(f"  custom {op!r}")
+            elif isinstance(op, Eval):
                 lines.append(f"  eval   {op.dst} = model({op.src}, sigma={op.sigma:.6g}, t={op.t:.6g})")
             else:
                 terms = " + ".join(f"{c:.6g}*{b}" for c, b in zip(op.coefs, op.bufs))

@@ -26,8 +26,9 @@ def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, back
     state_dtype = x.dtype
     slots: dict[str, torch.Tensor] = {"x": x.clone()}
     seeds = None
-    if plan.n_noise and generator is None:
-        seeds = seeds_tensor(seed, x.shape[0]).to(x.device)
+    if generator is None:
+        seeds = seeds_tensor(seed, x.shape[0])     # validated even when the plan draws nothing
+        seeds = seeds.to(x.device) if plan.n_noise else None
     for op in plan.ops:
         if hasattr(op, "execute"):
             # A custom op (e.g. the Langevin corrector, whose step size depends on the data):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from . import schedules as sched
-from .parameterization import check_prediction
+from .parameterization import Denoiser, check_prediction
 from .plan import Plan, PlanBuilder
 from .processes import Process
 from .runtime import run_plan
@@ -112,6 +112,9 @@ class Sampler:
                              f"dtype {noise.dtype} shape {tuple(noise.shape)}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError("generator must be a torch.Generator")
+        if isinstance(model, Denoiser) and self.prediction != "sample":
+            raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
+                             f"with prediction={self.prediction!r}; use prediction='sample'")
         x = noise * self.init_noise_scale if self.init_noise_scale != 1.0 else noise
         return run_plan(self.plan, model, x, seed=seed, generator=generator,
                         backend=backend or self.backend, compute_dtype=compute_dtype,

@@ -155,7 +155,8 @@ def vp_discrete(process, n: int, spacing: str = "leading", steps_offset: int = 0
     """Sigmas at the diffusers timesteps of a discrete VP process.
 
     ``final``: "zero" ends at sigma 0 (alpha_bar = 1, diffusers' set_alpha_to_one=True);
-    "sigma_min" ends at the table's first level (alpha_bar_0, set_alpha_to_one=False).
+    "sigma_min" ends at the table's first level (alpha_bar_0, set_alpha_to_one=False);
+    "none" ends at the last timestep's level (n timesteps, n - 1 steps).
     """
     ts = vp_timesteps(process.num_train_timesteps, n, spacing, steps_offset)
     s = process.sigmas[ts]
@@ -166,8 +167,8 @@ def vp_discrete(process, n: int, spacing: str = "leading", steps_offset: int = 0
         # the identity, so it is not repeated.
         if s[-1] != process.sigma_min:
             s = np.concatenate([s, [process.sigma_min]])
-    else:
-        raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
+    elif final != "none":
+        raise ValueError(f"final must be 'zero', 'sigma_min' or 'none', got {final!r}")
     return validate(s)
 
 
@@ -197,9 +198,11 @@ def _vp_spacing(spacing):
     def build(p, n, z, **kw):
         if not hasattr(p, "num_train_timesteps"):
             raise ValueError(f"schedule {spacing!r} needs a discrete VP process, got {p!r}")
-        if z is False:
-            kw.setdefault("final", "sigma_min")
-        return vp_discrete(p, n, spacing, **kw)
+        if z:
+            return vp_discrete(p, n, spacing, **kw)
+        # n steps between n + 1 of the table's own levels
+        kw.setdefault("final", "none")
+        return vp_discrete(p, n + 1, spacing, **kw)
     return build
 
 
@@ -208,9 +211,14 @@ for _sp in ("leading", "trailing", "linspace"):
 
 
 def get_sigmas(schedule: str, process, n: int, append_zero: bool = True, **kw) -> np.ndarray:
-    """Build a named schedule for ``process`` with ``n`` steps."""
+    """A named schedule for ``process`` with exactly ``n`` steps: n positive levels and a final
+    0 with ``append_zero``, else n + 1 positive levels ending at the low end of the range."""
     try:
         build = SCHEDULES[schedule]
     except KeyError:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}") from None
-    return build(process, n, append_zero, **dict(kw))
+    if int(n) != n or n < 1:
+        raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
+    if append_zero or schedule in ("leading", "trailing", "linspace"):
+        return build(process, n, append_zero, **dict(kw))
+    return build(process, n + 1, append_zero, **dict(kw))

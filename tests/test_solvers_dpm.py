@@ -380,7 +380,7 @@ def test_dpmpp_3m_heun_warmup_with_v_model(solver):
 def test_dpm_multistep_matches_reference(algorithm, solver_order, solver_type):
     model = Toy(6)
     sig, x = grid(6, algorithm == "dpmsolver++"), start(7)
-    got = run_steps("dpm_multistep", sig, x, model, solver_order=solver_order,
+    got = run_steps("dpm_multistep", sig, x, model, order=solver_order,
                     algorithm=algorithm, solver_type=solver_type)
     want = ref_multistep(Ref(model), x, sig, max_order=solver_order, solver_type=solver_type,
                          algorithm=algorithm)
@@ -532,7 +532,7 @@ def test_dpm_singlestep_matches_reference(n, solver_order, algorithm, solver_typ
     model = Toy(10)
     sig, x = grid(n, to_zero), start(11)
     orders = diffusers_order_list(n, solver_order, True, to_zero)
-    got = run_steps("dpm_singlestep", sig, x, model, solver_order=solver_order,
+    got = run_steps("dpm_singlestep", sig, x, model, order=solver_order,
                     algorithm=algorithm, solver_type=solver_type)[-1]
     want = ref_singlestep_blocks(Ref(model), x, sig, orders, algorithm, solver_type)
     assert_rel(got, want)
@@ -554,7 +554,7 @@ def test_dpm_singlestep_explicit_order_list():
 
 def test_dpm_singlestep_one_model_call_per_step():
     for so in (1, 2, 3):
-        plan = pe.build_plan(PROC, "dpm_singlestep", grid(8, True), "epsilon", solver_order=so)
+        plan = pe.build_plan(PROC, "dpm_singlestep", grid(8, True), "epsilon", order=so)
         assert plan.nfe == 8
 
 
@@ -576,7 +576,7 @@ def test_dpm_singlestep_matches_diffusers_scheduler(solver_order, algorithm, fin
         y = sched.step(model(y, t), t, y).prev_sample
     sp = pe.Sampler(pe.processes.VP.discrete("linear"), "dpm_singlestep", sigmas=sig,
                     timesteps=sched.timesteps.numpy(), prediction="epsilon", init_noise_scale=1.0,
-                    solver_order=solver_order, algorithm=algorithm,
+                    order=solver_order, algorithm=algorithm,
                     order_list=list(sched.order_list))
     # the scheduler's coefficients are float32: agreement to float32 rounding
     assert_rel(sp.sample(model, x), y, tol=1e-5)
@@ -610,6 +610,6 @@ def test_bad_options_raise():
     with pytest.raises(ValueError):
         pe.build_plan(PROC, "dpm_singlestep", sig, "epsilon", algorithm="sde-dpmsolver++")
     with pytest.raises(ValueError):
-        pe.build_plan(PROC, "dpm_multistep", sig, "epsilon", solver_order=4)
+        pe.build_plan(PROC, "dpm_multistep", sig, "epsilon", order=4)
     with pytest.raises(ValueError):
         pe.build_plan(PROC, "dpmpp_2m_sde", sig, "epsilon", eta=-1.0)

@@ -27,7 +27,10 @@ def _z(k):
 def _run(proc, solver, sigmas, prediction="sample", **opts):
     sp = pe.Sampler(proc, solver, sigmas=sigmas, prediction=prediction, **opts)
     model = GMM.as_model(proc, prediction)
-    x = sp.sample(model, _noise(), seed=SEED)
+    # The formula tests pin the torch reference backend: its Philox normals are the ones the
+    # independent statements draw (native backends agree to the rounding of log/cos and are
+    # compared with the reference in their own tests).
+    x = sp.sample(model, _noise(), seed=SEED, backend="torch")
     return x, sp
 
 

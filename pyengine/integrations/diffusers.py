@@ -394,7 +394,7 @@ def _dpm_singlestep(name, sch, eta):
     # set_timesteps has settled the order of every step (and may have switched
     # lower_order_final on, for an uneven step count or a final step to sigma 0).
     order_list = [int(o) for o in sch.order_list]
-    options = dict(solver_order=int(cfg.solver_order), algorithm=alg,
+    options = dict(order=int(cfg.solver_order), algorithm=alg,
                    solver_type=cfg.solver_type, order_list=order_list,
                    lower_order_final=bool(cfg.lower_order_final))
     return _Recipe(proc, grid, ts, "dpm_singlestep", _prediction(name, cfg),

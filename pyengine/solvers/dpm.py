@@ -328,20 +328,20 @@ def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final):
                   "x_hat' = e^-h x_hat + (1 - e^-h) D0 + ..., dpmsolver (noise prediction) "
                   "x_hat' = x_hat - sigma' (e^h - 1) eps0 - ... with the 2M/3M differences "
                   "(Lu 2022 DPM-Solver multistep / DPM-Solver++)",
-          options=("solver_order", "algorithm", "solver_type", "lower_order_final"),
-          solver_order=2, algorithm="dpmsolver++", solver_type="midpoint",
-          lower_order_final=True,
-          variants=(("dpm_multistep[solver_order=1]", {"solver_order": 1}, 1, 1),
-                    ("dpm_multistep[solver_order=2]", {"solver_order": 2}, 2, 1),
-                    ("dpm_multistep[solver_order=3]", {"solver_order": 3}, 2, 1)))
-def dpm_multistep(b, solver_order, algorithm, solver_type, lower_order_final):
+          options=("order", "algorithm", "solver_type", "lower_order_final"),
+          defaults=dict(order=2, algorithm="dpmsolver++", solver_type="midpoint",
+                        lower_order_final=True),
+          variants=(("dpm_multistep[order=1]", {"order": 1}, 1, 1),
+                    ("dpm_multistep[order=2]", {"order": 2}, 2, 1),
+                    ("dpm_multistep[order=3]", {"order": 3}, 2, 1)))
+def dpm_multistep(b, order, algorithm, solver_type, lower_order_final):
     """diffusers' multistep DPM-Solver for ``algorithm`` "dpmsolver++" (= dpmpp_2m / dpmpp_3m)
     or "dpmsolver" (noise prediction). Order 3 has the 3M second difference at half the Taylor
     weight in both forms, so it measures order 2. ``lower_order_final`` as in dpmpp_3m."""
     _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
-    if solver_order not in (1, 2, 3):
-        raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-    _multistep(b, max_order=int(solver_order), solver_type=solver_type,
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    _multistep(b, max_order=int(order), solver_type=solver_type,
                lower_order_final=lower_order_final, algorithm=algorithm)
 
 
@@ -402,13 +402,13 @@ def _effective_orders(order_list, n: int, final_zero: bool) -> list[int]:
                   "intervals, evaluates at the grid points and ends with x_hat' = e^-h x_hat_b + "
                   "(1 - e^-h) m_b + ... from the block's start state x_hat_b (Lu 2022 "
                   "DPM-Solver / DPM-Solver++ singlestep)",
-          options=("solver_order", "algorithm", "solver_type", "lower_order_final", "order_list"),
-          solver_order=2, algorithm="dpmsolver++", solver_type="midpoint", lower_order_final=True,
-          order_list=None,
-          variants=(("dpm_singlestep[solver_order=1]", {"solver_order": 1}, 1, 1),
-                    ("dpm_singlestep[solver_order=2]", {"solver_order": 2}, 2, 1),
-                    ("dpm_singlestep[solver_order=3]", {"solver_order": 3}, 2, 1)))
-def dpm_singlestep(b, solver_order, algorithm, solver_type, lower_order_final, order_list):
+          options=("order", "algorithm", "solver_type", "lower_order_final", "order_list"),
+          defaults=dict(order=2, algorithm="dpmsolver++", solver_type="midpoint",
+                        lower_order_final=True, order_list=None),
+          variants=(("dpm_singlestep[order=1]", {"order": 1}, 1, 1),
+                    ("dpm_singlestep[order=2]", {"order": 2}, 2, 1),
+                    ("dpm_singlestep[order=3]", {"order": 3}, 2, 1)))
+def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_list):
     """diffusers' singlestep DPM-Solver, one model call per grid step.
 
     A block of order k starts at grid level sigma_b with a first-order step to the next level
@@ -421,7 +421,7 @@ def dpm_singlestep(b, solver_order, algorithm, solver_type, lower_order_final, o
     gives the per-step orders (the scheduler's ``order_list``); None computes them with
     :func:`diffusers_order_list`.
 
-    Measured order for solver_order 1, 2, 3: 0.99, 1.94, 2.15 (tests/test_order.py, sigma
+    Measured order for order 1, 2, 3: 0.99, 1.94, 2.15 (tests/test_order.py, sigma
     10 -> 0.2); 1.09, 1.77, 2.13 (sigma 80 -> 0.05, 8..64 steps). Order 3 measures 2: the
     lower-order tail block (forced unless steps is a multiple of 3) costs the third."""
     _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
@@ -430,7 +430,7 @@ def dpm_singlestep(b, solver_order, algorithm, solver_type, lower_order_final, o
     n = b.n_steps
     final_zero = sig[-1] == 0
     if order_list is None:
-        order_list = diffusers_order_list(n, int(solver_order), bool(lower_order_final),
+        order_list = diffusers_order_list(n, int(order), bool(lower_order_final),
                                           final_zero)
     orders = _effective_orders(order_list, n, final_zero)
     pp = algorithm == "dpmsolver++"

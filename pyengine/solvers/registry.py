@@ -35,9 +35,14 @@ REGISTRY: dict[str, SolverInfo] = {}
 
 
 def register(name, *, order, nfe_per_step, stochastic, family, summary, options=(), variants=(),
-             **defaults):
-    """Register a plan builder ``fn(builder, **options)``; ``defaults`` holds every option's
-    default value. ``order`` and ``nfe_per_step`` describe the default configuration."""
+             defaults=None, **option_defaults):
+    """Register a plan builder ``fn(builder, **options)``.
+
+    Every option needs a default, given as keyword arguments or in ``defaults`` (needed for an
+    option called ``order``, which is also this function's keyword for the convergence order).
+    ``order`` and ``nfe_per_step`` describe the default configuration."""
+    defaults = {**(defaults or {}), **option_defaults}
+
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"solver {name!r} registered twice")
