@@ -4,6 +4,8 @@ Solvers compile to float64 coefficient plans; one fused update kernel per backen
 """
 
 from . import backends, noise, parameterization, processes, schedules, solvers
+from .inversion import Inverter, invert
+from .likelihood import LikelihoodResult, log_likelihood
 from .parameterization import Denoiser
 from .plan import Plan
 from .sampler import Sampler, build_plan
@@ -11,13 +13,15 @@ from .solvers import list_solvers
 
 __version__ = "0.1.0"
 
-__all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "processes", "schedules",
-           "solvers", "backends", "noise", "parameterization", "__version__"]
+__all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert", "Inverter",
+           "log_likelihood", "LikelihoodResult", "processes", "schedules", "solvers", "backends",
+           "noise", "parameterization", "__version__"]
 
 
 def __getattr__(name):
     # Lazy submodules with optional dependencies.
-    if name in ("integrations", "models"):
+    if name in ("integrations", "models", "distributed", "inversion", "likelihood", "sampling",
+                "plots"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")

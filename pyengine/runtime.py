@@ -22,7 +22,7 @@ def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, back
     ``callback(i, sigma, slots)`` runs after each model evaluation.
     """
     adapter = wrap(model, extra_args)
-    be = backends.get(backend) if not hasattr(backend, "fused_update") else backend
+    be = backend if hasattr(backend, "fused_update") else backends.get(backend, device=x.device)
     state_dtype = x.dtype
     slots: dict[str, torch.Tensor] = {"x": x.clone()}
     seeds = None
