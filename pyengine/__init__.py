@@ -3,7 +3,7 @@
 Solvers compile to float64 coefficient plans; one fused update kernel per backend runs them.
 """
 
-from . import backends, noise, parameterization, processes, schedules, solvers
+from . import backends, noise, parameterization, processes, sampling, schedules, solvers
 from .inversion import Inverter, invert
 from .likelihood import LikelihoodResult, log_likelihood
 from .parameterization import Denoiser
@@ -15,13 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert", "Inverter",
            "log_likelihood", "LikelihoodResult", "processes", "schedules", "solvers", "backends",
-           "noise", "parameterization", "__version__"]
+           "noise", "parameterization", "sampling", "__version__"]
 
 
 def __getattr__(name):
     # Lazy submodules with optional dependencies.
-    if name in ("integrations", "models", "distributed", "inversion", "likelihood", "sampling",
-                "plots"):
+    if name in ("integrations", "models", "distributed", "plots"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")

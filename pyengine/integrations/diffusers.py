@@ -1,4 +1,13 @@
-"""Build the pyengine Sampler that reproduces a diffusers scheduler.
+"""Reproduce diffusers schedulers with pyengine plans: a Sampler, or a drop-in scheduler.
+
+    pipe.scheduler = FusedScheduler.from_scheduler(pipe.scheduler)   # in any pipeline
+
+:class:`FusedScheduler` speaks the scheduler protocol pipelines call (``set_timesteps``,
+``timesteps``, ``scale_model_input``, ``step``, ``init_noise_sigma``, ``order``,
+``add_noise``, ``set_begin_index``, ``config``) and runs the plan below one model evaluation
+per ``step()``: same results as the scheduler it replaces, its update fused, no host syncs.
+
+The Sampler that reproduces a scheduler's whole loop:
 
     sampler = from_diffusers(scheduler, num_inference_steps=20)
     x0 = sampler.sample(unet_fn, torch.randn(shape), generator=torch.Generator().manual_seed(0))
@@ -14,8 +23,9 @@ diffusers gives it (rounded Karras timesteps, fractional Euler ones, EDM's 0.25 
 Everything diffusers decides at ``set_timesteps`` or inside ``step`` (timestep spacing,
 sigma interpolation, ``final_sigmas_type``, ``lower_order_final`` with its ``< 15 steps``
 rule, the forced first-order step to sigma 0, singlestep order lists, UniPC's corrector
-schedule) becomes the grid and the solver options. Nothing here imports diffusers: schedulers
-are recognized by class name.
+schedule) becomes the grid and the solver options. Nothing here imports diffusers at import
+time: schedulers are recognized by class name (FusedScheduler draws its noise with diffusers'
+own ``randn_tensor``, imported when it first draws).
 
 State spaces. pyengine keeps x = s (x0 + sigma eps) (s = 1/sqrt(1 + sigma^2) for VP). DDIM,
 DDPM, DPM-Solver and UniPC schedulers keep the same x; the Euler-type schedulers (Euler,
@@ -38,17 +48,23 @@ both loops.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .. import backends
+from ..noise import seeds_tensor
 from ..parameterization import Denoiser
+from ..parameterization import affine as param_affine
+from ..plan import Eval, Update
 from ..processes import EDM, Process, VPDiscrete
 from ..sampler import Sampler
 
-__all__ = ["from_diffusers", "DiffusersSampler", "SUPPORTED", "EDMPreconditioned"]
+__all__ = ["from_diffusers", "DiffusersSampler", "SUPPORTED", "EDMPreconditioned",
+           "FusedScheduler", "FusedSchedulerOutput"]
 
 
 class DiffusersSampler(Sampler):
@@ -125,6 +141,7 @@ class _Recipe:
     options: dict = field(default_factory=dict)
     model_wrapper: object = None
     orders: list | None = None         # the scheduler's order at every step (multistep solvers)
+    dropped_final: bool = False        # a zero-length final step (the identity) was dropped
 
     @property
     def last_order(self) -> int:
@@ -492,6 +509,7 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
                          f"{r.options.get('solver_type', '')} update divides by h = 0 there "
                          f"and returns nan; there is no result to reproduce")
     r.sigmas = g[:-1]
+    r.dropped_final = True
     if r.timesteps is not None:
         r.timesteps = r.timesteps[: r.sigmas.size - 1]
     if r.orders is not None:
@@ -530,11 +548,425 @@ def from_diffusers(scheduler, num_inference_steps: int, *, eta: float = 0.0,
     _reject_common(name, scheduler.config)
     sch = copy.deepcopy(scheduler)
     sch.set_timesteps(int(num_inference_steps))
-    r = build(name, sch, float(eta))
-    _drop_zero_length_final_step(r, name)
+    r = _recipe(name, sch, float(eta))
     _settle_orders(r, name)
+    return _sampler(r, name, overrides)
+
+
+def _recipe(name: str, sch, eta: float) -> _Recipe:
+    """The recipe of a scheduler whose ``set_timesteps`` has run (orders not yet settled)."""
+    r = _BUILDERS[name](name, sch, eta)
+    _drop_zero_length_final_step(r, name)
+    return r
+
+
+def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
     kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **r.options)
     kwargs.update(overrides)
     return DiffusersSampler(r.process, r.solver, sigmas=r.sigmas, timesteps=r.timesteps,
                             scheduler_name=name, state_space=r.state_space,
                             model_wrapper=r.model_wrapper, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The drop-in scheduler
+# ---------------------------------------------------------------------------------------
+
+
+class FusedSchedulerOutput:
+    """What :meth:`FusedScheduler.step` returns: ``prev_sample``, and ``pred_original_sample``
+    (x0_hat of the step's model output), computed by one fused update on first access."""
+
+    def __init__(self, prev_sample: torch.Tensor, x0=None):
+        self.prev_sample = prev_sample
+        self._x0 = x0
+
+    @property
+    def pred_original_sample(self):
+        if callable(self._x0):
+            self._x0 = self._x0()
+        return self._x0
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample,)
+
+    def __getitem__(self, key):
+        # like diffusers' outputs: by name, or by position in to_tuple()
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+class _Walk:
+    """One run through a plan, one model evaluation per ``step()`` call.
+
+    The pipeline holds the state in the scheduler's space: x_hat = x / s for the Euler-type
+    schedulers, pyengine's x otherwise, so x = conv * state with conv = s(sigma) or 1. Every
+    slot remembers a host-side factor (true value = factor * stored tensor); updates fold the
+    factors of what they read into their float64 coefficients, and the update that produces
+    the pipeline's next state writes it directly in the scheduler's space. So a step is the
+    plan's fused update(s) and nothing else, and no value goes back to the host."""
+
+    def __init__(self, sampler: DiffusersSampler, recipe: _Recipe, begin: int, eta: float,
+                 n_entries: int):
+        self.plan, self.sampler, self.begin, self.eta = sampler.plan, sampler, begin, eta
+        ops = self.plan.ops
+        for op in ops:
+            if not isinstance(op, (Eval, Update)):
+                raise NotImplementedError(f"FusedScheduler: the {sampler.solver} plan has a "
+                                          f"custom op ({op!r}); step() runs fused updates only")
+        self.evals = [j for j, op in enumerate(ops) if isinstance(op, Eval)]
+        if not self.evals or self.evals[0] != 0:
+            raise NotImplementedError(f"FusedScheduler: the {sampler.solver} plan updates the "
+                                      f"state before its first model call")
+        self.x_hat = recipe.state_space == "x_hat"
+        last = float(sampler.sigmas[-1])
+        self.final_conv = float(sampler.process.s_of_sigma(last)) if self.x_hat else 1.0
+        self.final_sigma = last
+        self.n = len(self.evals) + (1 if recipe.dropped_final else 0)
+        if self.n != n_entries:
+            raise RuntimeError(f"FusedScheduler bug: {self.n} model calls in the plan for "
+                               f"{n_entries} timesteps")
+        self.k = 0
+        self.slots: dict[str, torch.Tensor] = {}
+        self.scale: dict[str, float] = {}
+        self.backend = None
+        self.seeds = None
+
+    def __deepcopy__(self, memo):
+        # the backend is a module (not copyable): the copy resolves it again at its next step
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, val in self.__dict__.items():
+            if key != "backend":
+                setattr(new, key, copy.deepcopy(val, memo))
+        new.backend = None
+        return new
+
+    def conv(self, k: int) -> float:
+        if k >= len(self.evals):
+            return self.final_conv
+        return float(self.plan.ops[self.evals[k]].s) if self.x_hat else 1.0
+
+    def sigma(self, k: int) -> float:
+        return float(self.plan.ops[self.evals[k]].sigma) if k < len(self.evals) \
+            else self.final_sigma
+
+
+#: step() keywords of diffusers' Euler-type schedulers accepted at their no-op defaults.
+_STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+
+class FusedScheduler:
+    """A diffusers scheduler whose ``step()`` is pyengine's fused update:
+
+        pipe.scheduler = FusedScheduler.from_scheduler(pipe.scheduler)
+
+    ``set_timesteps`` builds the plan that reproduces the wrapped scheduler (as
+    :func:`from_diffusers` does) and each ``step(model_output, t, sample)`` feeds the model
+    output in and runs the plan's update(s) up to the next model call; Heun's two
+    evaluations per step are two ``step()`` calls, as diffusers' repeated timesteps ask. The
+    pipeline's state keeps the wrapped scheduler's convention (x / s for the Euler-type
+    schedulers, whose ``scale_model_input`` multiplies by s). ``sample`` is taken as the
+    current state at every call, so pipelines that edit latents between steps work.
+
+    No host syncs per step: coefficients are host floats and ``timestep`` is not read (the
+    plan's position is), except by the first call of a run when ``set_begin_index`` was not
+    called: it looks its timestep up once, as diffusers' ``_init_step_index`` does, to know
+    where the run starts (img2img pipelines start partway).
+
+    Noise: ``noise="torch"`` (default) draws where and as the wrapped scheduler does
+    (``randn_tensor`` with the generator given to ``step``, or ``variance_noise``), so the
+    result equals it; ``noise="philox"`` uses pyengine's in-kernel noise keyed by ``seed``.
+    ``backend`` forces a pyengine backend. Supported: the classes in :data:`SUPPORTED`
+    (DDIM, DDPM, Euler, Euler ancestral, Heun, DPM-Solver multistep incl. SDE, singlestep,
+    UniPC, EDM Euler) in the configurations :func:`from_diffusers` accepts; others raise.
+    ``step(..., return_dict=False)`` returns ``(prev_sample,)``.
+    """
+
+    def __init__(self, scheduler, *, backend: str | None = None, noise: str = "torch",
+                 seed=0):
+        if isinstance(scheduler, FusedScheduler):
+            scheduler = scheduler._orig
+        name = type(scheduler).__name__
+        if name not in _BUILDERS:
+            raise NotImplementedError(f"FusedScheduler does not support {name}; supported: "
+                                      f"{', '.join(SUPPORTED)}")
+        if noise not in ("torch", "philox"):
+            raise ValueError(f"noise must be 'torch' or 'philox', got {noise!r}")
+        _reject_common(name, scheduler.config)
+        self._orig = scheduler
+        self._name = name
+        self._inner = copy.deepcopy(scheduler)
+        self._backend_name = backend
+        self._noise = noise
+        self._seed = seed
+        self._begin_index: int | None = None
+        self._walk: _Walk | None = None
+        self._plans: dict = {}
+        self._ready = False
+        cfg = scheduler.config
+        self._edm = None
+        if name == "EDMEulerScheduler":
+            sign = -1.0 if cfg.prediction_type == "v_prediction" else 1.0
+            self._edm = (float(cfg.sigma_data), sign)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **kwargs) -> FusedScheduler:
+        """The drop-in for ``scheduler`` (a diffusers scheduler instance, not modified)."""
+        return cls(scheduler, **kwargs)
+
+    # -- what pipelines read ---------------------------------------------------------------
+    @property
+    def config(self):
+        return self._orig.config
+
+    @property
+    def order(self) -> int:
+        return self._orig.order
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._inner.timesteps
+
+    @property
+    def init_noise_sigma(self):
+        return self._inner.init_noise_sigma
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    @property
+    def step_index(self):
+        w = self._walk
+        return None if w is None else w.begin + w.k
+
+    def __len__(self) -> int:
+        return len(self._orig)
+
+    def __getattr__(self, name):
+        # Anything else (sigmas, alphas_cumprod, num_inference_steps, ...) from the wrapped
+        # scheduler, as set up by the last set_timesteps.
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __repr__(self) -> str:
+        return f"FusedScheduler({self._name}, noise={self._noise!r})"
+
+    # -- the protocol ----------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
+        """Set the wrapped scheduler's timesteps (same arguments) and start a new run."""
+        if num_inference_steps is not None:
+            self._inner.set_timesteps(num_inference_steps, device=device, **kwargs)
+        else:
+            self._inner.set_timesteps(device=device, **kwargs)
+        self._begin_index = None
+        if hasattr(self._inner, "_begin_index"):
+            self._inner._begin_index = None
+        self._walk, self._plans, self._ready = None, {}, True
+        self._start(0, 0.0)        # builds the plan now: unsupported configurations raise here
+        self._walk = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at timestep entry ``begin_index`` (img2img); the plan is rebuilt on
+        the remaining grid, with the warm-up the wrapped scheduler does there."""
+        self._begin_index = int(begin_index)
+        if hasattr(self._inner, "set_begin_index"):
+            self._inner.set_begin_index(begin_index)
+        self._walk = None
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self._inner.add_noise(original_samples, noise, timesteps)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs):
+        """The model input for the current evaluation: the state itself, x_hat * s for the
+        Euler-type schedulers, c_in x_hat for EDM."""
+        w = self._current(timestep, None)
+        k = min(w.k, w.n - 1)
+        sigma = w.sigma(k)
+        if self._edm is not None:
+            return sample / math.sqrt(sigma * sigma + self._edm[0] ** 2)
+        if w.x_hat:
+            return sample / math.sqrt(sigma * sigma + 1.0)
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, eta: float = 0.0, use_clipped_model_output: bool = False,
+             variance_noise: torch.Tensor | None = None, **kwargs):
+        """One model output in, the fused update(s) up to the next model call, the next state
+        out (in the wrapped scheduler's space)."""
+        for key, val in kwargs.items():
+            if _STEP_DEFAULTS.get(key, object()) == val:
+                continue            # EulerDiscreteScheduler.step's defaults: no churn
+            raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
+                                      f"not supported")
+        w = self._current(timestep, float(eta))
+        if w.k >= w.n:
+            raise RuntimeError(f"FusedScheduler({self._name}): step() called more times than "
+                               f"there are timesteps; call set_timesteps() to start a new run")
+        if w.k == len(w.evals):
+            # diffusers' zero-length final step (a repeated last level): the identity
+            self._advance(w)
+            return self._output(sample, None, return_dict)
+        if w.backend is None:
+            w.backend = backends.get(self._backend_name, device=sample.device)
+        be, ops, slots, scale = w.backend, w.plan.ops, w.slots, w.scale
+        e = ops[w.evals[w.k]]
+        slots[e.src], scale[e.src] = sample, w.conv(w.k)
+        out = model_output
+        if self._edm is not None:
+            # EDM preconditioning: D = c_skip x_hat + c_out F (the plan's model is D)
+            sd, sign = self._edm
+            n2 = e.sigma * e.sigma + sd * sd
+            out = torch.empty_like(sample)
+            be.fused_update(out, [sample, model_output],
+                            [sd * sd / n2, sign * e.sigma * sd / math.sqrt(n2)])
+        slots[e.dst], scale[e.dst] = out, 1.0
+        k1 = w.k + 1
+        end = w.evals[k1] if k1 < len(w.evals) else len(ops)
+        target = ops[end].src if k1 < len(w.evals) else w.plan.output
+        target_conv = w.conv(k1)
+        drawn = False
+        for j in range(w.evals[w.k] + 1, end):
+            op = ops[j]
+            out_scale = target_conv if (j == end - 1 and op.dst == target) else 1.0
+            in_scale = np.array([scale[b] for b in op.bufs])
+            coefs = op.coefs * in_scale / out_scale
+            noise_coef, z, seeds, idx = 0.0, None, None, -1
+            if op.noise_index >= 0:
+                noise_coef = op.noise / out_scale
+                if self._noise == "philox":
+                    if w.seeds is None:
+                        w.seeds = seeds_tensor(self._seed, sample.shape[0]).to(sample.device)
+                    seeds, idx = w.seeds, op.noise_index
+                else:
+                    if variance_noise is not None:
+                        if drawn:
+                            raise NotImplementedError("variance_noise given to a step that "
+                                                      "draws noise twice")
+                        z = variance_noise
+                    else:
+                        z = self._randn(model_output, generator)
+                    drawn = True
+                    if noise_coef == 0.0:
+                        z = None        # drawn as diffusers does (same generator state), unused
+            dst = torch.empty_like(sample)
+            aux = aux_coefs = None
+            if op.aux_dst is not None:
+                aux, aux_coefs = torch.empty_like(dst), op.aux_coefs * in_scale
+            be.fused_update(dst, [slots[b] for b in op.bufs], coefs, noise_coef, seeds, idx,
+                            aux, aux_coefs, noise=z)
+            slots[op.dst], scale[op.dst] = dst, out_scale
+            if aux is not None:
+                slots[op.aux_dst], scale[op.aux_dst] = aux, 1.0
+        prev = slots[target]
+        f = scale[target] / target_conv
+        if f != 1.0:
+            prev = prev * f
+        x0 = self._x0_fn(be, e, sample, w.conv(w.k), out, w.sampler.prediction)
+        self._advance(w)
+        return self._output(prev, x0, return_dict)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _advance(self, w: _Walk) -> None:
+        w.k += 1
+        self._sync_step_index(w)
+
+    def _sync_step_index(self, w: _Walk) -> None:
+        # add_noise of the wrapped scheduler reads its step index (inpainting pipelines noise
+        # the original latents to the next level after every step): keep it where ours is.
+        if hasattr(self._inner, "_step_index"):
+            self._inner._step_index = w.begin + w.k
+
+    def _output(self, prev, x0, return_dict):
+        return FusedSchedulerOutput(prev, x0) if return_dict else (prev,)
+
+    def _x0_fn(self, be, e, sample, conv, out, prediction):
+        if self._edm is not None:
+            return out                      # already D
+        (dx, do), _ = param_affine(prediction, e.s, e.s * e.sigma)
+
+        def x0():
+            d = torch.empty_like(sample)
+            be.fused_update(d, [sample, out], [dx * conv, do])
+            return d
+        return x0
+
+    def _randn(self, model_output, generator):
+        from diffusers.utils.torch_utils import randn_tensor
+        # DPMSolverMultistepScheduler draws its SDE noise in float32; the others in the
+        # model output's dtype.
+        dtype = torch.float32 if self._name == "DPMSolverMultistepScheduler" \
+            else model_output.dtype
+        return randn_tensor(model_output.shape, generator=generator,
+                            device=model_output.device, dtype=dtype)
+
+    def _current(self, timestep, eta) -> _Walk:
+        if not self._ready:
+            raise RuntimeError(f"FusedScheduler({self._name}): call set_timesteps() first")
+        w = self._walk
+        if w is None:
+            begin = self._begin_index
+            if begin is None:
+                begin = self._lookup(timestep)
+            self._walk = w = self._start(begin, 0.0 if eta is None else eta)
+            self._sync_step_index(w)
+        elif eta is not None and eta != w.eta:
+            if w.k != 0:
+                raise ValueError(f"FusedScheduler({self._name}): eta changed from {w.eta} to "
+                                 f"{eta} in the middle of a run")
+            self._walk = w = self._start(w.begin, eta)
+        return w
+
+    def _lookup(self, timestep) -> int:
+        """Where a run starts when set_begin_index was not called (diffusers' rule: the
+        timestep's index, the second one when it repeats). The one host sync of a run."""
+        if timestep is None:
+            return 0
+        ts = self._inner.timesteps
+        t = torch.as_tensor(timestep, device=ts.device).to(ts.dtype)
+        hits = (ts == t).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"FusedScheduler({self._name}): timestep {timestep} is not one "
+                             f"of the scheduler's timesteps")
+        return int(hits[1 if len(hits) > 1 else 0])
+
+    def _start(self, begin: int, eta: float) -> _Walk:
+        key = (begin, eta)
+        if key not in self._plans:
+            r = _recipe(self._name, self._inner, eta)
+            r = _slice_recipe(r, begin, self._name)
+            _settle_orders(r, self._name)
+            self._plans[key] = (_sampler(r, self._name, {}), r)
+        sampler, r = self._plans[key]
+        return _Walk(sampler, r, begin, eta, len(self._inner.timesteps) - begin)
+
+
+def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
+    """The recipe of a run that starts at timestep entry ``begin``: the remaining grid, with
+    the warm-up diffusers' multistep schedulers restart there (their order counters start
+    from the first step() call)."""
+    if begin == 0:
+        return r
+    g = begin
+    if name == "HeunDiscreteScheduler":
+        if begin % 2:
+            raise ValueError(f"{name}: begin_index {begin} is the second evaluation of a Heun "
+                             f"step; a run starts at an even index")
+        g = begin // 2
+    if not 0 < g < r.sigmas.size - 1:
+        raise ValueError(f"{name}: begin_index {begin} leaves no step of the "
+                         f"{r.sigmas.size - 1}-step grid")
+    r = dataclasses.replace(r, sigmas=r.sigmas[g:], options=dict(r.options),
+                            timesteps=None if r.timesteps is None else r.timesteps[g:])
+    if r.orders is not None:
+        tail = [int(o) for o in r.orders[g:]]
+        if "order_list" in r.options:
+            r.options["order_list"] = r.orders = tail   # the plan lowers what it lacks
+        else:
+            r.orders = [min(o, j + 1) for j, o in enumerate(tail)]
+    if "disable_corrector" in r.options:
+        r.options["disable_corrector"] = [j - g for j in r.options["disable_corrector"]
+                                          if j >= g]
+    return r

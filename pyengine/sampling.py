@@ -1,0 +1,526 @@
+"""k-diffusion-style sampling functions on pyengine's fused plans.
+
+Code written against ``k_diffusion.sampling`` switches by changing the import:
+
+    import pyengine as pe
+    sigmas = pe.sampling.get_sigmas_karras(20, 0.03, 14.6)
+    x = pe.sampling.sample_dpmpp_2m(model, torch.randn(shape) * sigmas[0], sigmas)
+
+with k-diffusion's contract: ``model(x, sigma * s_in, **extra_args)`` is a denoiser returning
+x0_hat (s_in a [B] vector of ones), ``x`` is already at the level ``sigmas[0]``, ``sigmas``
+is a decreasing tensor (usually ending in 0), ``callback`` receives
+``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per step, ``disable`` turns off the
+progress bar (tqdm, when installed). Each function compiles the registry solver of the same
+math (EDM process, prediction "sample", the model as a :class:`pyengine.Denoiser`) into a
+float64 plan and runs it through :func:`pyengine.runtime.run_plan` on the best backend for
+``x``'s device, so every solver update is one fused kernel.
+
+| k-diffusion name | registry solver | supported |
+|---|---|---|
+| sample_euler | euler (s_churn, s_tmin, s_tmax, s_noise) | all options |
+| sample_euler_ancestral | euler_ancestral (eta, s_noise) | all options |
+| sample_heun | heun (churn) | all options |
+| sample_dpm_2 | dpm_2 (churn) | all options |
+| sample_dpmpp_2m | dpmpp_2m (no lower-order final step) | all options |
+| sample_dpmpp_2m_sde | dpmpp_2m_sde (eta, s_noise, solver_type) | all options |
+| sample_dpm_2_ancestral | dpm_2 | eta = 0 only |
+| sample_dpmpp_2s_ancestral | dpmpp_2s | eta = 0 only |
+| sample_dpmpp_sde | dpmpp_2s | eta = 0, r = 1/2 only |
+| sample_dpmpp_3m_sde | dpmpp_3m (heun warm-up, no lower-order final) | eta = 0 only |
+| sample_ipndm (ComfyUI's name) | ipndm (max_order) | all options |
+
+Not provided (no registry solver with that math): sample_lms, sample_dpm_fast,
+sample_dpm_adaptive, and the ancestral / SDE forms with eta > 0 of the "eta = 0 only" rows,
+which raise NotImplementedError.
+
+Noise. Stochastic configurations call ``noise_sampler(sigma, sigma_next)`` exactly where
+k-diffusion calls it, and pass the tensor it returns into the fused update, so with the same
+noise sampler (or the same ``torch.manual_seed`` and the default samplers: ``torch.randn_like``
+for the ancestral and churn samplers, a Brownian tree seeded from the global generator for
+the SDE ones) the result is k-diffusion's up to float rounding. ``noise_sampler=PhiloxNoise(seed)``
+uses pyengine's own in-kernel noise instead (batch-invariant, no noise tensors in memory).
+Deterministic configurations (no churn, eta = 0) draw nothing, so unlike k-diffusion they
+leave the global generator untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from . import backends
+from . import schedules as _sched
+from .parameterization import Denoiser
+from .plan import Eval, Plan, Update
+from .processes import EDM
+from .runtime import run_plan
+from .sampler import build_plan
+
+__all__ = [
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2",
+    "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_ipndm",
+    "SAMPLERS", "PhiloxNoise", "BrownianTreeNoiseSampler", "default_noise_sampler",
+    "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
+    "get_sigmas_vp", "append_zero", "to_d", "get_ancestral_step",
+]
+
+#: k-diffusion name -> the registry solver it runs (see the module docstring for limits).
+SAMPLERS = {
+    "sample_euler": "euler",
+    "sample_euler_ancestral": "euler_ancestral",
+    "sample_heun": "heun",
+    "sample_dpm_2": "dpm_2",
+    "sample_dpm_2_ancestral": "dpm_2",
+    "sample_dpmpp_2s_ancestral": "dpmpp_2s",
+    "sample_dpmpp_sde": "dpmpp_2s",
+    "sample_dpmpp_2m": "dpmpp_2m",
+    "sample_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde": "dpmpp_3m",
+    "sample_ipndm": "ipndm",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules and helpers with k-diffusion's names (computed in float64, returned as tensors)
+# ---------------------------------------------------------------------------------------
+
+
+def _as_tensor(s: np.ndarray, device) -> torch.Tensor:
+    return torch.tensor(s, dtype=torch.get_default_dtype(), device=device)
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a 0 appended (the final level of a sigma schedule)."""
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    """Karras et al. (2022) eq. 5 schedule, n levels then 0."""
+    return _as_tensor(_sched.karras(n, sigma_min, sigma_max, rho), device)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device="cpu"):
+    """Uniform in log sigma, n levels then 0."""
+    return _as_tensor(_sched.exponential(n, sigma_min, sigma_max), device)
+
+
+def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1.0, device="cpu"):
+    """Polynomial in log sigma (rho = 1 is exponential), n levels then 0."""
+    return _as_tensor(_sched.polyexponential(n, sigma_min, sigma_max, rho), device)
+
+
+def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device="cpu"):
+    """Continuous VP (Song et al. 2021) levels sigma(t) = sqrt(e^{beta_d t^2/2 + beta_min t}
+    - 1) at t uniform from 1 to eps_s, then 0."""
+    t = np.linspace(1.0, eps_s, int(n))
+    return _as_tensor(np.append(np.sqrt(np.expm1(beta_d * t ** 2 / 2 + beta_min * t)), 0.0),
+                      device)
+
+
+def to_d(x, sigma, denoised):
+    """The Karras ODE derivative dx/dsigma = (x - D) / sigma."""
+    return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.dim() - sigma.dim()))
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+    """(sigma_down, sigma_up) of an ancestral step, sigma_down^2 + sigma_up^2 = sigma_to^2."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2)
+                              / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+def default_noise_sampler(x):
+    """k-diffusion's default: fresh ``torch.randn_like(x)`` at every call."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+class BrownianTreeNoiseSampler:
+    """Noise from a Brownian tree (torchsde), as k-diffusion's SDE samplers use by default:
+    ``sampler(sigma, sigma_next)`` is the increment W(sigma_next) - W(sigma) divided by
+    sqrt(|sigma_next - sigma|), so it is standard normal and consistent across step sizes.
+
+    ``seed`` is an int (one tree for the batch) or one int per sample (one tree each); None
+    draws one from torch's global generator, as k-diffusion does. ``transform`` maps sigma to
+    the tree's time."""
+
+    def __init__(self, x, sigma_min, sigma_max, seed=None, transform=lambda s: s):
+        try:
+            import torchsde
+        except ImportError as exc:
+            raise ImportError("BrownianTreeNoiseSampler needs torchsde (pip install torchsde)"
+                              ) from exc
+        self.transform = transform
+        a = transform(torch.as_tensor(sigma_min))
+        b = transform(torch.as_tensor(sigma_max))
+        lo, hi, self.sign = (a, b, 1) if a < b else (b, a, -1)
+        w0 = torch.zeros_like(x)
+        if seed is None:
+            seed = torch.randint(0, 2 ** 63 - 1, []).item()
+        self.batched = not isinstance(seed, (int, np.integer))
+        if self.batched:
+            seed = list(seed)
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"BrownianTreeNoiseSampler: {len(seed)} seeds for a batch of "
+                                 f"{x.shape[0]}")
+            w0 = w0[0]
+        else:
+            seed = [int(seed)]
+        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in seed]
+
+    def __call__(self, sigma, sigma_next):
+        a = self.transform(torch.as_tensor(sigma))
+        b = self.transform(torch.as_tensor(sigma_next))
+        lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
+        w = torch.stack([tree(lo, hi) for tree in self.trees]) * (self.sign * sign)
+        w = w if self.batched else w[0]
+        return w / (b - a).abs().sqrt()
+
+
+class PhiloxNoise:
+    """Pass as ``noise_sampler`` to use pyengine's in-kernel Philox noise (DESIGN.md s.6)
+    keyed by ``seed`` (int for the batch, or one per sample) instead of noise tensors: the
+    fastest path, and a sample's noise does not depend on its batch. The numbers differ from
+    any torch generator's."""
+
+    def __init__(self, seed=0):
+        self.seed = seed
+
+    def __call__(self, sigma, sigma_next):
+        raise TypeError("PhiloxNoise draws inside pyengine's fused kernels; it is not a "
+                        "callable noise sampler for other libraries")
+
+
+# ---------------------------------------------------------------------------------------
+# The plan, the noise hook and the runner
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _base_plan(solver: str, grid: tuple, options: tuple) -> Plan:
+    return build_plan(EDM(), solver, np.array(grid), "sample", **dict(options))
+
+
+class _Noise:
+    """One call's noise: ``fn(sigma_i, sigma_{i+1})`` with k-diffusion's arguments (the
+    entries of the caller's sigmas tensor), and the pending draw of churn samplers."""
+
+    def __init__(self, fn, sigmas: torch.Tensor):
+        self.fn, self.sigmas, self.pending = fn, sigmas, None
+
+    def draw(self, i: int) -> torch.Tensor:
+        return self.fn(self.sigmas[i], self.sigmas[i + 1])
+
+
+class _DrawAtStepStart:
+    """Custom plan op: draw step ``step``'s churn noise before its model call, as
+    k-diffusion's Euler/Heun/DPM-2 do at every step once churn is on (used or not)."""
+
+    def __init__(self, step: int, noise: _Noise):
+        self.step, self.noise = step, noise
+        self.kind = "draw"
+
+    def __repr__(self) -> str:
+        return f"draw z at the start of step {self.step}"
+
+    def execute(self, **_):
+        self.noise.pending = self.noise.draw(self.step)
+
+
+class _SuppliedNoiseUpdate:
+    """Custom plan op: the fused Update ``op`` with its noise z taken from the caller's noise
+    sampler (passed to the kernel as a tensor) instead of the plan's Philox/generator draw."""
+
+    def __init__(self, op: Update, noise: _Noise, pending: bool):
+        self.op, self.noise, self.pending = op, noise, pending
+        self.step, self.kind = op.step, op.kind + "+noise"
+
+    def __repr__(self) -> str:
+        return f"{self.op.kind} at step {self.step} with the caller's noise"
+
+    def execute(self, *, slots, backend, state_dtype=None, compute_dtype=None, **_):
+        op = self.op
+        if self.pending:
+            z, self.noise.pending = self.noise.pending, None
+        else:
+            z = self.noise.draw(op.step)
+        dst = torch.empty_like(slots["x"], dtype=state_dtype)
+        aux = torch.empty_like(dst) if op.aux_dst is not None else None
+        kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
+        backend.fused_update(dst, [slots[b] for b in op.bufs], op.coefs, op.noise, None, -1,
+                             aux, op.aux_coefs, noise=z.to(dst.device), **kw)
+        slots[op.dst] = dst
+        if aux is not None:
+            slots[op.aux_dst] = aux
+
+
+def _with_noise(plan: Plan, noise: _Noise, draws, at_step_start: bool) -> Plan:
+    """The plan with its noisy updates fed by ``noise``: k-diffusion calls its noise sampler
+    at step i iff ``draws(i, grid)``; noisy updates of other steps must have a zero noise
+    coefficient and lose their draw. ``at_step_start``: the draw happens before the step's
+    model call (churn) instead of in its noisy update."""
+    grid = plan.sigmas
+    ops, started = [], set()
+    for op in plan.ops:
+        step = getattr(op, "step", None)
+        if at_step_start and step is not None and step not in started:
+            started.add(step)
+            if draws(step, grid):
+                ops.append(_DrawAtStepStart(step, noise))
+        if isinstance(op, Update) and op.noise_index >= 0:
+            if draws(op.step, grid):
+                ops.append(_SuppliedNoiseUpdate(op, noise, pending=at_step_start))
+                continue
+            if op.noise != 0.0:
+                raise RuntimeError(f"pyengine.sampling bug: a noisy update at step {op.step} "
+                                   f"where k-diffusion draws no noise")
+            op = dataclasses.replace(op, noise=0.0, noise_index=-1)
+        ops.append(op)
+    return Plan(solver=plan.solver, sigmas=plan.sigmas, ops=ops, n_noise=0, output=plan.output)
+
+
+def _grid(sigmas) -> np.ndarray:
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas)
+    return sigmas.detach().to("cpu", torch.float64).numpy()
+
+
+def _progress(total: int, disable):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, disable=disable)
+
+
+def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable, *,
+         options: dict, noise_sampler=None, draws=None, at_step_start: bool = False,
+         gammas=None):
+    """Compile ``solver`` over ``sigmas`` and run it on ``x``; see the module docstring."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: x must be a floating-point tensor")
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas, device=x.device)
+    if sigmas.numel() < 2:
+        return x                                       # no step: k-diffusion returns x
+    grid = _grid(sigmas)
+    try:
+        plan = _base_plan(solver, tuple(grid.tolist()), tuple(sorted(options.items())))
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    seed = 0
+    if isinstance(noise_sampler, PhiloxNoise):
+        seed = noise_sampler.seed                      # the plan's own in-kernel draws
+    elif draws is not None:
+        plan = _with_noise(plan, _Noise(noise_sampler, sigmas), draws, at_step_start)
+
+    n = len(grid) - 1
+    bar = _progress(n, disable)
+    first_eval = {}
+    for op in plan.ops:
+        if isinstance(op, Eval) and op.step not in first_eval:
+            first_eval[op.step] = op
+
+    seen = set()
+
+    def on_eval(i, sigma, slots):
+        # run_plan reports every model call; k-diffusion reports the first of each step.
+        if i in seen:
+            return
+        seen.add(i)
+        op = first_eval[i]
+        if callback is not None:
+            g = 0.0 if gammas is None else gammas[i]
+            sigma_hat = sigmas[i] * (g + 1) if g > 0 else sigmas[i]
+            callback({"x": slots[op.src], "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": slots[op.dst]})
+        if bar is not None:
+            bar.update(1)
+
+    # k-diffusion passes sigma in x's dtype (sigma * x.new_ones([B])); the adapter makes it
+    # float32 for reduced-precision states.
+    denoiser = Denoiser(lambda xx, sig, **kw: model(xx, sig.to(xx.dtype), **kw))
+    be = backends.get(None, device=x.device)
+    try:
+        with torch.no_grad():
+            return run_plan(plan, denoiser, x, seed=seed, backend=be, callback=on_eval,
+                            extra_args=extra_args)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _churn_gammas(grid: np.ndarray, s_churn, s_tmin, s_tmax) -> list[float]:
+    n = len(grid) - 1
+    return [min(s_churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= grid[i] <= s_tmax else 0.0
+            for i in range(n)]
+
+
+def _churned(name, solver, model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin,
+             s_tmax, s_noise):
+    opts = dict(s_churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=float(s_tmax),
+                s_noise=float(s_noise))
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas, device=x.device)
+    gammas = None
+    if sigmas.numel() >= 2:
+        gammas = _churn_gammas(_grid(sigmas), s_churn, s_tmin, s_tmax)
+    stochastic = gammas is not None and any(g > 0 for g in gammas)
+    # k-diffusion draws randn_like(x) * s_noise at the start of every step once churn is on.
+    return _run(name, solver, model, x, sigmas, extra_args, callback, disable, options=opts,
+                noise_sampler=default_noise_sampler(x) if stochastic else None,
+                draws=_always if stochastic else None, at_step_start=True,
+                gammas=gammas)
+
+
+def _eta_zero_only(name: str, eta, what: str) -> None:
+    if eta:
+        raise NotImplementedError(
+            f"pyengine.sampling.{name}: eta={eta} needs {what}, which pyengine's solver "
+            f"registry does not have; eta=0 (its deterministic form) is supported")
+
+
+def _always(i, grid) -> bool:
+    return True
+
+
+def _never(i, grid) -> bool:
+    return False
+
+
+def _next_positive(i, grid) -> bool:
+    """k-diffusion's ancestral and SDE samplers draw on every step that does not end at 0."""
+    return grid[i + 1] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The samplers
+# ---------------------------------------------------------------------------------------
+
+
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler steps of Karras et al. (2022) Algorithm 2: after churn to sigma_hat =
+    sigma (1 + gamma), x' = x + (sigma' - sigma_hat)(x - D)/sigma_hat (``euler``)."""
+    return _churned("sample_euler", "euler", model, x, sigmas, extra_args, callback, disable,
+                    s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun steps of Karras et al. (2022) Algorithm 2, Euler on the step to 0 (``heun``)."""
+    return _churned("sample_heun", "heun", model, x, sigmas, extra_args, callback, disable,
+                    s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2-like midpoint in log sigma with Algorithm 2's churn (``dpm_2``)."""
+    return _churned("sample_dpm_2", "dpm_2", model, x, sigmas, extra_args, callback, disable,
+                    s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Ancestral Euler: x' = x + (sigma_down - sigma)(x - D)/sigma + s_noise sigma_up z
+    (``euler_ancestral``)."""
+    stochastic = bool(eta)
+    if stochastic and noise_sampler is None:
+        noise_sampler = default_noise_sampler(x)
+    return _run("sample_euler_ancestral", "euler_ancestral", model, x, sigmas, extra_args,
+                callback, disable, options=dict(eta=float(eta), s_noise=float(s_noise)),
+                noise_sampler=noise_sampler,
+                draws=_next_positive if stochastic else _never)
+
+
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Ancestral DPM-2; eta = 0 only, where it is DPM-2 without churn (``dpm_2``)."""
+    _eta_zero_only("sample_dpm_2_ancestral", eta, "an ancestral DPM-2 solver")
+    return _run("sample_dpm_2_ancestral", "dpm_2", model, x, sigmas, extra_args, callback,
+                disable, options={})
+
+
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                              eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Ancestral DPM-Solver++(2S); eta = 0 only, where it is DPM-Solver++(2S) (``dpmpp_2s``)."""
+    _eta_zero_only("sample_dpmpp_2s_ancestral", eta, "an ancestral DPM-Solver++(2S) solver")
+    return _run("sample_dpmpp_2s_ancestral", "dpmpp_2s", model, x, sigmas, extra_args,
+                callback, disable, options={})
+
+
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                     s_noise=1.0, noise_sampler=None, r=1 / 2):
+    """DPM-Solver++ SDE; eta = 0 and r = 1/2 only, where it is DPM-Solver++(2S) (``dpmpp_2s``)."""
+    _eta_zero_only("sample_dpmpp_sde", eta, "the stochastic DPM-Solver++ (SDE) solver")
+    if r != 0.5:
+        raise NotImplementedError(f"pyengine.sampling.sample_dpmpp_sde: r={r}; the registry's "
+                                  f"dpmpp_2s has its midpoint at r = 1/2 only")
+    return _run("sample_dpmpp_sde", "dpmpp_2s", model, x, sigmas, extra_args, callback,
+                disable, options={})
+
+
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M), first step first order, D on a step to 0 (``dpmpp_2m``)."""
+    return _run("sample_dpmpp_2m", "dpmpp_2m", model, x, sigmas, extra_args, callback,
+                disable, options=dict(solver_type="midpoint", lower_order_final=False))
+
+
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+    """SDE-DPM-Solver++(2M): x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta)h}) D + ...
+    + s_noise sigma' sqrt(1 - e^{-2 eta h}) z (``dpmpp_2m_sde``)."""
+    if solver_type not in ("heun", "midpoint"):
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    stochastic = bool(eta)
+    if stochastic and noise_sampler is None:
+        noise_sampler = _default_sde_noise(x, sigmas)
+    return _run("sample_dpmpp_2m_sde", "dpmpp_2m_sde", model, x, sigmas, extra_args, callback,
+                disable, options=dict(eta=float(eta), s_noise=float(s_noise),
+                                      solver_type=solver_type, lower_order_final=False),
+                noise_sampler=noise_sampler,
+                draws=_next_positive if stochastic else _never)
+
+
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None):
+    """DPM-Solver++(3M) SDE; eta = 0 only, where it is DPM-Solver++(3M) with the heun-form
+    second step and no lower-order final step (``dpmpp_3m``)."""
+    _eta_zero_only("sample_dpmpp_3m_sde", eta, "a stochastic 3M solver (the registry's "
+                   "dpmpp_3m has no eta)")
+    return _run("sample_dpmpp_3m_sde", "dpmpp_3m", model, x, sigmas, extra_args, callback,
+                disable, options=dict(solver_type="heun", lower_order_final=False))
+
+
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth in sigma on d = (x - D)/sigma with warm-up
+    order min(max_order, i + 1); ComfyUI's k-diffusion name (``ipndm``)."""
+    return _run("sample_ipndm", "ipndm", model, x, sigmas, extra_args, callback, disable,
+                options=dict(order=int(max_order)))
+
+
+_warned_sde = False
+
+
+def _default_sde_noise(x, sigmas):
+    """k-diffusion's default for the SDE samplers: a Brownian tree over [sigma_min, sigma_max]
+    seeded from the global generator; without torchsde, randn_like (same distribution)."""
+    global _warned_sde
+    try:
+        import torchsde  # noqa: F401
+    except ImportError:
+        if not _warned_sde:
+            warnings.warn("torchsde is not installed: the SDE samplers' default noise is "
+                          "torch.randn_like (same distribution as k-diffusion's Brownian tree, "
+                          "other values)", stacklevel=3)
+            _warned_sde = True
+        return default_noise_sampler(x)
+    s = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas)
+    return BrownianTreeNoiseSampler(x, s[s > 0].min(), s.max())

@@ -1,0 +1,341 @@
+"""The diffusers drop-in: FusedScheduler.from_scheduler(s) behaves as s inside pipelines.
+
+Two references: real diffusers pipelines (DDPMPipeline, DDIMPipeline) with a tiny random
+UNet2DModel run with the original scheduler and with the drop-in, same generator seed, and
+compared image for image; and the scheduler protocol loop of every pipeline
+(init_noise_sigma, scale_model_input, model, step) for every supported scheduler class,
+including img2img starts (set_begin_index) and Heun's repeated timesteps. Both run in
+float32; the bound is 1e-5 relative (max |a - b| / max |b|), as for from_diffusers.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+D = pytest.importorskip("diffusers")
+
+import pyengine as pe  # noqa: E402
+from pyengine.integrations.diffusers import FusedScheduler, FusedSchedulerOutput  # noqa: E402
+
+from test_parity_diffusers import SHAPE, NonlinearModel  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:diffusers")]
+
+TOL = 1e-5
+WORST: dict[str, float] = {}
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst():
+    yield
+    if WORST:
+        print("\nworst drop-in error vs diffusers (float32, max|a-b|/max|b|):")
+        for k, v in sorted(WORST.items()):
+            print(f"  {k:60s} {v:.2e}")
+
+
+def record(key, err):
+    WORST[key] = max(WORST.get(key, 0.0), err)
+    assert err < TOL, f"{key}: relative error {err:.3e} > {TOL}"
+
+
+# ---------------------------------------------------------------------------------------
+# Real pipelines
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = D.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                          block_out_channels=(8, 16), norm_num_groups=4,
+                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D"))
+    return model.eval()
+
+
+def run_pipe(pipe, seed, **kw):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(seed), output_type="np",
+               **kw)
+    return torch.from_numpy(out.images)
+
+
+# v and sample predictions: a random network's epsilon turns into an x0_hat far outside
+# [-1, 1] and the clamped images saturate (99% of pixels), which would compare nothing.
+PIPELINES = [
+    ("DDPMPipeline, DDPM v", D.DDPMPipeline,
+     lambda: D.DDPMScheduler(clip_sample=False, prediction_type="v_prediction"),
+     {"num_inference_steps": 10}),
+    ("DDPMPipeline, DDPM sample, fixed_large", D.DDPMPipeline,
+     lambda: D.DDPMScheduler(clip_sample=False, prediction_type="sample",
+                             variance_type="fixed_large"), {"num_inference_steps": 6}),
+    ("DDPMPipeline, DPMSolverMultistep SDE v", D.DDPMPipeline,
+     lambda: D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                           prediction_type="v_prediction"),
+     {"num_inference_steps": 8}),
+    # (DDPMPipeline passes generator= to step(), which UniPC's step() does not take)
+    ("DDPMPipeline, DPMSolverMultistep 3M v", D.DDPMPipeline,
+     lambda: D.DPMSolverMultistepScheduler(solver_order=3, prediction_type="v_prediction"),
+     {"num_inference_steps": 8}),
+    ("DDIMPipeline, v, eta=0", D.DDIMPipeline,
+     lambda: D.DDIMScheduler(clip_sample=False, prediction_type="v_prediction"),
+     {"num_inference_steps": 10}),
+    ("DDIMPipeline, sample, eta=1", D.DDIMPipeline,
+     lambda: D.DDIMScheduler(clip_sample=False, prediction_type="sample"),
+     {"num_inference_steps": 10, "eta": 1.0}),
+]
+
+
+@pytest.mark.parametrize("label,pipe_cls,make,kw", PIPELINES, ids=[p[0] for p in PIPELINES])
+def test_pipeline_images(unet, label, pipe_cls, make, kw):
+    pipe = pipe_cls(unet=unet, scheduler=make())
+    ref = run_pipe(pipe, 3, **kw)
+    pipe.scheduler = FusedScheduler.from_scheduler(pipe.scheduler)
+    assert isinstance(pipe.scheduler, FusedScheduler)
+    out = run_pipe(pipe, 3, **kw)
+    assert out.shape == ref.shape == (2, 8, 8, 3)
+    # the images are not saturated by the clamp to [0, 1], so the comparison has teeth
+    assert ((ref > 0.01) & (ref < 0.99)).float().mean() > 0.5
+    err = (out - ref).abs().max().item()
+    print(f"  {label:44s} max |image diff| {err:.2e}")
+    record(f"pipeline: {label} (abs, images in [0, 1])", err)
+    if pipe_cls is D.DDPMPipeline or kw.get("eta"):
+        # stochastic: another generator seed gives another image
+        assert (run_pipe(pipe, 4, **kw) - ref).abs().max() > 1e-2
+
+
+def test_pipeline_philox_noise_is_batch_invariant(unet):
+    pipe = D.DDPMPipeline(unet=unet, scheduler=D.DDPMScheduler(clip_sample=False))
+    pipe.scheduler = FusedScheduler.from_scheduler(pipe.scheduler, noise="philox", seed=5)
+    a = run_pipe(pipe, 3, num_inference_steps=5)
+    b = run_pipe(pipe, 3, num_inference_steps=5)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# The protocol loop, every supported scheduler
+# ---------------------------------------------------------------------------------------
+
+
+def step_kwargs(sch, seed):
+    params = inspect.signature(sch.step).parameters
+    return {"generator": torch.Generator().manual_seed(seed)} if "generator" in params else {}
+
+
+def protocol_loop(sch, model, x, steps, *, begin=None, eta=None, seed=1, return_dict=True):
+    """What pipelines do: set_timesteps, (set_begin_index), init_noise_sigma, then per
+    timestep scale_model_input, model, step."""
+    sch.set_timesteps(steps)
+    if begin is not None and hasattr(sch, "set_begin_index"):
+        sch.set_begin_index(begin)
+    kw = step_kwargs(sch, seed)
+    if eta is not None:
+        kw["eta"] = eta
+    if begin is None:
+        x = x * sch.init_noise_sigma
+    for t in sch.timesteps[begin or 0:]:
+        res = sch.step(model(sch.scale_model_input(x, t), t), t, x, return_dict=return_dict,
+                       **kw)
+        x = res.prev_sample if return_dict else res[0]
+    return x
+
+
+SCHEDULERS = [
+    ("DDIM", lambda: D.DDIMScheduler(clip_sample=False), 10, None),
+    ("DDIM eta=1, v", lambda: D.DDIMScheduler(clip_sample=False,
+                                              prediction_type="v_prediction"), 10, 1.0),
+    ("DDPM", lambda: D.DDPMScheduler(clip_sample=False), 10, None),
+    ("Euler", lambda: D.EulerDiscreteScheduler(), 10, None),
+    ("Euler v, karras", lambda: D.EulerDiscreteScheduler(prediction_type="v_prediction",
+                                                         use_karras_sigmas=True), 12, None),
+    ("Euler, sigma_min final (zero-length last step)",
+     lambda: D.EulerDiscreteScheduler(final_sigmas_type="sigma_min"), 10, None),
+    ("Euler ancestral", lambda: D.EulerAncestralDiscreteScheduler(), 10, None),
+    ("Heun (repeated timesteps)", lambda: D.HeunDiscreteScheduler(), 6, None),
+    ("DPM 2M", lambda: D.DPMSolverMultistepScheduler(), 8, None),
+    ("DPM 2M, 20 steps", lambda: D.DPMSolverMultistepScheduler(), 20, None),
+    ("DPM 3M", lambda: D.DPMSolverMultistepScheduler(solver_order=3), 10, None),
+    ("DPM 2M karras, sigma_min final", lambda: D.DPMSolverMultistepScheduler(
+        use_karras_sigmas=True, final_sigmas_type="sigma_min"), 10, None),
+    ("DPM SDE 2M", lambda: D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+     10, None),
+    ("DPM singlestep o3", lambda: D.DPMSolverSinglestepScheduler(solver_order=3), 8, None),
+    ("UniPC", lambda: D.UniPCMultistepScheduler(), 8, None),
+    ("UniPC o3, disable_corrector", lambda: D.UniPCMultistepScheduler(
+        solver_order=3, disable_corrector=[0, 3]), 10, None),
+    ("EDM Euler", lambda: D.EDMEulerScheduler(), 8, None),
+]
+
+
+@pytest.mark.parametrize("label,make,steps,eta", SCHEDULERS, ids=[c[0] for c in SCHEDULERS])
+def test_protocol_loop(label, make, steps, eta):
+    sch = make()
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234 + steps))
+    ref_model, pe_model = NonlinearModel(), NonlinearModel()
+    ref = protocol_loop(copy.deepcopy(sch), ref_model, noise, steps, eta=eta)
+    fused = FusedScheduler.from_scheduler(sch)
+    out = protocol_loop(fused, pe_model, noise, steps, eta=eta)
+    assert pe_model.times == ref_model.times        # the model sees the same timesteps
+    record(f"loop: {label}", rel(out, ref))
+    # return_dict=False gives (prev_sample,), as the multistep schedulers do
+    out2 = protocol_loop(FusedScheduler.from_scheduler(sch), NonlinearModel(), noise, steps,
+                         eta=eta, return_dict=False)
+    assert torch.equal(out2, out)
+
+
+BEGIN = [
+    ("DDIM", lambda: D.DDIMScheduler(clip_sample=False), 10, 3),
+    ("Euler", lambda: D.EulerDiscreteScheduler(), 10, 4),
+    ("Euler ancestral", lambda: D.EulerAncestralDiscreteScheduler(), 10, 4),
+    ("Heun", lambda: D.HeunDiscreteScheduler(), 6, 4),
+    ("DPM 2M", lambda: D.DPMSolverMultistepScheduler(), 8, 3),
+    ("DPM 3M, 20 steps", lambda: D.DPMSolverMultistepScheduler(solver_order=3), 20, 6),
+    ("DPM singlestep o3", lambda: D.DPMSolverSinglestepScheduler(solver_order=3), 9, 1),
+    ("UniPC o3, disable_corrector", lambda: D.UniPCMultistepScheduler(
+        solver_order=3, disable_corrector=[0, 4]), 10, 2),
+    ("EDM Euler", lambda: D.EDMEulerScheduler(), 8, 3),
+]
+
+
+@pytest.mark.parametrize("label,make,steps,begin", BEGIN, ids=[c[0] for c in BEGIN])
+def test_img2img_start(label, make, steps, begin):
+    # img2img pipelines start at timesteps[begin:] (after set_begin_index where it exists);
+    # the multistep schedulers restart their warm-up there. Without set_begin_index the
+    # first timestep tells where the run starts.
+    sch = make()
+    x = 3.0 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = protocol_loop(copy.deepcopy(sch), NonlinearModel(), x, steps, begin=begin)
+    out = protocol_loop(FusedScheduler.from_scheduler(sch), NonlinearModel(), x, steps,
+                        begin=begin)
+    record(f"img2img: {label} from entry {begin}", rel(out, ref))
+    fused = FusedScheduler.from_scheduler(sch)
+    fused.set_timesteps(steps)
+    kw = step_kwargs(fused, 1)
+    y, model = x, NonlinearModel()
+    for t in fused.timesteps[begin:]:                  # no set_begin_index
+        y = fused.step(model(fused.scale_model_input(y, t), t), t, y, **kw).prev_sample
+    record(f"img2img: {label} from entry {begin}, found from the timestep", rel(y, ref))
+
+
+def test_add_noise_and_pipeline_attributes():
+    sch = D.EulerDiscreteScheduler(use_karras_sigmas=True)
+    fused = FusedScheduler.from_scheduler(sch)
+    ref = copy.deepcopy(sch)
+    for s in (ref, fused):
+        s.set_timesteps(12)
+        s.set_begin_index(3)
+    assert torch.equal(fused.timesteps, ref.timesteps)
+    assert fused.init_noise_sigma == ref.init_noise_sigma
+    assert fused.order == ref.order and len(fused) == len(ref) == 1000
+    assert fused.config is sch.config and fused.begin_index == 3
+    assert torch.equal(fused.sigmas, ref.sigmas)     # forwarded to the wrapped scheduler
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    t = ref.timesteps[3:4]
+    assert torch.equal(fused.add_noise(x0, z, t), ref.add_noise(x0, z, t))
+    # the original scheduler is untouched, and a switch back keeps working
+    assert sch.num_inference_steps is None
+    assert isinstance(D.DPMSolverMultistepScheduler.from_config(fused.config),
+                      D.DPMSolverMultistepScheduler)
+
+
+def test_pred_original_sample():
+    # x0_hat on demand, equal to the scheduler's own pred_original_sample
+    for make in (lambda: D.DDIMScheduler(clip_sample=False, prediction_type="v_prediction"),
+                 lambda: D.EulerDiscreteScheduler(), lambda: D.EDMEulerScheduler()):
+        sch = make()
+        fused = FusedScheduler.from_scheduler(sch)
+        ref = copy.deepcopy(sch)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        model = NonlinearModel()
+        for s in (ref, fused):
+            s.set_timesteps(5)
+        t = ref.timesteps[0]
+        a = ref.step(model(ref.scale_model_input(x, t), t), t, x)
+        b = fused.step(model(fused.scale_model_input(x, t), t), t, x)
+        assert isinstance(b, FusedSchedulerOutput) and b[0] is b.prev_sample
+        assert rel(b.pred_original_sample, a.pred_original_sample) < TOL
+        assert rel(b.prev_sample, a.prev_sample) < TOL
+
+
+def test_no_host_reads_in_steps(monkeypatch):
+    # The step loop reads nothing back from tensors: .item(), .tolist(), bool(), float() and
+    # .cpu() raise inside it (once the run's start is known, from set_begin_index).
+    if pe.backends.explain().get("cpp") is not None:
+        pytest.skip("the torch reference backend reads its coefficient tensors with .item()")
+    sch = D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    fused = FusedScheduler.from_scheduler(sch, backend="cpp")
+    fused.set_timesteps(6)
+    fused.set_begin_index(0)
+    model = NonlinearModel()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    outs = [model(x, t) for t in fused.timesteps]     # model calls outside the guarded part
+
+    def forbid(*a, **k):
+        raise AssertionError("host read of a tensor inside step()")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbid)
+    for t, out in zip(fused.timesteps, outs):
+        fused.scale_model_input(x, t)
+        x = fused.step(out, t, x, generator=g).prev_sample
+    monkeypatch.undo()
+    assert torch.isfinite(x).all()
+
+
+def test_unsupported_and_misuse_raise():
+    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
+        FusedScheduler.from_scheduler(D.PNDMScheduler())
+    with pytest.raises(NotImplementedError, match="clip_sample"):
+        FusedScheduler.from_scheduler(D.DDIMScheduler())
+    with pytest.raises(NotImplementedError, match="algorithm_type"):
+        FusedScheduler.from_scheduler(D.DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)
+    fused = FusedScheduler.from_scheduler(D.EulerDiscreteScheduler())
+    x = torch.randn(SHAPE)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        fused.step(x, 999, x)
+    fused.set_timesteps(2)
+    with pytest.raises(ValueError, match="eta"):
+        fused.step(x, fused.timesteps[0], x, eta=0.5)
+    with pytest.raises(NotImplementedError, match="s_churn"):
+        fused.step(x, fused.timesteps[0], x, s_churn=1.0)
+    for t in fused.timesteps:
+        x = fused.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(RuntimeError, match="more times"):
+        fused.step(x, fused.timesteps[-1], x)
+
+
+def test_add_noise_follows_the_run():
+    # Inpainting pipelines re-noise the original latents to the next level after each step
+    # with add_noise, which the Euler-type schedulers index by their step counter.
+    sch = D.EulerDiscreteScheduler()
+    ref, fused = copy.deepcopy(sch), FusedScheduler.from_scheduler(sch)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    for s in (ref, fused):
+        s.set_timesteps(6)
+        s.set_begin_index(2)
+    model = NonlinearModel()
+    xs = {id(ref): x, id(fused): x}
+    for t in ref.timesteps[2:]:
+        for s in (ref, fused):
+            xs[id(s)] = s.step(model(s.scale_model_input(xs[id(s)], t), t), t,
+                               xs[id(s)]).prev_sample
+        assert fused.step_index == ref.step_index
+        assert torch.equal(fused.add_noise(x0, z, t.reshape(1)), ref.add_noise(x0, z, t.reshape(1)))
+    assert rel(xs[id(fused)], xs[id(ref)]) < TOL
+    copy.deepcopy(fused)                                # copies like a scheduler
