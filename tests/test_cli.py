@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import pyengine as pe
 from pyengine import cli
@@ -56,7 +58,8 @@ def test_demo_small(capsys):
     sto = [i for i in pe.list_solvers() if i.stochastic]
     names = [det[0].name, sto[0].name] if sto else [det[0].name]
     code, out, err = run(capsys, "demo", "--nfe", "4", "8", "--solvers", ",".join(names),
-                         "--dim", "8", "--batch", "2", "--samples", "64")
+                         "--dim", "8", "--batch", "2", "--samples", "64", "--no-digits",
+                         "--no-plots")
     assert code == 0, err
     assert "| solver | order | NFE 4 | NFE 8 | ms/step |" in out
     row = next(line for line in out.splitlines() if line.startswith(f"| {det[0].name} |"))
@@ -74,6 +77,25 @@ def test_demo_small(capsys):
     (["demo", "--backend", "no_such_backend"], "no_such_backend"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
+    (["sample", "gmm", "--solver", "no_such_solver"], "unknown solver 'no_such_solver'"),
+    (["sample", "gmm", "--schedule", "no_such_schedule"], "unknown schedule 'no_such_schedule'"),
+    (["sample", "gmm", "--steps", "0"], "positive integer"),
+    (["sample", "gmm", "--seed", str(2 ** 32)], "seed in [0, 2^32)"),
+    (["sample", "gmm", "--process", "nope"], "invalid choice"),
+    (["sample", "gmm", "--prediction", "nope"], "prediction must be one of"),
+    (["sample", "gmm", "--backend", "no_such_backend"], "no_such_backend"),
+    (["sample", "gmm", "-o", "x.png"], "a .png grid needs image samples"),
+    (["sample", "gmm", "-o", "x.jpg"], "must end in .pt, .npy or .png"),
+    (["sample", "gmm", "-o", "/no/such/folder/x.pt"], "does not exist"),
+    (["sample", "gmm", "--solver", "ddim_inverse"], "inverts data to noise"),
+    (["sample", "gmm", "--schedule", "leading", "--process", "edm"], "discrete VP"),
+    (["sample", "digits", "--process", "vp"], "trained on the EDM process"),
+    (["sample", "no_such_module_xyz:model"], "cannot import module 'no_such_module_xyz'"),
+    (["sample", "pyengine.models:NoSuchThing"], "has no attribute 'NoSuchThing'"),
+    (["sample", "nonsense"], "'digits', 'gmm' or an import path"),
+    (["sample", "pyengine.noise:sample_seed"], "give --shape"),
+    (["bench", "--solvers", "euler,nope"], "unknown solver 'nope'"),
+    (["bench", "--shape", "0,3"], "--shape must be positive integers"),
 ])
 def test_usage_errors_exit_2(capsys, argv, msg):
     code, out, err = run(capsys, *argv)
@@ -84,7 +106,9 @@ def test_usage_errors_exit_2(capsys, argv, msg):
 
 def test_help_exits_0(capsys):
     code, out, _ = run(capsys, "--help")
-    assert code == 0 and "demo" in out and "info" in out
+    assert code == 0 and all(c in out for c in ("sample", "demo", "bench", "info", "solvers"))
+    code, out, _ = run(capsys, "sample", "--help")
+    assert code == 0 and "module:attr" in out
 
 
 def test_python_dash_m_info():
@@ -107,3 +131,243 @@ def test_readme_solver_table_lists_the_registry():
     readme = (ROOT / "README.md").read_text()
     missing = [i.name for i in pe.list_solvers() if f"| `{i.name}` |" not in readme]
     assert not missing, f"README solver table lacks {missing}; paste `pyengine solvers --markdown`"
+
+
+# ---------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------
+
+USER_MODULE = '''
+import torch
+import pyengine as pe
+from pyengine.models import GaussianMixture
+
+GMM = GaussianMixture.random(d=3, M=2, seed=1)
+
+
+def make():
+    """A factory: (process, model, prediction)."""
+    proc = pe.processes.EDM()
+    return proc, GMM.as_model(proc, "sample"), "sample"
+
+
+def eps_model(x, t):
+    """A plain model(x, t): elementwise, so batch-invariant."""
+    return x / (1.0 + x * x) + 1e-4 * t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def broken(x, t):
+    raise TypeError("this model is broken on purpose")
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"pyengine_cli_user_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _reference(process, model, prediction, shape, n, *, solver, steps, seed, batch,
+               dtype=torch.float32):
+    from pyengine.distributed import sample_indices
+    s = pe.Sampler(process, solver=solver, steps=steps, schedule="karras", prediction=prediction)
+    return sample_indices(s, model, range(n), shape, seed, batch_size=batch, dtype=dtype)
+
+
+def test_sample_gmm_pt_and_npy_round_trip(capsys, tmp_path):
+    pt, npy = tmp_path / "x.pt", tmp_path / "x.npy"
+    args = ["sample", "gmm", "--dim", "4", "--num", "7", "--batch", "3", "--solver",
+            "euler_ancestral", "--steps", "6", "--seed", "5", "--dtype", "float64"]
+    code, out, err = run(capsys, *args, "-o", str(pt))
+    assert code == 0, err
+    assert "7 samples of shape (4,)" in out and f"wrote {pt}" in out
+    code, _, err = run(capsys, *args, "-o", str(npy), "--batch", "7", "--quiet")
+    assert code == 0, err
+    x, y = torch.load(pt), torch.from_numpy(np.load(npy))
+    assert x.shape == (7, 4) and x.dtype == torch.float64
+    # sample i depends on (seed, i) only, not on the batch it ran in
+    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    proc = pe.processes.VP.discrete("linear")
+    gmm = pe.models.GaussianMixture.random(d=4, M=4, seed=0)
+    ref = _reference(proc, gmm.as_model(proc, "epsilon"), "epsilon", (4,), 7,
+                     solver="euler_ancestral", steps=6, seed=5, batch=3, dtype=torch.float64)
+    assert torch.equal(x, ref)
+
+
+def test_sample_quiet_prints_nothing(capsys, tmp_path):
+    code, out, err = run(capsys, "sample", "gmm", "--num", "3", "--steps", "3", "--quiet",
+                         "-o", str(tmp_path / "x.pt"))
+    assert code == 0 and out == "" and err == ""
+
+
+def test_sample_user_factory_by_import_path(capsys, tmp_path, user_module):
+    path = tmp_path / "u.pt"
+    code, out, err = run(capsys, "sample", f"{user_module}:make", "--shape", "3", "--num", "5",
+                         "--solver", "heun", "--steps", "4", "-o", str(path))
+    assert code == 0, err
+    mod = sys.modules[user_module]
+    proc, model, pred = mod.make()
+    ref = _reference(proc, model, pred, (3,), 5, solver="heun", steps=4, seed=0, batch=64)
+    assert torch.equal(torch.load(path), ref)
+
+
+def test_sample_user_model_function(capsys, tmp_path, user_module):
+    path = tmp_path / "u.npy"
+    code, out, err = run(capsys, "sample", f"{user_module}:eps_model", "--shape", "1,4,4",
+                         "--process", "vp_cosine", "--num", "3", "--steps", "5", "-o",
+                         str(path))
+    assert code == 0, err
+    x = np.load(path)
+    assert x.shape == (3, 1, 4, 4) and np.isfinite(x).all()
+    # an image-shaped user model can be written as a PNG grid
+    code, _, err = run(capsys, "sample", f"{user_module}:eps_model", "--shape", "1,4,4",
+                       "--num", "3", "--steps", "2", "-o", str(tmp_path / "u.png"))
+    assert code == 0, err
+    assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_model_error_exits_1(capsys, user_module):
+    code, out, err = run(capsys, "sample", f"{user_module}:broken", "--shape", "2",
+                         "--steps", "2")
+    assert code == 1
+    assert "TypeError: this model is broken on purpose" in err and "Traceback" not in err
+
+
+def test_sample_digits_png_and_text_preview(capsys, tmp_path):
+    png = tmp_path / "digits.png"
+    code, out, err = run(capsys, "sample", "digits", "--num", "8", "--steps", "4", "-o",
+                         str(png))
+    assert code == 0, err
+    assert "from digits" in out and "digit classifier: mean confidence" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert w >= 3 * 9 and h >= 3 * 9                      # 3x3 tiles of 8x8 digits
+    code, out, err = run(capsys, "sample", "digits", "--num", "2", "--steps", "3")
+    assert code == 0, err
+    assert "@" in out or "#" in out                       # the ASCII preview
+
+
+def test_sample_distributed_single_process_equals_plain(capsys, tmp_path, monkeypatch):
+    """Without torchrun's environment --distributed runs as one process, with the same
+    samples (sample_sharded with the same batch size is bitwise sample_indices)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    common = ["sample", "gmm", "--num", "5", "--batch", "2", "--steps", "4", "--quiet"]
+    assert run(capsys, *common, "-o", str(a))[0] == 0
+    assert run(capsys, *common, "--distributed", "-o", str(b))[0] == 0
+    assert torch.equal(torch.load(a), torch.load(b))
+
+
+def test_python_dash_m_sample_subprocess(tmp_path):
+    """`python -m pyengine sample` as a real process (torch's import makes each one cost
+    seconds, so one; test_python_dash_m_info checks exit code 2 out of process)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "s.npy"
+    ok = subprocess.run([sys.executable, "-m", "pyengine", "sample", "gmm", "--num", "4",
+                         "--steps", "3", "-o", str(out)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert np.load(out).shape == (4, 2) and "wrote" in ok.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# bench and demo
+# ---------------------------------------------------------------------------------------
+
+
+def test_bench_solver_table(capsys, tmp_path):
+    md = tmp_path / "bench.md"
+    code, out, err = run(capsys, "bench", "--suite", "solvers", "--solvers", "euler,ddpm",
+                         "--shape", "2,64", "--steps", "3", "--min-seconds", "0.01", "-o",
+                         str(md))
+    assert code == 0, err
+    assert "| solver | NFE |" in out and "| euler | 3 |" in out and "| ddpm | 3 |" in out
+    assert "| euler | 3 |" in md.read_text()
+
+
+def test_kernel_bench_script_is_found_in_a_checkout():
+    script = cli.kernel_bench_script()
+    if (ROOT / "bench" / "bench_fused_update.py").exists():
+        assert script == ROOT / "bench" / "bench_fused_update.py"
+    else:
+        assert script is None
+
+
+def test_demo_digits_and_plots(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--nfe", "4", "--solvers", "euler,heun", "--dim", "4",
+                         "--batch", "2", "--samples", "16", "--digits-nfe", "3",
+                         "--digits-samples", "16", "--scatter-nfe", "4", "--out",
+                         str(tmp_path))
+    assert code == 0, err
+    assert "Digits model" in out and "| heun | fd " in out
+    assert (tmp_path / "digits_grid.png").stat().st_size > 1000
+    assert f"wrote {tmp_path / 'digits_grid.png'}" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    else:
+        for name in ("error_vs_nfe.png", "scatter_2d.png", "bench.png"):
+            assert (tmp_path / name).stat().st_size > 1000
+            assert f"wrote {tmp_path / name}" in out
+        assert "| heun | 19 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_sample_distributed_under_torchrun(tmp_path):
+    """`pyengine sample --distributed` on two gloo ranks: rank 0 writes bitwise the samples of
+    one process (the sharding itself is tested in test_distributed.py)."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               MASTER_ADDR="127.0.0.1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    args = ["sample", "gmm", "-n", "11", "--batch", "4", "--solver", "euler_ancestral",
+            "--steps", "5", "--seed", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pyengine", *args,
+           "--distributed", "-o", str(tmp_path / "dist.pt")]
+    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)        # torchrun and the two ranks it started
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun did not finish in 120 s:\n{out[-3000:]}")
+    assert p.returncode == 0, out[-3000:]
+    assert out.count("wrote ") == 1 and "on 2 ranks" in out      # rank 0 alone reports
+    assert cli.main([*args, "--quiet", "-o", str(tmp_path / "one.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "dist.pt"), torch.load(tmp_path / "one.pt"))
+
+
+def test_demo_without_matplotlib_says_how_to_install(capsys, tmp_path, monkeypatch):
+    from pyengine import plots
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    code, out, err = run(capsys, "demo", "--nfe", "3", "--solvers", "euler", "--dim", "4",
+                         "--batch", "2", "--digits-nfe", "2", "3", "--digits-samples", "8",
+                         "--out", str(tmp_path / "new"))
+    assert code == 0, err
+    assert "plots skipped: matplotlib is not installed; pip install 'pyengine[plots]'" in out
+    # the digits grid is a plain PNG mosaic then: 1 row of 2 cells x 8 samples of 8x8 pixels
+    data = (tmp_path / "new" / "digits_grid.png").read_bytes()
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (w, h) == (4 * (16 * 9 + 1), 4 * (9 + 1))
+    assert not (tmp_path / "new" / "error_vs_nfe.png").exists()
+
+
+def test_progress_bars_are_silenced_by_quiet():
+    assert isinstance(cli.progress(10, "x", quiet=True), cli._NoBar)
+    tqdm = pytest.importorskip("tqdm")
+    bar = cli.progress(10, "x")
+    assert isinstance(bar, tqdm.tqdm)
+    bar.close()
