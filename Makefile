@@ -17,10 +17,13 @@ $(PY):
 # it first keeps pip from resolving a multi-GB CUDA build for `torch>=...`. The extension
 # builds with two compile jobs (the CI machine has 2 cores); its CUDA kernel compiles too
 # wherever nvcc is found.
-$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(CSRC)
+$(STAMP): $(PY) Makefile pyproject.toml CMakeLists.txt $(CSRC)
 	$(PIP) install torch==2.13.0
 	$(PIP) install scikit-build-core pybind11 cmake ninja numpy scipy
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install --no-build-isolation -e '.[test]'
+	# k-diffusion is a parity reference only. Its declared dependencies pull torchvision and
+	# with it a CUDA torch, so it and the Brownian-tree noise it uses come without them.
+	$(PIP) install --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2
 	$(PY) -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" \
 		|| (echo "error: a CUDA build of torch was pulled in; expected the CPU build" && exit 1)
 	touch $(STAMP)
