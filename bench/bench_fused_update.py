@@ -5,6 +5,11 @@ device's copy bandwidth (a large tensor copy, timed in the same run) as the roof
     python bench/bench_fused_update.py                       # CPU: the cpp backend
     python bench/bench_fused_update.py --device cuda         # GPU: the cuda backend
     python bench/bench_fused_update.py --out bench/results/  # also write the markdown table
+    python bench/bench_fused_update.py --compare none        # without the second backend
+
+A second backend is timed beside the default one on the same inputs (``--compare``; default:
+numba on CPU, triton on CUDA), with the ratio of its median to the default backend's; calls
+it cannot run (numba: no bfloat16) show "-".
 
 Updates are the real ones: each row takes one Update op from pyengine's own plan of that
 solver (20 steps, a middle step) with its K buffers, coefficients, aux output and noise draw:
@@ -42,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pyengine as pe  # noqa: E402
 from pyengine import backends  # noqa: E402
-from pyengine.backends import torch_ref  # noqa: E402
+from pyengine.backends import dispatch, torch_ref  # noqa: E402
 from pyengine.noise import seeds_tensor  # noqa: E402
 from reference import fused_update_reference  # noqa: E402
 
@@ -169,6 +174,8 @@ def diffusers_step(cls_name: str, which: int, shape, dtype, device, gen):
 def run(args):
     device = args.device
     be = backends.get(device=device) if not args.backend else backends.get(args.backend)
+    extras = compared_backends(args, be.name)
+    print(header([n for n, _ in extras], be.name))
     torch.manual_seed(0)
     timer = Timer(device, args.min_reps, args.min_seconds)
     copy_bw, copies = copy_bandwidth(timer, device)
@@ -182,13 +189,27 @@ def run(args):
                 if args.quick and shape != SHAPES[1]:
                     continue
                 rows.append(bench_one(timer, be, device, label, op, cls_name, which, shape,
-                                      dtype, copy_bw, args.skip_diffusers))
+                                      dtype, copy_bw, args.skip_diffusers, extras))
                 print(fmt_row(rows[-1]), flush=True)
     return (copy_bw, copies), rows, overhead, be.name
 
 
+def compared_backends(args, main_name):
+    """[(name, module)] of the --compare backends that can run on this device."""
+    names = args.compare if args.compare is not None else \
+        {"cpu": "numba", "cuda": "triton"}[args.device]
+    out = []
+    for name in [n for n in names.split(",") if n and n != "none" and n != main_name]:
+        why = dispatch.unavailable_reason(name, args.device)
+        if why is not None:
+            print(f"not comparing {name}: {why}")
+            continue
+        out.append((name, dispatch.resolve(dispatch.REGISTRY[name])))
+    return out
+
+
 def bench_one(timer, be, device, label, op, cls_name, which, shape, dtype, copy_bw,
-              skip_diffusers):
+              skip_diffusers, extras=()):
     gen = torch.Generator().manual_seed(1)
     bufs = [torch.randn(shape, generator=gen).to(device, dtype) for _ in op.bufs]
     out = torch.empty(shape, device=device, dtype=dtype)
@@ -217,6 +238,19 @@ def bench_one(timer, be, device, label, op, cls_name, which, shape, dtype, copy_
                                op.aux_coefs, noise=noise)
 
     t_fused = timer(fused)
+    t_extra = {}
+    for name, other in extras:
+        if dispatch.reasons(name, dispatch.Call.of(out, bufs, aux)):
+            t_extra[name] = None                     # e.g. numba and bfloat16
+            continue
+
+        def fused_other(other=other):
+            other.fused_update(out, bufs, op.coefs, nc, seeds, op.noise_index, aux,
+                               op.aux_coefs)
+        fused_other()
+        rel_o = ((out.double() - want).abs().max() / want.abs().max()).item()
+        assert rel_o < (1e-5 if dtype == torch.float32 else 1e-2), f"{name} {label}: {rel_o}"
+        t_extra[name] = timer(fused_other)
     t_unfused = timer(unfused)
     t_diff = None
     if not skip_diffusers:
@@ -228,7 +262,8 @@ def bench_one(timer, be, device, label, op, cls_name, which, shape, dtype, copy_
     return dict(update=f"{label} (K={len(bufs)}{', aux' if aux is not None else ''}"
                        f"{', noise' if noisy else ''})",
                 shape=shape, dtype=str(dtype).replace("torch.", ""), fused=t_fused,
-                unfused=t_unfused, diffusers=t_diff, gbs=gbs, pct=100 * gbs / copy_bw)
+                unfused=t_unfused, diffusers=t_diff, gbs=gbs, pct=100 * gbs / copy_bw,
+                extra=t_extra)
 
 
 def call_overhead(timer, be, device):
@@ -254,6 +289,11 @@ HEADER = ("| update | shape | dtype | fused us (p10-p90) | GB/s | % copy | unfus
           "| diffusers us | vs diffusers | vs unfused |")
 
 
+def header(extras=(), main="fused"):
+    """HEADER plus, per compared backend, its time and its time over the default's."""
+    return HEADER + "".join(f" {n} us (p10-p90) | {n} / {main} |" for n in extras)
+
+
 def _t(t):
     return f"{t[0]:.0f} ({t[1]:.0f}-{t[2]:.0f})" if t[0] >= 10 else \
         f"{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})"
@@ -264,7 +304,9 @@ def fmt_row(r):
     return (f"| {r['update']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
             f"{_t(r['fused'])} | {r['gbs']:.1f} | {r['pct']:.0f}% | {_t(r['unfused'])} | "
             f"{_t(d) if d else '-'} | {(d[0] / r['fused'][0]) if d else float('nan'):.1f}x | "
-            f"{r['unfused'][0] / r['fused'][0]:.1f}x |")
+            f"{r['unfused'][0] / r['fused'][0]:.1f}x |"
+            + "".join(f" {_t(t)} | {t[0] / r['fused'][0]:.2f} |" if t else " - | - |"
+                      for t in r.get("extra", {}).values()))
 
 
 def device_name(device):
@@ -301,6 +343,11 @@ def report(args, copy, rows, overhead, be_name):
         f"- call overhead at 1x4x8x8 (us): direct {overhead['direct']:.1f}, torch.ops "
         f"{overhead['torch.ops']:.1f}, torch backend {overhead['torch backend']:.1f}",
         f"- command: `python bench/bench_fused_update.py {' '.join(sys.argv[1:])}`",
+    ] + ([
+        f"- compared: {', '.join(rows[0]['extra'])} on the same inputs, same threads; "
+        f"`<name> / {be_name}` is its median over the default backend's (above 1: slower); "
+        f"'-' where it cannot run the call (numba: float32/float64 only)",
+    ] if rows and rows[0].get("extra") else []) + [
         "",
         "fused: the backend's direct call into preallocated outputs; unfused torch: the torch "
         "reference backend (one op per term) with torch.randn noise; diffusers: "
@@ -309,8 +356,8 @@ def report(args, copy, rows, overhead, be_name):
         "bandwidth above; vs: the other implementation's median over the fused median. "
         "Times: median (10th-90th percentile) in us.",
         "",
-        HEADER,
-        "|" + "---|" * (HEADER.count("|") - 1),
+        header(rows[0].get("extra", {}) if rows else (), be_name),
+        "|" + "---|" * (header(rows[0].get("extra", {}) if rows else ()).count("|") - 1),
     ]
     lines += [fmt_row(r) for r in rows]
     return "\n".join(lines) + "\n"
@@ -335,10 +382,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="only the 16x4x128x128 latents")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="folder for the markdown table")
+    p.add_argument("--compare", default=None,
+                   help="backends timed beside the default one, comma-separated, or 'none' "
+                        "(default: numba on cpu, triton on cuda)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    print(HEADER)
     copy_bw, rows, overhead, be_name = run(args)
     text = report(args, copy_bw, rows, overhead, be_name)
     print()

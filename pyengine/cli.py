@@ -159,6 +159,7 @@ def cmd_info(args) -> int:
     import torch
 
     from . import __version__, backends
+    from .backends import dispatch
 
     print(f"pyengine {__version__}")
     cuda = torch.version.cuda or "none (CPU build)"
@@ -171,13 +172,29 @@ def cmd_info(args) -> int:
     except ImportError as e:
         native = f"not built ({e})"
     print(f"native module pyengine._C: {native}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("devices: " + ", ".join(dispatch.device_name(d) for d in devices))
     print(f"backends available: {', '.join(backends.available())}")
-    explain = getattr(backends, "explain", None)
-    if explain is not None:
-        for name, why in explain().items():
-            print(f"  {name}: {'runs on cpu' if why is None else why}")
+    # per device: each backend's reasons for a typical float32 call, then the choice
     forced = os.environ.get("PYENGINE_BACKEND")
     status = 0
+    for dev in devices:
+        call = dispatch.Call.typical(dev)
+        if os.environ.get("PYENGINE_RANK") == "1":       # measure once, cache per device name
+            times = dispatch.rank(dev)
+            print(f"measured on {dev}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in times)
+                  + f" (saved to {dispatch.ranking_file()})")
+        src = "measured ranking" if dispatch.ranking_for(dev) else "default priority"
+        print(f"on {dev} (order: {', '.join(dispatch.order(dev))}; {src}):")
+        for name in backends._REGISTRY:
+            why = dispatch.reasons(name, call)
+            print(f"  {name:7s} {'runs' if not why else 'no: ' + '; '.join(why)}")
+        try:
+            chosen = dispatch.select(call)
+            typical = f"{dev}, float32, K={call.K}, [4, 4, 64, 64]"
+            print(f"  chosen for a typical call ({typical}): {chosen.name}")
+        except ValueError as e:
+            print(f"  chosen for a typical call: error: {e}")
     try:
         chosen = backends.get()
         name = getattr(chosen, "name", str(chosen))

@@ -110,7 +110,7 @@ def sample_indices(sampler: Sampler, model, indices, shape, seed: int = 0, *,
             else:
                 groups.append([i])
     # The default backend for the device (run_plan's default is the CPU one).
-    be = sampler.backend or backends.get(None, device=device)
+    be = sampler.backend or backends.get(None, device=device, dtype=dtype)
     outs = []
     for g in groups:
         noise = initial_noise(seed, g, shape, dtype=dtype, device=device)

@@ -197,7 +197,8 @@ class Inverter:
                              f"built with prediction={self.prediction!r}; use "
                              f"prediction='sample'")
         # The default backend for the data's device (run_plan's default is the CPU one).
-        be = backend or self.backend or backends.get(None, device=data.device)
+        be = backend or self.backend or backends.get(None, device=data.device,
+                                                     dtype=data.dtype)
         x = run_plan(self.plan, model, data, seed=0, backend=be, compute_dtype=compute_dtype,
                      callback=callback, extra_args=extra_args)
         return x / self.init_noise_scale if self.init_noise_scale != 1.0 else x

@@ -22,7 +22,8 @@ def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, back
     ``callback(i, sigma, slots)`` runs after each model evaluation.
     """
     adapter = wrap(model, extra_args)
-    be = backend if hasattr(backend, "fused_update") else backends.get(backend, device=x.device)
+    be = backend if hasattr(backend, "fused_update") else backends.get(backend, device=x.device,
+                                                                       dtype=x.dtype)
     state_dtype = x.dtype
     slots: dict[str, torch.Tensor] = {"x": x.clone()}
     seeds = None

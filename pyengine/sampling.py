@@ -347,7 +347,7 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     # k-diffusion passes sigma in x's dtype (sigma * x.new_ones([B])); the adapter makes it
     # float32 for reduced-precision states.
     denoiser = Denoiser(lambda xx, sig, **kw: model(xx, sig.to(xx.dtype), **kw))
-    be = backends.get(None, device=x.device)
+    be = backends.get(None, device=x.device, dtype=x.dtype)
     try:
         with torch.no_grad():
             return run_plan(plan, denoiser, x, seed=seed, backend=be, callback=on_eval,

@@ -810,7 +810,8 @@ class FusedScheduler:
             self._advance(w)
             return self._output(sample, None, return_dict)
         if w.backend is None:
-            w.backend = backends.get(self._backend_name, device=sample.device)
+            w.backend = backends.get(self._backend_name, device=sample.device,
+                                     dtype=sample.dtype)
         be, ops, slots, scale = w.backend, w.plan.ops, w.slots, w.scale
         e = ops[w.evals[w.k]]
         slots[e.src], scale[e.src] = sample, w.conv(w.k)

@@ -1,0 +1,306 @@
+"""The dispatcher: which backend runs a fused update, and why the others do not (STYLE 10).
+
+Every backend answers ``reasons_unsupported(call) -> list[str]`` for a concrete :class:`Call`
+(device, dtypes, number of buffers, size); an empty list means it can run it. Backends that
+predate this interface (torch, cpp, cuda) are asked through ``unavailable_reason`` plus the
+contract's dtype and K limits. The choice, best first:
+
+1. ``backend=`` (a name) or ``$PYENGINE_BACKEND`` forces one; if it cannot run the call, a
+   ValueError says why (no silent fallback from a forced choice);
+2. else the device's priority -- CUDA: cuda, triton, torch; CPU: cpp, numba, torch -- or, where
+   :func:`rank` has measured this device before (``PYENGINE_RANK=1 pyengine info``), that
+   measured order (cached per device name in a small JSON file, ``$PYENGINE_RANKING_FILE``
+   or ``~/.cache/pyengine/ranking.json``; nothing is measured implicitly, so neither import
+   nor selection pays for timing);
+3. the first backend with no reasons wins; when none fits, the ValueError lists every backend
+   with its reasons.
+
+numba and triton are imported only when asked about a concrete call or used (their imports
+take 0.3 s and 1 s), so ``import pyengine`` stays as fast as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import cpp, cuda, torch_ref
+
+K_MAX = 8
+PRIORITY = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "triton", "torch")}
+CONTRACT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the dispatcher needs to know about one fused update."""
+
+    device: torch.device
+    dtypes: tuple            # of the buffers, then out (then aux_out)
+    K: int
+    numel: int
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @classmethod
+    def of(cls, out, bufs, aux_out=None) -> Call:
+        ts = [*bufs, out] + ([aux_out] if aux_out is not None else [])
+        return cls(bufs[0].device, tuple(t.dtype for t in ts), len(bufs), bufs[0].numel())
+
+    @classmethod
+    def typical(cls, device=None, dtype=torch.float32, K=3, shape=(4, 4, 64, 64)) -> Call:
+        """A typical solver step: 3 buffers (state, model output, history) of a 4x4x64x64
+        latent batch, written to a state of the same dtype."""
+        n = 1
+        for s in shape:
+            n *= s
+        return cls(torch.device(device if device is not None else "cpu"), (dtype,) * (K + 1),
+                   K, n)
+
+
+class LazyBackend:
+    """A registry entry whose module (and its heavy package) is imported on first real use;
+    availability is answered from ``importlib.util.find_spec`` without importing."""
+
+    def __init__(self, name, module, requires, device_types, interpret_env=None):
+        self.name, self._module_name, self.requires = name, module, requires
+        self.device_types, self._interpret_env = device_types, interpret_env
+        self._module = None
+
+    def module(self):
+        if self._module is None:
+            self._module = importlib.import_module(self._module_name)
+        return self._module
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        device_type = device_type or self.device_types[0]
+        if importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} is not installed (pip install {self.requires})"
+        return self.module().unavailable_reason(device_type)
+
+    def reasons_unsupported(self, call: Call) -> list[str]:
+        if importlib.util.find_spec(self.requires) is None:
+            return [f"{self.requires} is not installed (pip install {self.requires})"]
+        return self.module().reasons_unsupported(call)
+
+    def __getattr__(self, attr):           # fused_update and the rest: the real module's
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.module(), attr)
+
+
+REGISTRY = {
+    "torch": torch_ref,
+    "cpp": cpp,
+    "cuda": cuda,
+    "numba": LazyBackend("numba", "pyengine.backends.numba_backend", "numba", ("cpu",)),
+    "triton": LazyBackend("triton", "pyengine.backends.triton_backend", "triton", ("cuda",)),
+}
+
+
+def resolve(be):
+    """The module behind a registry entry (imports a lazy one)."""
+    return be.module() if isinstance(be, LazyBackend) else be
+
+
+def reasons(name: str, call: Call) -> list[str]:
+    """Why backend ``name`` cannot run ``call`` ([] when it can)."""
+    be = REGISTRY[name]
+    if hasattr(be, "reasons_unsupported"):
+        return list(be.reasons_unsupported(call))
+    why = []
+    if hasattr(be, "unavailable_reason"):
+        r = be.unavailable_reason(call.device_type)
+        if r is not None:
+            why.append(r)
+    elif call.device_type not in ("cpu", "cuda"):
+        why.append(f"runs on cpu and cuda tensors, not {call.device_type}")
+    elif call.device_type == "cuda" and not torch.cuda.is_available():
+        why.append("no CUDA device (torch.cuda.is_available() is False)")
+    bad = sorted({str(d).replace("torch.", "") for d in call.dtypes if d not in CONTRACT_DTYPES})
+    if bad:
+        why.append(f"unsupported dtype {', '.join(bad)}")
+    if name != "torch" and call.K > K_MAX:
+        why.append(f"reads at most {K_MAX} buffers, got {call.K}")
+    return why
+
+
+def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
+    be = REGISTRY[name]
+    if not hasattr(be, "unavailable_reason"):
+        return None                                  # the torch reference runs anywhere
+    if device_type is None:
+        device_type = getattr(be, "device_types", ("cpu",))[0]
+    return be.unavailable_reason(device_type)
+
+
+# ---------------------------------------------------------------------------------------
+# the measured ranking (optional, explicit, cached per device name)
+# ---------------------------------------------------------------------------------------
+
+
+def device_name(device) -> str:
+    d = torch.device(device)
+    if d.type == "cuda":
+        try:
+            return f"cuda:{torch.cuda.get_device_name(d)}"
+        except (AssertionError, RuntimeError):      # a CPU build or no device
+            return "cuda:unavailable"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu:" + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return "cpu:" + (platform.processor() or platform.machine())
+
+
+def ranking_file() -> str:
+    return os.environ.get("PYENGINE_RANKING_FILE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pyengine", "ranking.json")
+
+
+def _read_rankings() -> dict:
+    try:
+        with open(ranking_file()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def ranking_for(device) -> dict | None:
+    """The cached measurement for ``device``'s name ({"order": [...], "seconds": {...}})."""
+    data = _read_rankings()
+    return data.get(device_name(device)) if data else None
+
+
+_ORDER_CACHE: dict = {}
+
+
+def order(device) -> tuple[str, ...]:
+    """The candidate order for ``device``: its measured ranking if one is cached, else the
+    default priority. Backends missing from a ranking follow it in priority order."""
+    dt = torch.device(device).type
+    prio = PRIORITY.get(dt, ("torch",))
+    key = (dt, ranking_file())
+    if key not in _ORDER_CACHE:
+        ranked = (ranking_for(device) or {}).get("order", [])
+        ranked = [n for n in ranked if n in prio]
+        _ORDER_CACHE[key] = tuple(ranked + [n for n in prio if n not in ranked])
+    return _ORDER_CACHE[key]
+
+
+def rank(device="cpu", call: Call | None = None, reps: int = 20) -> list[tuple[str, float]]:
+    """Time every backend that can run a typical call on ``device`` (median of ``reps``), store
+    the fastest-first order for this device name, and return [(name, seconds)]."""
+    call = call or Call.typical(device)
+    dev = torch.device(device)
+    shape = (4, call.numel // 4)
+    g = torch.Generator().manual_seed(0)
+    bufs = [torch.randn(shape, generator=g).to(dev, call.dtypes[0]) for _ in range(call.K)]
+    out = torch.empty_like(bufs[0])
+    seeds = torch.arange(shape[0], dtype=torch.int64, device=dev)
+    coef = [0.5] * call.K
+    import numpy as np
+    coef = np.asarray(coef, np.float64)
+    times = []
+    for name in PRIORITY.get(dev.type, ("torch",)):
+        if reasons(name, call):
+            continue
+        be = resolve(REGISTRY[name])
+        ts = []
+        for i in range(reps + 2):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            be.fused_update(out, bufs, coef, 0.3, seeds, i)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            ts.append(time.perf_counter() - t)
+        times.append((name, sorted(ts[2:])[len(ts[2:]) // 2]))
+    times.sort(key=lambda nt: nt[1])
+    data = _read_rankings()
+    data[device_name(dev)] = {"order": [n for n, _ in times],
+                              "seconds": {n: t for n, t in times}}
+    path = ranking_file()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    _ORDER_CACHE.clear()
+    return times
+
+
+# ---------------------------------------------------------------------------------------
+# selection
+# ---------------------------------------------------------------------------------------
+
+
+def select(call: Call, name: str | None = None):
+    """The backend module to run ``call``: ``name``, else $PYENGINE_BACKEND, else the first in
+    :func:`order` that can run it. ValueError with every backend's reasons when none can."""
+    name = name or os.environ.get("PYENGINE_BACKEND") or None
+    if name:
+        if name not in REGISTRY:
+            raise ValueError(f"backend must be one of {sorted(REGISTRY)}, got {name!r}")
+        why = reasons(name, call)
+        if why:
+            raise ValueError(f"backend {name!r} cannot run: {'; '.join(why)} (call: "
+                             f"{_describe(call)})")
+        return resolve(REGISTRY[name])
+    for cand in order(call.device):
+        if not reasons(cand, call):
+            return resolve(REGISTRY[cand])
+    lines = [f"  {n}: {'; '.join(reasons(n, call)) or 'not in the priority for this device'}"
+             for n in REGISTRY]
+    raise ValueError(f"no backend can run this call ({_describe(call)}):\n" + "\n".join(lines))
+
+
+def _describe(call: Call) -> str:
+    dts = ", ".join(sorted({str(d).replace("torch.", "") for d in call.dtypes}))
+    return f"{call.device}, {dts}, K={call.K}, {call.numel} elements"
+
+
+def get(name: str | None = None, device=None, *, dtype=None, call: Call | None = None):
+    """The backend for ``device`` (default cpu) and ``dtype`` (default float32), or for a
+    concrete ``call``; see :func:`select`."""
+    name = name or os.environ.get("PYENGINE_BACKEND") or None
+    if call is None:
+        if device is None and name in REGISTRY:     # a forced backend, on its own device
+            device = getattr(REGISTRY[name], "device_types", ("cpu",))[0]
+        call = Call.typical(device, dtype or torch.float32)
+    return select(call, name)
+
+
+def available() -> list[str]:
+    """The backends that can run here, on some device."""
+    return [n for n in REGISTRY if unavailable_reason(n) is None]
+
+
+def explain(device=None, dtype=None) -> dict[str, str | None]:
+    """name -> None (can run a typical ``dtype`` call on ``device``, default cpu) or why not."""
+    call = Call.typical(device, dtype or torch.float32)
+    return {n: ("; ".join(w) if (w := reasons(n, call)) else None) for n in REGISTRY}
+
+
+def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
+                 aux_coef=None, *, noise=None, compute_dtype=None, backend=None):
+    """The contract through the backend :func:`select` picks for this concrete call."""
+    if not isinstance(bufs, (list, tuple)) or not bufs or \
+            not all(isinstance(b, torch.Tensor) for b in bufs) or not isinstance(out, torch.Tensor):
+        raise ValueError("fused_update takes an output tensor and a non-empty list of tensors")
+    be = select(Call.of(out, bufs, aux_out), backend)
+    kw = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+    return be.fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef,
+                           noise=noise, **kw)
+
