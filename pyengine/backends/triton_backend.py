@@ -24,6 +24,8 @@ import os
 import numpy as np
 import torch
 
+from ._native import _coefficients as coefficients  # the same [K] / [B, K] rules
+
 name = "triton"
 device_types = ("cuda",)
 K_MAX = 8
@@ -82,31 +84,6 @@ def reasons_unsupported(call) -> list[str]:
     return why
 
 
-def _table(coef, B, K, device, argname):
-    """(list of K floats, None) per step, or (None, float64 [B, K] table on device)."""
-    if isinstance(coef, torch.Tensor):
-        if coef.dim() == 1:
-            if coef.shape[0] != K:
-                raise ValueError(f"{argname} has {coef.shape[0]} entries for {K} buffers")
-            return coef.tolist(), None
-        if coef.dim() == 2 and tuple(coef.shape) == (B, K):
-            return None, coef.to(device=device, dtype=torch.float64).contiguous()
-        raise ValueError(f"{argname} must be [K]={K} or [B, K]=({B}, {K}), got "
-                         f"{tuple(coef.shape)}")
-    try:
-        c = np.asarray(coef, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{argname} must be a float64 array [K] or a tensor [B, K], got "
-                         f"{type(coef).__name__}") from None
-    if c.ndim == 1:
-        if c.shape[0] != K:
-            raise ValueError(f"{argname} has {c.shape[0]} entries for {K} buffers")
-        return c.tolist(), None
-    if c.ndim == 2 and c.shape == (B, K):
-        return None, torch.from_numpy(np.ascontiguousarray(c)).to(device)
-    raise ValueError(f"{argname} must be [K]={K} or [B, K]=({B}, {K}), got {c.shape}")
-
-
 _STEPS: dict = {}
 
 
@@ -162,8 +139,8 @@ def prepare(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None, 
                          f"{compute_dtype}")
     f64 = (compute_dtype or out.dtype) == torch.float64
     B = shape[0]
-    cv, ct = _table(coef, B, K, device, "coef")
-    av, at = _table(aux_coef, B, K, device, "aux_coef") if aux_out is not None else ([], None)
+    cv, ct = coefficients(coef, B, K, device, "coef")
+    av, at = coefficients(aux_coef, B, K, device, "aux_coef") if aux_out is not None else ([], None)
     if f64:      # Triton passes Python floats as fp32: float64 math reads float64 tables
         if ct is None:
             ct = torch.tensor([cv], dtype=torch.float64, device=device)
