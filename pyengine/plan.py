@@ -24,7 +24,7 @@ from . import parameterization as param
 #: The most buffers one fused update may read (the kernels' compile-time maximum).
 K_MAX = 8
 
-__all__ = ["K_MAX", "Lin", "Eval", "Update", "Plan", "PlanBuilder"]
+__all__ = ["K_MAX", "Eval", "GuidanceRescale", "Lin", "Plan", "PlanBuilder", "Update"]
 
 
 class Lin:
@@ -72,6 +72,11 @@ class Eval:
     t: float        # the model's time value at sigma (process convention)
     s: float        # the process scale at sigma
     step: int       # index of the schedule step this evaluation belongs to
+    # Classifier-free guidance: when set, the model is called once on the doubled batch
+    # cat([x, x]) and the halves out[:B] (unconditional) and out[B:] (conditional) are bound to
+    # the slots ``dst + "/u"`` and ``dst + "/c"``; the guidance scale is already folded into
+    # the coefficients of the updates that read them.
+    guidance: float | None = None
 
 
 @dataclass
@@ -89,6 +94,32 @@ class Update:
     kind: str = "update"                   # a label for debugging and stats
 
 
+class GuidanceRescale:
+    """Custom op: the guidance rescale of Lin et al. 2024 (eq. 16) on a guided model output.
+
+    cfg = (1 - w) u + w c, then dst = phi * cfg * std(c) / std(cfg) + (1 - phi) * cfg with
+    per-sample standard deviations over all non-batch dims (diffusers' ``rescale_noise_cfg``,
+    applied to the raw model output as the pipelines do). The factor depends on the data, so
+    it cannot fold into the plan's coefficients: this op costs one extra pass over the output
+    (only when the rescale is on)."""
+
+    def __init__(self, src: str, dst: str, w: float, phi: float, step: int):
+        self.src, self.dst, self.w, self.phi, self.step = src, dst, float(w), float(phi), step
+
+    def execute(self, *, slots, backend=None, model=None, seeds=None, generator=None,
+                state_dtype=None, compute_dtype=None):
+        u, c = slots[self.src + "/u"], slots[self.src + "/c"]
+        cfg = u + self.w * (c - u)
+        dims = list(range(1, c.dim()))
+        std_c = c.std(dim=dims, keepdim=True)
+        std_cfg = cfg.std(dim=dims, keepdim=True)
+        slots[self.dst] = self.phi * (cfg * (std_c / std_cfg)) + (1.0 - self.phi) * cfg
+
+    def __repr__(self) -> str:
+        return (f"GuidanceRescale({self.dst} = rescale({self.src}/u, {self.src}/c, "
+                f"w={self.w:.6g}, phi={self.phi:.6g}))")
+
+
 @dataclass
 class Plan:
     """The compiled solver: ops, the grid it walks, and bookkeeping."""
@@ -98,6 +129,7 @@ class Plan:
     ops: list = field(default_factory=list)
     n_noise: int = 0                       # number of noise draws
     output: str = "x"                      # slot holding the result
+    guidance_scale: float | None = None    # classifier-free guidance folded into the plan
 
     @property
     def nfe(self) -> int:
@@ -113,7 +145,13 @@ class Plan:
             if not isinstance(op, (Eval, Update)):
                 lines.append(f"  custom {op!r}")
             elif isinstance(op, Eval):
-                lines.append(f"  eval   {op.dst} = model({op.src}, sigma={op.sigma:.6g}, t={op.t:.6g})")
+                if op.guidance is not None:
+                    lines.append(f"  eval   {op.dst}/u, {op.dst}/c = model(cat[{op.src}, "
+                                 f"{op.src}], sigma={op.sigma:.6g}, t={op.t:.6g})  "
+                                 f"[cfg w={op.guidance:.6g}]")
+                else:
+                    lines.append(f"  eval   {op.dst} = model({op.src}, sigma={op.sigma:.6g}, "
+                                 f"t={op.t:.6g})")
             else:
                 terms = " + ".join(f"{c:.6g}*{b}" for c, b in zip(op.coefs, op.bufs))
                 z = f" + {op.noise:.6g}*z[{op.noise_index}]" if op.noise_index >= 0 else ""
@@ -137,8 +175,20 @@ class PlanBuilder:
     * ``assign(dst, xhat, sigma, ...)`` emits one fused update writing s(sigma) * xhat into dst.
     """
 
-    def __init__(self, process, sigmas, prediction: str, solver: str = "?", timesteps=None):
+    def __init__(self, process, sigmas, prediction: str, solver: str = "?", timesteps=None,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0):
         self.process = process
+        guidance_rescale = float(guidance_rescale or 0.0)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale")
+        self.guidance_rescale = guidance_rescale
+        if guidance_scale is not None:
+            guidance_scale = float(guidance_scale)
+            if not math.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        self.guidance_scale = guidance_scale
         # Optional explicit model times at the grid's levels (diffusers' own float32 timesteps,
         # for parity); other levels use the process's model_time(sigma).
         self._times: dict[float, float] = {}
@@ -151,7 +201,7 @@ class PlanBuilder:
             self._times = {float(a): float(t) for a, t in zip(sg, ts)}
         self.prediction = param.check_prediction(prediction)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
-        self.plan = Plan(solver=solver, sigmas=self.sigmas)
+        self.plan = Plan(solver=solver, sigmas=self.sigmas, guidance_scale=guidance_scale)
         self._version: dict[str, int] = {"x": 0}
         self.step = 0
 
@@ -188,16 +238,33 @@ class PlanBuilder:
 
         The output is bound to buffer ``dst`` (overwriting what was there): solvers that keep
         several outputs alive give them distinct names, and reuse names so that buffers are
-        recycled instead of piling up."""
+        recycled instead of piling up.
+
+        With classifier-free guidance (``guidance_scale=w`` on the builder) the model runs once
+        on the doubled batch and its halves are bound to ``dst/u`` and ``dst/c``; the output
+        Lin is then (1 - w) * dst/u + w * dst/c, so D = D_u + w (D_c - D_u) and likewise eps
+        (both are affine in the output with the same state coefficient): the guidance costs
+        one more buffer in each update that reads the output, and nothing else."""
         sigma = float(sigma)
         if not sigma >= 0:
             raise ValueError(f"cannot evaluate the model at sigma={sigma}")
         s = self.s(sigma)
         x = self.ref(slot)
+        w = self.guidance_scale
         self.plan.ops.append(Eval(src=slot, dst=dst, sigma=sigma,
-                                  t=self.time_of(sigma), s=s, step=self.step))
-        self._version[dst] = self._version.get(dst, -1) + 1
-        out = self.ref(dst)
+                                  t=self.time_of(sigma), s=s, step=self.step, guidance=w))
+        if w is None:
+            self._version[dst] = self._version.get(dst, -1) + 1
+            out = self.ref(dst)
+        else:
+            for half in ("/u", "/c"):
+                self._version[dst + half] = self._version.get(dst + half, -1) + 1
+            if self.guidance_rescale:
+                self.custom(GuidanceRescale(dst, dst, w, self.guidance_rescale, self.step),
+                            reads=[dst + "/u", dst + "/c"], writes=[dst])
+                out = self.ref(dst)
+            else:
+                out = self.ref(dst + "/u") * (1.0 - w) + self.ref(dst + "/c") * w
         alpha, sd = s, s * sigma
         (dx, do), (ex, eo) = param.affine(self.prediction, alpha, sd)
         return x * dx + out * do, x * ex + out * eo

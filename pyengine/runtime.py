@@ -38,8 +38,17 @@ def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, back
                        state_dtype=state_dtype, compute_dtype=compute_dtype)
             continue
         if isinstance(op, Eval):
-            out = adapter(slots[op.src], op.sigma, op.t, op.s)
-            slots[op.dst] = out
+            if op.guidance is not None:
+                # Classifier-free guidance: one model call on the doubled batch (unconditional
+                # half first, as diffusers pipelines do); the updates read the two halves as
+                # two buffers with the guidance folded into their coefficients.
+                src = slots[op.src]
+                B = src.shape[0]
+                out = adapter(torch.cat([src, src]), op.sigma, op.t, op.s)
+                slots[op.dst + "/u"] = out[:B]
+                slots[op.dst + "/c"] = out[B:]
+            else:
+                slots[op.dst] = adapter(slots[op.src], op.sigma, op.t, op.s)
             if callback is not None:
                 callback(op.step, op.sigma, slots)
             continue

@@ -16,8 +16,11 @@ __all__ = ["Sampler", "build_plan"]
 
 
 def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon", *,
-               timesteps=None, **options) -> Plan:
-    """Compile ``solver`` over the grid ``sigmas`` into a Plan (float64 coefficients)."""
+               timesteps=None, guidance_scale: float | None = None,
+               guidance_rescale: float = 0.0, **options) -> Plan:
+    """Compile ``solver`` over the grid ``sigmas`` into a Plan (float64 coefficients).
+
+    ``guidance_scale=w`` folds classifier-free guidance into the plan (see :class:`Sampler`)."""
     info = registry.get(solver)
     unknown = sorted(set(options) - set(info.options))
     if unknown:
@@ -25,7 +28,8 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
         raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} (it accepts: {accepted})")
     opts = {**info.defaults, **options}
     sig = sched.validate(sigmas, increasing=info.family == "inversion")
-    b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps)
+    b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps,
+                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     info.build(b, **opts)
     return b.finish()
 
@@ -45,13 +49,34 @@ class Sampler:
     process's ``model_time``), as ``from_diffusers`` does to reproduce a scheduler exactly.
     Solver options (``eta``, ``s_churn``, ``lower_order_final``, ...) are keyword arguments.
     For an inversion solver (``ddim_inverse``) the grid runs upward and ``sample`` takes data.
+
+    **Classifier-free guidance.** ``guidance_scale=w`` (here, or per call in ``sample``) calls
+    the model once per evaluation on the doubled batch ``cat([x, x])``, unconditional half
+    first and conditional half second (diffusers' order), and combines
+    D = D_u + w (D_c - D_u) inside the fused update's coefficients (no extra kernel, no extra
+    pass). The conditioning is the caller's: every ``extra_args`` entry is passed unchanged to
+    that doubled call, so batched conditioning has batch 2B in the same order, e.g.
+    ``extra_args={"context": torch.cat([uncond, cond])}``. The result has batch B. w = 1 is
+    the conditional model alone (the doubled call is still made). ``guidance_rescale=phi``
+    adds the rescale of Lin et al. 2024 (eq. 16, diffusers' ``rescale_noise_cfg`` on the raw
+    model output); it depends on the data (per-sample stds), so it cannot fold into the
+    coefficients and runs as a custom op, one extra pass per evaluation (only when phi > 0).
+
+    **img2img / partial denoising.** ``sample(model, noise, init=x0, strength=s)`` starts
+    from the data ``x0`` noised to a level of the grid: as in diffusers' img2img pipelines the
+    first ``steps - int(steps * s)`` steps are skipped (strength 1 runs the whole grid,
+    strength 0.5 of 50 steps the last 25). ``start_sigma=sigma`` instead starts at the first
+    grid level at or below ``sigma``. The initial state is s(sigma_0) (x0 + sigma_0 * noise)
+    with the caller's standard-normal ``noise``; the plan is compiled over the truncated grid,
+    so multistep solvers warm up again from there.
     """
 
     def __init__(self, process: Process, solver: str = "dpmpp_2m", steps: int | None = None, *,
                  schedule: str = "karras", prediction: str = "epsilon", sigmas=None,
                  to_zero: bool = True, schedule_options: dict | None = None,
                  init_noise_scale: float | None = None, backend: str | None = None,
-                 timesteps=None, **options):
+                 timesteps=None, guidance_scale: float | None = None,
+                 guidance_rescale: float = 0.0, **options):
         if not isinstance(process, Process):
             raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
                             f"{type(process).__name__}")
@@ -78,8 +103,12 @@ class Sampler:
         self.options = options
         self.backend = backend
         self.timesteps = timesteps
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale or 0.0)
         self.plan = build_plan(process, solver, sig, self.prediction, timesteps=timesteps,
-                               **options)
+                               guidance_scale=self.guidance_scale,
+                               guidance_rescale=self.guidance_rescale, **options)
+        self._plans = {}
         if init_noise_scale is None:
             init_noise_scale = 1.0 if inverse else float(process.prior_std(sig[0]))
         self.init_noise_scale = float(init_noise_scale)
@@ -96,14 +125,61 @@ class Sampler:
     def nfe(self) -> int:
         return self.plan.nfe
 
+    def start_index(self, strength: float | None = None, start_sigma: float | None = None) -> int:
+        """The grid index img2img starts at (see the class docstring)."""
+        if strength is not None and start_sigma is not None:
+            raise ValueError("give strength= or start_sigma=, not both")
+        n = self.steps
+        if strength is not None:
+            strength = float(strength)
+            if not 0.0 <= strength <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            # diffusers: init_timestep = min(int(steps * strength), steps); t_start = steps - it
+            k = n - min(int(n * strength), n)
+        elif start_sigma is not None:
+            start_sigma = float(start_sigma)
+            if not start_sigma >= 0:
+                raise ValueError(f"start_sigma must be >= 0, got {start_sigma!r}")
+            below = np.nonzero(self.sigmas <= start_sigma)[0]
+            k = int(below[0]) if below.size else n
+        else:
+            return 0
+        if k >= n:
+            raise ValueError(f"strength/start_sigma leaves no step to run out of {n} "
+                             f"(start level {k})")
+        return k
+
+    def plan_for(self, start: int = 0, guidance_scale: float | None = None,
+                 guidance_rescale: float = 0.0) -> Plan:
+        """The plan over the grid from level ``start`` (cached), optionally with guidance."""
+        key = (int(start), None if guidance_scale is None else float(guidance_scale),
+               float(guidance_rescale or 0.0))
+        if key == (0, self.guidance_scale, self.guidance_rescale):
+            return self.plan
+        if key not in self._plans:
+            ts = self.timesteps
+            if ts is not None:
+                ts = np.asarray(ts, dtype=np.float64).reshape(-1)[start:]
+            self._plans[key] = build_plan(self.process, self.solver, self.sigmas[start:],
+                                          self.prediction, timesteps=ts,
+                                          guidance_scale=key[1], guidance_rescale=key[2],
+                                          **self.options)
+        return self._plans[key]
+
     def sample(self, model, noise: torch.Tensor, seed=0, *, generator=None, callback=None,
                extra_args: dict | None = None, backend: str | None = None,
-               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+               compute_dtype: torch.dtype | None = None, guidance_scale=...,
+               guidance_rescale=..., init=None,
+               strength: float | None = None, start_sigma: float | None = None
+               ) -> torch.Tensor:
         """Run the plan from standard-normal ``noise`` (scaled here to the first level).
 
         Returns the final state in the process's own space (x0 when the grid ends at 0).
         ``seed``: int for the batch (sample i uses the key (seed, i)) or per-sample seeds;
         ``generator``: draw noise with torch.randn in diffusers' order instead.
+        ``guidance_scale`` / ``guidance_rescale`` override the sampler's (guidance_scale=None:
+        unguided); ``init`` with
+        ``strength`` or ``start_sigma``: img2img (see the class docstring).
         """
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
@@ -115,8 +191,28 @@ class Sampler:
         if isinstance(model, Denoiser) and self.prediction != "sample":
             raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
                              f"with prediction={self.prediction!r}; use prediction='sample'")
-        x = noise * self.init_noise_scale if self.init_noise_scale != 1.0 else noise
-        return run_plan(self.plan, model, x, seed=seed, generator=generator,
+        w = self.guidance_scale if guidance_scale is ... else guidance_scale
+        phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
+        if w is None and guidance_rescale is ...:
+            phi = 0.0
+        if init is None:
+            if strength is not None or start_sigma is not None:
+                raise ValueError("strength/start_sigma need init= (the data to start from)")
+            plan = self.plan_for(0, w, phi)
+            x = noise * self.init_noise_scale if self.init_noise_scale != 1.0 else noise
+        else:
+            if self.info.family == "inversion":
+                raise ValueError("init= (img2img) does not apply to an inversion solver")
+            if not isinstance(init, torch.Tensor) or init.shape != noise.shape:
+                raise ValueError(f"init must be a tensor of the noise's shape "
+                                 f"{tuple(noise.shape)}")
+            k = self.start_index(1.0 if strength is None and start_sigma is None else strength,
+                                 start_sigma)
+            plan = self.plan_for(k, w, phi)
+            sig0 = float(self.sigmas[k])
+            s0 = float(self.process.s_of_sigma(sig0))
+            x = (init.to(noise.dtype) + sig0 * noise) * s0
+        return run_plan(plan, model, x, seed=seed, generator=generator,
                         backend=backend or self.backend, compute_dtype=compute_dtype,
                         callback=callback, extra_args=extra_args)
 
