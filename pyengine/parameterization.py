@@ -112,6 +112,21 @@ class ModelAdapter:
         else:
             tt = torch.full((B,), t, dtype=tdtype, device=x.device)
             out = self.model(x, tt, **self.extra_args)
+        return self._check(out, x)
+
+    def call_rows(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,
+                  s: torch.Tensor) -> torch.Tensor:
+        """The same call with per-sample [B] tensors of times, sigmas and scales (read from
+        device memory: what a captured loop and a mixed-step batch use)."""
+        if self.is_denoiser:
+            view = (-1,) + (1,) * (x.dim() - 1)
+            out = self.model(x / s.view(view).to(x.dtype), sigma, **self.extra_args)
+        else:
+            out = self.model(x, t, **self.extra_args)
+        return self._check(out, x)
+
+    @staticmethod
+    def _check(out, x):
         if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
             out = out.sample  # diffusers model outputs
         elif isinstance(out, tuple):

@@ -9,7 +9,7 @@ from . import schedules as sched
 from .parameterization import Denoiser, check_prediction
 from .plan import Plan, PlanBuilder
 from .processes import Process
-from .runtime import run_plan
+from .runtime import CompiledLoop, compile_plan, run_plan
 from .solvers import registry
 
 __all__ = ["Sampler", "build_plan"]
@@ -215,6 +215,46 @@ class Sampler:
         return run_plan(plan, model, x, seed=seed, generator=generator,
                         backend=backend or self.backend, compute_dtype=compute_dtype,
                         callback=callback, extra_args=extra_args)
+
+    def compile(self, model, shape, dtype: torch.dtype = torch.float32, device=None, *,
+                backend: str | None = None, capture: bool | None = None, guidance_scale=...,
+                guidance_rescale=..., extra_args: dict | None = None,
+                compute_dtype: torch.dtype | None = None, warmup: int = 2,
+                cache=None) -> CompiledLoop:
+        """The whole sampling loop for batches of ``shape``, device-resident and (on CUDA)
+        captured in one CUDA graph: returns a callable ``fn(noise, seed=0, extra_args=None)``.
+
+        >>> fn = sampler.compile(unet, (1, 4, 64, 64), torch.float16, "cuda")
+        >>> x0 = fn(torch.randn(1, 4, 64, 64, dtype=torch.float16, device="cuda"), seed=3)
+
+        The plan's coefficients, the model's times and the per-sample seeds live in device
+        memory and nothing in the loop reads a device value back, so the loop never waits on
+        the host. ``capture`` (default: True on CUDA, False elsewhere) captures model calls
+        and fused updates of every step into one graph on the first call (after ``warmup``
+        eager runs on a side stream, where autotuning happens); later calls copy the new
+        noise, seeds and tensor ``extra_args`` into the static buffers and replay it. A model
+        that cannot be captured (host synchronization, data-dependent control flow) runs the
+        same loop eagerly after one warning that says why (``fn.fallback_reason``). Compiled
+        loops are cached (``pe.runtime.graph_cache``, LRU, ``$PYENGINE_GRAPH_CACHE`` entries)
+        by model, shape, dtype, device, backend and plan structure: a sampler with another
+        schedule of the same length, or another guidance scale, reuses the captured graph and
+        only rewrites its coefficient table. Non-tensor ``extra_args`` are baked in.
+        The result equals ``sample(model, noise, seed)`` up to the rounding of the per-sample
+        coefficient tables (bitwise on the CPU backends).
+        """
+        if isinstance(model, Denoiser) and self.prediction != "sample":
+            raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
+                             f"with prediction={self.prediction!r}; use prediction='sample'")
+        w = self.guidance_scale if guidance_scale is ... else guidance_scale
+        phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
+        if w is None and guidance_rescale is ...:
+            phi = 0.0
+        plan = self.plan_for(0, w, phi)
+        return compile_plan(plan, model, shape, dtype, device,
+                            init_noise_scale=self.init_noise_scale,
+                            backend=backend or self.backend, capture=capture,
+                            extra_args=extra_args, compute_dtype=compute_dtype, warmup=warmup,
+                            cache=cache)
 
     def __repr__(self) -> str:
         return (f"Sampler({self.process!r}, solver={self.solver!r}, steps={self.steps}, "
