@@ -3,7 +3,9 @@
 Solvers compile to float64 coefficient plans; one fused update kernel per backend runs them.
 """
 
-from . import backends, noise, parameterization, processes, sampling, schedules, solvers
+from . import (backends, noise, parameterization, plan, processes, runtime, sampling, schedules,
+               solvers)
+from .batching import Request, RequestScheduler
 from .inversion import Inverter, invert
 from .likelihood import LikelihoodResult, log_likelihood
 from .parameterization import Denoiser
@@ -15,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert", "Inverter",
            "log_likelihood", "LikelihoodResult", "processes", "schedules", "solvers", "backends",
-           "noise", "parameterization", "sampling", "__version__"]
+           "noise", "parameterization", "sampling", "plan", "runtime", "RequestScheduler",
+           "Request", "__version__"]
 
 
 def __getattr__(name):

@@ -92,6 +92,10 @@ class Update:
     aux_coefs: np.ndarray | None = None    # float64 [K]
     step: int = 0
     kind: str = "update"                   # a label for debugging and stats
+    # The noise level of the state written to dst and its scale: dst = scale * x_hat at sigma
+    # (inpainting re-noises the known region to exactly this level).
+    sigma: float = math.nan
+    scale: float = math.nan
 
 
 class GuidanceRescale:
@@ -303,7 +307,7 @@ class PlanBuilder:
             idx = self.plan.n_noise
             self.plan.n_noise += 1
         op = Update(dst=dst, bufs=bufs, coefs=coefs, noise=float(noise) * s, noise_index=idx,
-                    step=self.step, kind=kind)
+                    step=self.step, kind=kind, sigma=float(sigma), scale=s)
         if aux is not None:
             op.aux_dst = aux[0]
             op.aux_coefs = np.array([aux_terms.get(k, 0.0) for k in keys], dtype=np.float64)

@@ -36,15 +36,52 @@ __all__ = ["CompiledLoop", "DeviceTables", "GraphCache", "compile_plan", "graph_
            "plan_signature", "run_plan"]
 
 
+def inpaint_buffers(plan: Plan, x: torch.Tensor, mask, known, known_noise):
+    """Check inpainting's inputs against ``plan`` and the state ``x``; returns the mask, the
+    known data and its noise as contiguous tensors of x's shape and dtype.
+
+    ``mask`` (broadcastable to x: [B, 1, H, W] for a latent, say) is 1 where the model
+    generates and 0 where ``known`` is kept; every state the plan writes, at its noise level
+    sigma with scale s, becomes mask * state + (1 - mask) * s (known + sigma * known_noise)
+    inside the same fused update (the mask is one more buffer of the kernel)."""
+    from .plan import K_MAX
+    for op in plan.ops:
+        if not isinstance(op, (Eval, Update)) and hasattr(op, "slot"):
+            raise ValueError(f"inpainting (mask=) is not supported for {plan.solver!r}: its "
+                             f"{type(op).__name__} writes the state outside the fused updates")
+        if isinstance(op, Update):
+            if len(op.bufs) + 2 > K_MAX:
+                raise ValueError(f"inpainting needs two more buffers than {plan.solver!r}'s "
+                                 f"update reads ({len(op.bufs)}); the kernels read at most "
+                                 f"{K_MAX}")
+            if not (math.isfinite(op.sigma) and math.isfinite(op.scale)):
+                raise ValueError(f"plan {plan.solver!r} has an update without its noise level")
+    out = []
+    for name, t in (("mask", mask), ("init", known), ("noise", known_noise)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor for inpainting, got {type(t).__name__}")
+        try:
+            t = torch.broadcast_to(t, x.shape)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the "
+                             f"state's {tuple(x.shape)}") from None
+        out.append(t.to(device=x.device, dtype=x.dtype).contiguous())
+    return tuple(out)
+
+
 def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, backend=None,
-             compute_dtype=None, callback=None, extra_args=None) -> torch.Tensor:
+             compute_dtype=None, callback=None, extra_args=None, mask=None, known=None,
+             known_noise=None) -> torch.Tensor:
     """Execute ``plan`` from the initial state ``x`` (already at the first noise level).
 
     Noise: Philox keyed by per-sample ``seed`` (int or sequence), or with ``generator`` given,
     ``torch.randn(x.shape, generator=generator, dtype=x.dtype)`` at each noise draw, in plan
     order (what diffusers does inside ``scheduler.step``). ``x`` is never modified.
-    ``callback(i, sigma, slots)`` runs after each model evaluation.
+    ``callback(i, sigma, slots)`` runs after each model evaluation. ``mask``, ``known`` and
+    ``known_noise``: inpainting (see :func:`inpaint_buffers`).
     """
+    if mask is not None:
+        mask, known, known_noise = inpaint_buffers(plan, x, mask, known, known_noise)
     adapter = wrap(model, extra_args)
     be = backend if hasattr(backend, "fused_update") else backends.get(backend, device=x.device,
                                                                        dtype=x.dtype)
@@ -86,9 +123,19 @@ def run_plan(plan: Plan, model, x: torch.Tensor, *, seed=0, generator=None, back
         if op.noise_index >= 0 and generator is not None:
             noise = torch.randn(x.shape, generator=generator, dtype=state_dtype,
                                 device=generator.device).to(x.device)
-        be.fused_update(dst, bufs, op.coefs, op.noise if op.noise_index >= 0 else 0.0, seeds,
-                        op.noise_index, aux, op.aux_coefs, noise=noise,
-                        **({"compute_dtype": compute_dtype} if compute_dtype else {}))
+        kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
+        coefs, aux_coefs = op.coefs, op.aux_coefs
+        if mask is not None:
+            # the known region re-noised to this state's level: s (known + sigma * noise)
+            bufs = bufs + [known, known_noise]
+            coefs = np.concatenate([coefs, [0.0, 0.0]])
+            if aux_coefs is not None:
+                aux_coefs = np.concatenate([aux_coefs, [0.0, 0.0]])
+            kw["mask"] = mask
+            kw["mask_coef"] = np.concatenate([np.zeros(len(op.coefs)),
+                                              [op.scale, op.scale * op.sigma]])
+        be.fused_update(dst, bufs, coefs, op.noise if op.noise_index >= 0 else 0.0, seeds,
+                        op.noise_index, aux, aux_coefs, noise=noise, **kw)
         slots[op.dst] = dst
         if aux is not None:
             slots[op.aux_dst] = aux

@@ -69,6 +69,17 @@ class Sampler:
     grid level at or below ``sigma``. The initial state is s(sigma_0) (x0 + sigma_0 * noise)
     with the caller's standard-normal ``noise``; the plan is compiled over the truncated grid,
     so multistep solvers warm up again from there.
+
+    **Inpainting.** ``sample(model, noise, init=x0, mask=m)`` (optionally with ``strength``)
+    keeps the known region of ``x0`` where ``m`` is 0 and generates where it is 1 (diffusers'
+    convention; ``m`` broadcasts to the state, e.g. [B, 1, H, W], and may be soft). Every
+    state the plan writes, at its noise level sigma with scale s, becomes
+    m * state + (1 - m) * s (x0 + sigma * noise) -- the known region re-noised to that level
+    with the caller's ``noise`` (the noise of the initial state, as diffusers' inpainting
+    pipelines do), and x0 itself at sigma 0. The mask is one more buffer of the fused update:
+    no extra pass. Intermediate states (Heun's predictor, DPM-Solver's midpoints) are blended
+    too, at their own levels. Not for solvers with custom ops that write the state
+    (pc_langevin).
     """
 
     def __init__(self, process: Process, solver: str = "dpmpp_2m", steps: int | None = None, *,
@@ -166,31 +177,10 @@ class Sampler:
                                           **self.options)
         return self._plans[key]
 
-    def sample(self, model, noise: torch.Tensor, seed=0, *, generator=None, callback=None,
-               extra_args: dict | None = None, backend: str | None = None,
-               compute_dtype: torch.dtype | None = None, guidance_scale=...,
-               guidance_rescale=..., init=None,
-               strength: float | None = None, start_sigma: float | None = None
-               ) -> torch.Tensor:
-        """Run the plan from standard-normal ``noise`` (scaled here to the first level).
-
-        Returns the final state in the process's own space (x0 when the grid ends at 0).
-        ``seed``: int for the batch (sample i uses the key (seed, i)) or per-sample seeds;
-        ``generator``: draw noise with torch.randn in diffusers' order instead.
-        ``guidance_scale`` / ``guidance_rescale`` override the sampler's (guidance_scale=None:
-        unguided); ``init`` with
-        ``strength`` or ``start_sigma``: img2img (see the class docstring).
-        """
-        if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-        if not noise.is_floating_point() or noise.dim() < 1 or noise.shape[0] < 1:
-            raise ValueError(f"noise must be a floating tensor [B, ...] with B >= 1, got "
-                             f"dtype {noise.dtype} shape {tuple(noise.shape)}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError("generator must be a torch.Generator")
-        if isinstance(model, Denoiser) and self.prediction != "sample":
-            raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
-                             f"with prediction={self.prediction!r}; use prediction='sample'")
+    def start(self, noise: torch.Tensor, *, guidance_scale=..., guidance_rescale=...,
+              init=None, strength: float | None = None, start_sigma: float | None = None):
+        """(plan, initial state) for a run from standard-normal ``noise``: the whole grid, or
+        img2img from ``init`` at ``strength``/``start_sigma`` (what ``sample`` runs)."""
         w = self.guidance_scale if guidance_scale is ... else guidance_scale
         phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
         if w is None and guidance_rescale is ...:
@@ -212,9 +202,44 @@ class Sampler:
             sig0 = float(self.sigmas[k])
             s0 = float(self.process.s_of_sigma(sig0))
             x = (init.to(noise.dtype) + sig0 * noise) * s0
+        return plan, x
+
+    def sample(self, model, noise: torch.Tensor, seed=0, *, generator=None, callback=None,
+               extra_args: dict | None = None, backend: str | None = None,
+               compute_dtype: torch.dtype | None = None, guidance_scale=...,
+               guidance_rescale=..., init=None,
+               strength: float | None = None, start_sigma: float | None = None,
+               mask=None) -> torch.Tensor:
+        """Run the plan from standard-normal ``noise`` (scaled here to the first level).
+
+        Returns the final state in the process's own space (x0 when the grid ends at 0).
+        ``seed``: int for the batch (sample i uses the key (seed, i)) or per-sample seeds;
+        ``generator``: draw noise with torch.randn in diffusers' order instead.
+        ``guidance_scale`` / ``guidance_rescale`` override the sampler's (guidance_scale=None:
+        unguided); ``init`` with
+        ``strength`` or ``start_sigma``: img2img (see the class docstring); ``init`` with
+        ``mask``: inpainting (see the class docstring).
+        """
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        if not noise.is_floating_point() or noise.dim() < 1 or noise.shape[0] < 1:
+            raise ValueError(f"noise must be a floating tensor [B, ...] with B >= 1, got "
+                             f"dtype {noise.dtype} shape {tuple(noise.shape)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError("generator must be a torch.Generator")
+        if isinstance(model, Denoiser) and self.prediction != "sample":
+            raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
+                             f"with prediction={self.prediction!r}; use prediction='sample'")
+        if mask is not None and init is None:
+            raise ValueError("mask= (inpainting) needs init= (the image whose known region is "
+                             "kept)")
+        plan, x = self.start(noise, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale, init=init, strength=strength,
+                             start_sigma=start_sigma)
+        inpaint = {} if mask is None else {"mask": mask, "known": init, "known_noise": noise}
         return run_plan(plan, model, x, seed=seed, generator=generator,
                         backend=backend or self.backend, compute_dtype=compute_dtype,
-                        callback=callback, extra_args=extra_args)
+                        callback=callback, extra_args=extra_args, **inpaint)
 
     def compile(self, model, shape, dtype: torch.dtype = torch.float32, device=None, *,
                 backend: str | None = None, capture: bool | None = None, guidance_scale=...,
