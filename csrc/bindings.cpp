@@ -32,7 +32,9 @@ FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_d
                           uintptr_t coef_table, const std::vector<double>& aux_coef,
                           uintptr_t aux_coef_table, int noise_mode, double noise_coef,
                           uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-                          uintptr_t noise, int noise_dtype, bool compute_f64) {
+                          uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask,
+                          int mask_dtype, const std::vector<double>& mask_coef,
+                          uintptr_t mask_coef_table, bool compute_f64) {
   FusedUpdateArgs a;
   const size_t K = bufs.size();
   if (K < 1 || K > static_cast<size_t>(pyengine::kKMax)) {
@@ -48,6 +50,10 @@ FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_d
     throw std::invalid_argument("aux_coef has " + std::to_string(aux_coef.size()) +
                                 " entries for " + std::to_string(K) + " buffers");
   }
+  if (mask && !mask_coef_table && mask_coef.size() != K) {
+    throw std::invalid_argument("mask_coef has " + std::to_string(mask_coef.size()) +
+                                " entries for " + std::to_string(K) + " buffers");
+  }
   a.out = ptr<void>(out);
   a.out_dtype = out_dtype;
   a.aux = ptr<void>(aux);
@@ -58,6 +64,7 @@ FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_d
     a.buf_dtypes[k] = buf_dtypes[k];
     if (!coef_table) a.coef[k] = coef[k];
     if (aux && !aux_coef_table) a.aux_coef[k] = aux_coef[k];
+    if (mask && !mask_coef_table) a.mask_coef[k] = mask_coef[k];
   }
   a.batch = batch;
   a.numel = numel;
@@ -68,8 +75,12 @@ FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_d
   a.noise_coef_table = ptr<const double>(noise_coef_table);
   a.seeds = ptr<const uint64_t>(seeds);
   a.step = step;
+  a.steps = ptr<const int64_t>(steps);
   a.noise = ptr<const void>(noise);
   a.noise_dtype = noise_dtype;
+  a.mask = ptr<const void>(mask);
+  a.mask_dtype = mask_dtype;
+  a.mask_coef_table = ptr<const double>(mask_coef_table);
   a.compute_f64 = compute_f64;
   return a;
 }
@@ -101,16 +112,20 @@ PYBIND11_MODULE(_C, m) {
          int64_t numel, const std::vector<double>& coef, uintptr_t coef_table,
          const std::vector<double>& aux_coef, uintptr_t aux_coef_table, int noise_mode,
          double noise_coef, uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-         uintptr_t noise, int noise_dtype, bool compute_f64, int num_threads) {
+         uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask, int mask_dtype,
+         const std::vector<double>& mask_coef, uintptr_t mask_coef_table, bool compute_f64,
+         int num_threads) {
         const FusedUpdateArgs a =
             make_args(out, out_dtype, aux, aux_dtype, bufs, buf_dtypes, batch, numel, coef,
                       coef_table, aux_coef, aux_coef_table, noise_mode, noise_coef,
-                      noise_coef_table, seeds, step, noise, noise_dtype, compute_f64);
+                      noise_coef_table, seeds, step, steps, noise, noise_dtype, mask,
+                      mask_dtype, mask_coef, mask_coef_table, compute_f64);
         py::gil_scoped_release release;
         pyengine::fused_update_cpu(a, num_threads);
       },
       "out = sum_k coef_k bufs_k + noise_coef z, aux = sum_k aux_coef_k bufs_k on host memory "
-      "(pointers, element counts, dtype codes; tables of 0 mean per-step scalars).");
+      "(pointers, element counts, dtype codes; tables of 0 mean per-step scalars; steps of 0 "
+      "means the scalar step; a mask blends out with sum_k mask_coef_k bufs_k).");
 
   m.def(
       "fused_update_cuda",
@@ -119,11 +134,14 @@ PYBIND11_MODULE(_C, m) {
          int64_t numel, const std::vector<double>& coef, uintptr_t coef_table,
          const std::vector<double>& aux_coef, uintptr_t aux_coef_table, int noise_mode,
          double noise_coef, uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-         uintptr_t noise, int noise_dtype, bool compute_f64, int device, uintptr_t stream) {
+         uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask, int mask_dtype,
+         const std::vector<double>& mask_coef, uintptr_t mask_coef_table, bool compute_f64,
+         int device, uintptr_t stream) {
         const FusedUpdateArgs a =
             make_args(out, out_dtype, aux, aux_dtype, bufs, buf_dtypes, batch, numel, coef,
                       coef_table, aux_coef, aux_coef_table, noise_mode, noise_coef,
-                      noise_coef_table, seeds, step, noise, noise_dtype, compute_f64);
+                      noise_coef_table, seeds, step, steps, noise, noise_dtype, mask,
+                      mask_dtype, mask_coef, mask_coef_table, compute_f64);
         pyengine::fused_update_cuda(a, device, stream);
       },
       "The same on device memory, launched on the CUDA stream given as an integer handle.");

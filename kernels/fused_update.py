@@ -1,6 +1,7 @@
 """The fused update as one Triton kernel (the contract of DESIGN.md s.5, noise of s.6).
 
     out = sum_k c_k * x_k + c_z * z          aux = sum_k a_k * x_k      (k < K <= 8)
+    with a mask m:  out = m * out + (1 - m) * sum_k b_k * x_k            (aux unmasked)
 
 One program handles BLOCK_Q quads (4 * BLOCK_Q elements) of one sample (grid: quads x batch),
 so per-sample coefficients and seeds are one scalar load per program. The K buffers are
@@ -14,9 +15,16 @@ graph, no host->device copy per step), or a float64 table in device memory (row 
 per-step, K for per-sample [B, K]) -- always the table for float64 math, since Triton passes
 Python floats as fp32. Noise: Philox-4x32-10 keyed by seeds[b] (int64 holding the uint64
 bits) with counter (q lo, q hi, step, 0); seeds and step are read from device memory so a
-captured graph replays with new values. Each Philox call gives the four normals of elements
-4q..4q+3, laid out on a [BLOCK_Q, 4] tile. Loads convert bf16/fp16/fp32 to fp32 (fp64 for
-float64 math); stores convert to the output's dtype.
+captured graph replays with new values -- step from an int64 [1] tensor (row stride 0) or
+one per sample from an int64 [B] tensor (stride 1: a batch mixing requests at different
+steps of their plans). Each Philox call gives the four normals of elements 4q..4q+3, laid out
+on a [BLOCK_Q, 4] tile. Loads convert bf16/fp16/fp32 to fp32 (fp64 for float64 math); stores
+convert to the output's dtype.
+
+The inpainting blend (MASK_MODE != 0, a constexpr: unmasked launches compile the same code as
+before) folds base = sum_k b_k x_k from the same loads (coefficients as for aux: float32
+scalars M0..M7 or a float64 table) and stores m * res + (1 - m) * base, the mask loaded in
+its own dtype and converted in registers.
 
 Under TRITON_INTERPRET=1 (read when this module is imported) the kernel is the interpreter's
 and runs on CPU tensors with a fixed block; otherwise it is autotuned over BLOCK_Q x num_warps
@@ -100,9 +108,10 @@ def _coef(C, T, row, k: tl.constexpr, TABLE: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def _term(acc, aacc, X, off, mask, C, A, CT, ACT, crow, arow, k: tl.constexpr,
-          COEF_TABLE: tl.constexpr, AUX_MODE: tl.constexpr, CDT: tl.constexpr):
-    """acc += c_k x_k (and aacc += a_k x_k) with x_k loaded once."""
+def _term(acc, aacc, bacc, X, off, mask, C, A, M, CT, ACT, MCT, crow, arow, mrow,
+          k: tl.constexpr, COEF_TABLE: tl.constexpr, AUX_MODE: tl.constexpr,
+          MASK_MODE: tl.constexpr, CDT: tl.constexpr):
+    """acc += c_k x_k (and aacc += a_k x_k, bacc += b_k x_k) with x_k loaded once."""
     x = tl.load(X + off, mask=mask, other=0.0).to(CDT)
     c = _coef(C, CT, crow, k, COEF_TABLE, CDT)
     if k == 0:
@@ -115,7 +124,13 @@ def _term(acc, aacc, X, off, mask, C, A, CT, ACT, crow, arow, k: tl.constexpr,
             aacc = x * a
         else:
             aacc = aacc + x * a
-    return acc, aacc
+    if MASK_MODE != 0:
+        bm = _coef(M, MCT, mrow, k, MASK_MODE == 2, CDT)
+        if k == 0:
+            bacc = x * bm
+        else:
+            bacc = bacc + x * bm
+    return acc, aacc, bacc
 
 
 @triton.jit
@@ -123,14 +138,17 @@ def fused_update_kernel(
         OUT, AUX, X0, X1, X2, X3, X4, X5, X6, X7,
         C0, C1, C2, C3, C4, C5, C6, C7,             # per-step float32 coefficients
         A0, A1, A2, A3, A4, A5, A6, A7,             # per-step float32 aux coefficients
-        CT, ACT, cs, acs,                            # float64 tables and their row strides
+        M0, M1, M2, M3, M4, M5, M6, M7,             # per-step float32 mask (base) coefficients
+        CT, ACT, MCT, cs, acs, mcs,                  # float64 tables and their row strides
         NC, NCT, ncs,                                # noise coefficient: scalar, table, stride
-        SEEDS, STEP, NOISE, N, SIZE_BUCKET,
+        SEEDS, STEP, sts, NOISE, MASK, N, SIZE_BUCKET,
         K: tl.constexpr, COEF_TABLE: tl.constexpr, AUX_MODE: tl.constexpr,
-        NOISE_MODE: tl.constexpr, NC_TABLE: tl.constexpr, CDT: tl.constexpr,
-        BLOCK_Q: tl.constexpr):
-    """AUX_MODE 0 none, 1 scalars, 2 table; NOISE_MODE 0 none, 1 Philox, 2 the NOISE tensor.
-    SIZE_BUCKET (unused in the body) is the autotuning key."""
+        NOISE_MODE: tl.constexpr, NC_TABLE: tl.constexpr, MASK_MODE: tl.constexpr,
+        CDT: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """AUX_MODE and MASK_MODE 0 none, 1 scalars, 2 table; NOISE_MODE 0 none, 1 Philox, 2 the
+    NOISE tensor. STEP holds one draw number (sts 0) or one per sample (sts 1). MASK is the
+    blend's mask tensor (``mask`` below is the bounds mask of the tile). SIZE_BUCKET (unused in
+    the body) is the autotuning key."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     q = pid.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
@@ -140,32 +158,34 @@ def fused_update_kernel(
     off = b * N + idx
     crow = b * cs
     arow = b * acs
+    mrow = b * mcs
     # sum_k c_k x_k, one load per buffer element, in buffer order
     acc = tl.zeros([BLOCK_Q, 4], CDT)
     aacc = tl.zeros([BLOCK_Q, 4], CDT)
-    acc, aacc = _term(acc, aacc, X0, off, mask, C0, A0, CT, ACT, crow, arow, 0, COEF_TABLE,
-                      AUX_MODE, CDT)
+    bacc = tl.zeros([BLOCK_Q, 4], CDT)
+    acc, aacc, bacc = _term(acc, aacc, bacc, X0, off, mask, C0, A0, M0, CT, ACT, MCT,
+                            crow, arow, mrow, 0, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 1:
-        acc, aacc = _term(acc, aacc, X1, off, mask, C1, A1, CT, ACT, crow, arow, 1, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X1, off, mask, C1, A1, M1, CT, ACT, MCT,
+                                crow, arow, mrow, 1, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 2:
-        acc, aacc = _term(acc, aacc, X2, off, mask, C2, A2, CT, ACT, crow, arow, 2, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X2, off, mask, C2, A2, M2, CT, ACT, MCT,
+                                crow, arow, mrow, 2, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 3:
-        acc, aacc = _term(acc, aacc, X3, off, mask, C3, A3, CT, ACT, crow, arow, 3, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X3, off, mask, C3, A3, M3, CT, ACT, MCT,
+                                crow, arow, mrow, 3, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 4:
-        acc, aacc = _term(acc, aacc, X4, off, mask, C4, A4, CT, ACT, crow, arow, 4, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X4, off, mask, C4, A4, M4, CT, ACT, MCT,
+                                crow, arow, mrow, 4, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 5:
-        acc, aacc = _term(acc, aacc, X5, off, mask, C5, A5, CT, ACT, crow, arow, 5, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X5, off, mask, C5, A5, M5, CT, ACT, MCT,
+                                crow, arow, mrow, 5, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 6:
-        acc, aacc = _term(acc, aacc, X6, off, mask, C6, A6, CT, ACT, crow, arow, 6, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X6, off, mask, C6, A6, M6, CT, ACT, MCT,
+                                crow, arow, mrow, 6, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     if K > 7:
-        acc, aacc = _term(acc, aacc, X7, off, mask, C7, A7, CT, ACT, crow, arow, 7, COEF_TABLE,
-                          AUX_MODE, CDT)
+        acc, aacc, bacc = _term(acc, aacc, bacc, X7, off, mask, C7, A7, M7, CT, ACT, MCT,
+                                crow, arow, mrow, 7, COEF_TABLE, AUX_MODE, MASK_MODE, CDT)
     # + c_z z: in-register Philox normals, or the given noise tensor
     if NOISE_MODE != 0:
         if NC_TABLE:
@@ -173,10 +193,14 @@ def fused_update_kernel(
         else:
             nc = tl.cast(NC, CDT)
         if NOISE_MODE == 1:
-            z = _normals(tl.load(SEEDS + b), tl.load(STEP), q, e).to(CDT)
+            z = _normals(tl.load(SEEDS + b), tl.load(STEP + b * sts), q, e).to(CDT)
         else:
             z = tl.load(NOISE + off, mask=mask, other=0.0).to(CDT)
         acc = acc + nc * z
+    # the inpainting blend with the known region: m res + (1 - m) base
+    if MASK_MODE != 0:
+        m = tl.load(MASK + off, mask=mask, other=0.0).to(CDT)
+        acc = m * acc + (1.0 - m) * bacc
     # the stores come after every load of this tile: out may alias an input
     tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
     if AUX_MODE != 0:
@@ -204,7 +228,8 @@ else:
     _launchable = triton.autotune(
         configs=[triton.Config({"BLOCK_Q": bq}, num_warps=w)
                  for bq in (128, 256, 512, 1024) for w in (4, 8)],
-        key=["SIZE_BUCKET", "K", "COEF_TABLE", "AUX_MODE", "NOISE_MODE", "NC_TABLE", "CDT"],
+        key=["SIZE_BUCKET", "K", "COEF_TABLE", "AUX_MODE", "NOISE_MODE", "NC_TABLE", "MASK_MODE",
+             "CDT"],
         restore_value=["OUT", "AUX"],        # tuning reruns the kernel; out may alias x_k
     )(fused_update_kernel)
 
@@ -221,10 +246,12 @@ def _grid(N, B):
 
 
 def launch(out, bufs, coef_vals, coef_table, aux_out, aux_vals, aux_table, noise_mode,
-           nc_scalar, nc_table, seeds, step, noise, f64: bool, kernel=None):
+           nc_scalar, nc_table, seeds, step, noise, f64: bool, mask=None, mask_vals=(),
+           mask_table=None, kernel=None):
     """Launch on prepared arguments (see pyengine.backends.triton_backend, which validates):
     contiguous tensors; coef_table float64 [B or 1, K] or None (then coef_vals); the same for
-    aux; nc_table float64 [B] or None (then nc_scalar); seeds int64 [B] and step int64 [1]
+    aux and for the mask's base coefficients (mask_table / mask_vals, with a mask tensor);
+    nc_table float64 [B] or None (then nc_scalar); seeds int64 [B] and step int64 [1] or [B]
     tensors (noise_mode 1) or noise (noise_mode 2)."""
     B = out.shape[0]
     N = out.numel() // B
@@ -232,24 +259,30 @@ def launch(out, bufs, coef_vals, coef_table, aux_out, aux_vals, aux_table, noise
     xs = list(bufs) + [bufs[0]] * (K_MAX - K)
     cv = [float(v) for v in coef_vals] + [0.0] * (K_MAX - len(coef_vals))
     av = [float(v) for v in aux_vals] + [0.0] * (K_MAX - len(aux_vals))
+    mv = [float(v) for v in mask_vals] + [0.0] * (K_MAX - len(mask_vals))
     dummy = out
     cs = 0 if coef_table is None or coef_table.shape[0] == 1 else K
     acs = 0 if aux_table is None or aux_table.shape[0] == 1 else K
+    mcs = 0 if mask_table is None or mask_table.shape[0] == 1 else K
     ncs = 0 if nc_table is None or nc_table.numel() == 1 else 1
+    sts = 0 if step is None or step.numel() == 1 else 1
     aux_mode = 0 if aux_out is None else (2 if aux_table is not None else 1)
+    mask_mode = 0 if mask is None else (2 if mask_table is not None else 1)
     meta = {"K": K, "COEF_TABLE": coef_table is not None, "AUX_MODE": aux_mode,
-            "NOISE_MODE": noise_mode, "NC_TABLE": nc_table is not None,
+            "NOISE_MODE": noise_mode, "NC_TABLE": nc_table is not None, "MASK_MODE": mask_mode,
             "CDT": tl.float64 if f64 else tl.float32}
     if INTERPRET:
         meta["BLOCK_Q"] = INTERPRET_BLOCK_Q
     kernel = kernel if kernel is not None else _launchable
     kernel[_grid(N, B)](
-        out, aux_out if aux_out is not None else dummy, *xs, *cv, *av,
+        out, aux_out if aux_out is not None else dummy, *xs, *cv, *av, *mv,
         coef_table if coef_table is not None else dummy,
-        aux_table if aux_table is not None else dummy, cs, acs,
+        aux_table if aux_table is not None else dummy,
+        mask_table if mask_table is not None else dummy, cs, acs, mcs,
         float(nc_scalar), nc_table if nc_table is not None else dummy, ncs,
-        seeds if seeds is not None else dummy, step if step is not None else dummy,
-        noise if noise is not None else dummy, N, size_bucket(B * N), **meta)
+        seeds if seeds is not None else dummy, step if step is not None else dummy, sts,
+        noise if noise is not None else dummy, mask if mask is not None else dummy,
+        N, size_bucket(B * N), **meta)
 
 
 def philox_words(seed: int, step: int, nq: int, q0: int = 0, device="cuda") -> torch.Tensor:
@@ -275,15 +308,18 @@ def triton_fused_update(out: torch.Tensor, bufs: list[torch.Tensor], coef_vals: 
                         aux_vals: list[float], aux_table: torch.Tensor | None,
                         noise_mode: int, nc_scalar: float, nc_table: torch.Tensor | None,
                         seeds: torch.Tensor | None, step: torch.Tensor | None,
-                        noise: torch.Tensor | None, f64: bool) -> None:
+                        noise: torch.Tensor | None, f64: bool, mask: torch.Tensor | None,
+                        mask_vals: list[float], mask_table: torch.Tensor | None) -> None:
     launch(out, bufs, coef_vals, coef_table, aux_out, aux_vals, aux_table, noise_mode,
-           nc_scalar, nc_table, seeds, step, noise, f64, kernel=_op_kernel)
+           nc_scalar, nc_table, seeds, step, noise, f64, mask, mask_vals, mask_table,
+           kernel=_op_kernel)
 
 
 def warmup(device="cuda", dtypes=(torch.float32,), Ks=(2, 3, 4), numels=(4 * 4 * 64 * 64,),
-           noise_modes=(0, 1), aux=(False, True)):
+           noise_modes=(0, 1), aux=(False, True), masks=(False,)):
     """Run (and so autotune) the kernel for these configurations on scratch tensors: call it
-    before capturing a CUDA graph. Per-step float32 coefficients; float64 uses tables."""
+    before capturing a CUDA graph. Per-step float32 coefficients; float64 uses tables;
+    ``masks=(False, True)`` tunes the inpainting blend too (a mask in the data's dtype)."""
     for dt in dtypes:
         f64 = dt == torch.float64
         for n in numels:
@@ -296,6 +332,9 @@ def warmup(device="cuda", dtypes=(torch.float32,), Ks=(2, 3, 4), numels=(4 * 4 *
                 nct = torch.zeros(1, dtype=torch.float64, device=device) if f64 else None
                 for nm in noise_modes:
                     for a in aux:
-                        launch(out, xs, [0.0] * K, table, torch.empty_like(out) if a else None,
-                               [0.0] * K if a else [], table if a else None, nm, 0.0, nct,
-                               seeds, step, None, f64)
+                        for mk in masks:
+                            launch(out, xs, [0.0] * K, table,
+                                   torch.empty_like(out) if a else None,
+                                   [0.0] * K if a else [], table if a else None, nm, 0.0, nct,
+                                   seeds, step, None, f64, torch.zeros_like(out) if mk else None,
+                                   [0.0] * K if mk else [], table if mk else None)

@@ -5,7 +5,8 @@ The definition every backend reproduces bit for bit (C++, CUDA, Triton, this tor
 * a sample's 64-bit seed gives the Philox key (k0, k1) = (seed & 0xffffffff, seed >> 32);
   an integer batch seed S gives sample i the seed ``sample_seed(S, i) = S + (i << 32)``,
 * the noise draw number ``step`` of the plan and the element index j within the sample give
-  the counter (c0, c1, c2, c3) = (q & 0xffffffff, q >> 32, step, 0) with q = j // 4,
+  the counter (c0, c1, c2, c3) = (q & 0xffffffff, q >> 32, step, 0) with q = j // 4 (a batch
+  may also carry one draw number per sample: sample b then uses step[b]),
 * Philox-4x32-10 (Salmon et al. 2011) turns it into four uint32 words w0..w3,
 * u_k = ((w_k >> 8) + 0.5) * 2^-24 lies in (0, 1) and is exact in float32,
 * Box-Muller in float32: r = sqrt(-2 log u0), theta = 2 pi u1 -> (r cos theta, r sin theta)
@@ -90,9 +91,12 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def philox_normal(seeds: torch.Tensor, step: int, numel: int, device=None,
+def philox_normal(seeds: torch.Tensor, step, numel: int, device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normals [B, numel] for per-sample ``seeds`` (int64 [B]) at draw ``step``."""
+    """Standard normals [B, numel] for per-sample ``seeds`` (int64 [B]) at draw ``step``: an
+    int for the whole batch, or an int64 [B] tensor of per-sample draw numbers (sample b then
+    gets exactly the normals it would get alone at draw step[b]; low 32 bits, as for an int;
+    a [1] tensor is one draw number for the batch)."""
     device = device if device is not None else seeds.device
     seeds = seeds.to(device=device, dtype=torch.int64)
     B = seeds.shape[0]
@@ -102,7 +106,13 @@ def philox_normal(seeds: torch.Tensor, step: int, numel: int, device=None,
     k1 = ((seeds >> 32) & _MASK).view(B, 1)
     c0 = (q & _MASK).view(1, nq).expand(B, nq)
     c1 = ((q >> 32) & _MASK).view(1, nq).expand(B, nq)
-    c2 = torch.full((B, nq), int(step) & _MASK, dtype=torch.int64, device=device)
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.dim() != 1 or step.shape[0] not in (B, 1):
+            raise ValueError(f"step must be an int or an int64 [B]={B} tensor, got {step.dtype} "
+                             f"{tuple(step.shape)}")
+        c2 = (step.to(device) & _MASK).view(-1, 1).expand(B, nq)
+    else:
+        c2 = torch.full((B, nq), int(step) & _MASK, dtype=torch.int64, device=device)
     c3 = torch.zeros((B, nq), dtype=torch.int64, device=device)
     w = philox4x32(c0, c1, c2, c3, k0, k1)
     u = [(((wk >> 8).to(torch.float32)) + 0.5) * (2.0 ** -24) for wk in w]

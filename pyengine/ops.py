@@ -2,13 +2,16 @@
 see it (DESIGN.md s.5, STYLE habit 9).
 
     out = sum_k coef_k * bufs_k + noise_coef * z       aux_out = sum_k aux_coef_k * bufs_k
+    with a mask: out = mask * out + (1 - mask) * sum_k mask_coef_k * bufs_k
 
 ``torch.ops.pyengine.fused_update`` mutates ``out`` and ``aux_out`` (schema ``Tensor(a!)``)
 and returns nothing; its fake implementation only checks shapes, so tracing never touches
 data. On CPU tensors it runs the C++ kernel, on CUDA tensors the CUDA kernel.
 :func:`fused_update` here takes the backend contract's arguments (numpy coefficients, a float
 or [B] noise coefficient) and calls the op. The backends' own ``fused_update`` is the direct
-call, with no dispatcher in between; bench/bench_fused_update.py measures both.
+call, with no dispatcher in between; bench/bench_fused_update.py measures both. A per-sample
+step tensor travels as ``steps`` (``step`` is then ignored); ``steps``, ``mask`` and
+``mask_coef`` default to None, so the op's older 11-argument calls still hold.
 
 The op is defined with a schema string on a ``torch.library.Library`` rather than with the
 ``torch.library.custom_op`` decorator, whose Python wrapper is costly: per call at 1x4x8x8 on
@@ -30,7 +33,8 @@ __all__ = ["fused_update"]
 
 SCHEMA = ("fused_update(Tensor(a!) out, Tensor[] bufs, Tensor coef, float noise_coef, "
           "Tensor? noise_coef_per_sample, Tensor? seeds, int step, Tensor(b!)? aux_out, "
-          "Tensor? aux_coef, Tensor? noise, ScalarType? compute_dtype) -> ()")
+          "Tensor? aux_coef, Tensor? noise, ScalarType? compute_dtype, Tensor? steps=None, "
+          "Tensor? mask=None, Tensor? mask_coef=None) -> ()")
 
 _lib = torch.library.Library("pyengine", "DEF")
 _lib.define(SCHEMA)
@@ -39,11 +43,13 @@ _lib.define(SCHEMA)
 def _impl(out: Tensor, bufs: list[Tensor], coef: Tensor, noise_coef: float,
           noise_coef_per_sample: Optional[Tensor], seeds: Optional[Tensor], step: int,
           aux_out: Optional[Tensor], aux_coef: Optional[Tensor], noise: Optional[Tensor],
-          compute_dtype: Optional[torch.dtype]) -> None:
+          compute_dtype: Optional[torch.dtype], steps: Optional[Tensor] = None,
+          mask: Optional[Tensor] = None, mask_coef: Optional[Tensor] = None) -> None:
     be = _cuda if out.is_cuda else _cpp
     nc = noise_coef_per_sample if noise_coef_per_sample is not None else noise_coef
-    be.fused_update(out, list(bufs), coef, nc, seeds, step, aux_out, aux_coef, noise=noise,
-                    compute_dtype=compute_dtype)
+    be.fused_update(out, list(bufs), coef, nc, seeds, steps if steps is not None else step,
+                    aux_out, aux_coef, noise=noise, compute_dtype=compute_dtype, mask=mask,
+                    mask_coef=mask_coef)
 
 
 _lib.impl("fused_update", _impl, "CompositeExplicitAutograd")
@@ -51,7 +57,7 @@ _lib.impl("fused_update", _impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("pyengine::fused_update", lib=_lib)
 def _fake(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step, aux_out, aux_coef,
-          noise, compute_dtype):
+          noise, compute_dtype, steps=None, mask=None, mask_coef=None):
     if not bufs or len(bufs) > _native.K_MAX:
         raise ValueError(f"bufs must hold 1 to {_native.K_MAX} tensors, got {len(bufs)}")
     for i, b in enumerate(bufs):
@@ -59,6 +65,13 @@ def _fake(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step, aux_o
             raise ValueError(f"bufs[{i}] has shape {tuple(b.shape)}, out {tuple(out.shape)}")
     if aux_out is not None and aux_out.shape != out.shape:
         raise ValueError(f"aux_out has shape {tuple(aux_out.shape)}, out {tuple(out.shape)}")
+    if (mask is None) != (mask_coef is None):
+        raise ValueError("mask and mask_coef must be given together")
+    if mask is not None and mask.shape != out.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, out {tuple(out.shape)}")
+    if steps is not None and (steps.dim() != 1 or steps.shape[0] not in (out.shape[0], 1)):
+        raise ValueError(f"step must be an int64 [B]={out.shape[0]} tensor, got shape "
+                         f"{tuple(steps.shape)}")
     return None
 
 
@@ -69,11 +82,14 @@ def _as_tensor(coef) -> Tensor:
 
 
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                 aux_coef=None, *, noise=None, compute_dtype=None):
+                 aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
     """The backend contract through ``torch.ops.pyengine.fused_update`` (traceable)."""
     per_sample = noise_coef if isinstance(noise_coef, Tensor) else None
     scalar = 0.0 if per_sample is not None else float(noise_coef)
+    steps = step if isinstance(step, Tensor) else None
     torch.ops.pyengine.fused_update(
-        out, list(bufs), _as_tensor(coef), scalar, per_sample, seeds, int(step), aux_out,
-        None if aux_coef is None else _as_tensor(aux_coef), noise, compute_dtype)
+        out, list(bufs), _as_tensor(coef), scalar, per_sample, seeds,
+        -1 if steps is not None else int(step), aux_out,
+        None if aux_coef is None else _as_tensor(aux_coef), noise, compute_dtype, steps, mask,
+        None if mask_coef is None else _as_tensor(mask_coef))
     return out

@@ -154,3 +154,17 @@ def test_submission_errors():
         pe.RequestScheduler(model, max_batch=0)
     with pytest.raises(TypeError, match="model"):
         pe.RequestScheduler(3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_requests():
+    sch = pe.RequestScheduler(model, device="cuda", max_batch=7)
+    reqs = []
+    for i, (solver, n, b) in enumerate(MIX):
+        smp = pe.Sampler(PROC, solver=solver, steps=n)
+        x = _noise(b, i).cuda()
+        reqs.append((smp, x, i, sch.submit(smp, x, seed=i)))
+    sch.run()
+    for smp, x, i, r in reqs:
+        ref = smp.sample(model, x, seed=i)
+        assert torch.equal(r.result, ref), (smp.solver, (r.result - ref).abs().max().item())

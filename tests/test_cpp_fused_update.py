@@ -330,6 +330,34 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_per_sample_steps_and_mask_over_tiles_threads_and_isas(isa):
+    """Several noisy tiles (4096) per sample on 1 and 2 threads, the mask on the block path:
+    still bitwise each sample alone at its own step; tests/test_fused_update_ext.py checks
+    the values."""
+    shape = (3, 20001)
+    g = torch.Generator().manual_seed(2)
+    bufs = _bufs(3, shape, torch.float32, g)
+    mask = torch.rand(shape, generator=g).to(torch.float16)
+    seeds, steps = seeds_tensor(4, 3), torch.tensor([5, 0, 2 ** 33 + 1], dtype=torch.int64)
+    coef, mcoef = [0.9, 0.1, -0.3], [0.0, 0.5, 1.0]
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            o = torch.empty(shape)
+            cpp.fused_update(o, bufs, coef, 0.3, seeds, steps, mask=mask, mask_coef=mcoef)
+            outs.append(o)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+    for b in range(3):
+        alone = torch.empty(1, shape[1])
+        cpp.fused_update(alone, [x[b:b + 1].clone() for x in bufs], coef, 0.3, seeds[b:b + 1],
+                         int(steps[b]) & 0xFFFFFFFF, mask=mask[b:b + 1].clone(), mask_coef=mcoef)
+        assert torch.equal(alone[0], outs[0][b])
+
+
 # ---------------------------------------------------------------------------------------
 # validation: ValueError naming the argument, before anything runs
 # ---------------------------------------------------------------------------------------
@@ -376,7 +404,7 @@ def test_native_layer_validates_too():
     """The launcher checks what reaches it directly (the bindings are public)."""
     x = torch.randn(2, 5)
     args = [x.data_ptr(), 0, 0, 0, [x.data_ptr()], [0], 2, 5, [1.0], 0, [], 0, 0, 0.0, 0, 0, 0,
-            0, 0, False, 1]
+            0, 0, 0, 0, 0, [], 0, False, 1]
     bad = list(args)
     bad[1] = 9
     with pytest.raises(ValueError, match="out has unknown dtype code 9"):
@@ -388,6 +416,13 @@ def test_native_layer_validates_too():
     bad = list(args)
     bad[4], bad[5], bad[8] = [x.data_ptr()] * 9, [0] * 9, [1.0] * 9
     with pytest.raises(ValueError, match="1 to 8"):
+        _C.fused_update_cpu(*bad)
+    bad = list(args)
+    bad[20], bad[22] = x.data_ptr(), [1.0]       # a mask that is out itself
+    with pytest.raises(ValueError, match="out overlaps mask"):
+        _C.fused_update_cpu(*bad)
+    bad[22] = [1.0, 2.0]
+    with pytest.raises(ValueError, match="mask_coef has 2 entries"):
         _C.fused_update_cpu(*bad)
     with pytest.raises(ValueError, match="cpu isa must be one of"):
         _C.set_cpu_isa("sse9")

@@ -213,6 +213,67 @@ def test_cuda_graph_capture_and_replay():
 
 
 @gpu
+def test_cuda_graph_replays_new_per_sample_steps_and_mask():
+    """Per-sample draw numbers and the mask are read from device memory: a captured update
+    replays with the new values written into them (continuous batching, inpainting)."""
+    from pyengine.backends import cuda
+
+    x = torch.randn(4, 4096, device="cuda")
+    e, x0 = torch.randn_like(x), torch.randn_like(x)
+    out = torch.empty_like(x)
+    seeds = seeds_tensor(3, 4).cuda()
+    steps = torch.tensor([0, 1, 2, 3], dtype=torch.int64, device="cuda")
+    mask = (torch.rand_like(x) < 0.5).float()
+
+    def update(dst, st, m):
+        cuda.fused_update(dst, [x, e, x0], [0.9, 0.1, 0.0], 0.2, seeds, st, mask=m,
+                          mask_coef=[0.0, 0.0, 1.0])
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                    # warm-up outside the capture
+        update(out, steps, mask)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update(out, steps, mask)
+    steps.copy_(torch.tensor([7, 7, 0, 2 ** 32 + 5], dtype=torch.int64))
+    mask.copy_((torch.rand_like(x) < 0.5).float())
+    graph.replay()
+    torch.cuda.synchronize()
+    want = torch.empty_like(x)
+    update(want, steps.clone(), mask.clone())
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@gpu
+@pytest.mark.parametrize("mask_dtype", DTYPES)
+def test_mask_aligned_and_unaligned_in_every_dtype(mask_dtype):
+    """An aligned mask takes the packed kernel, one element off its alignment the scalar one;
+    both against the float64 reference, at most twice torch's error."""
+    from pyengine.backends import cuda
+
+    g = torch.Generator().manual_seed(6)
+    shape = (3, 1024)
+    bufs = _bufs(3, shape, torch.float32, g)
+    coef, mcoef = [0.5, -1.5, 2.0], [1.0, 0.0, 0.5]
+    flat = torch.rand(3 * 1024 + 1, generator=g, dtype=torch.float64).to(mask_dtype).cuda()
+    for mask in (flat[:-1].view(shape), flat[1:].view(shape)):
+        ref, _ = fused_update_reference(bufs, coef, mask=mask, mask_coef=mcoef)
+        mine = torch.empty(shape, device="cuda")
+        torch_ref.fused_update(mine, bufs, coef, mask=mask, mask_coef=mcoef)
+        out = torch.empty(shape, device="cuda")
+        cuda.fused_update(out, bufs, coef, mask=mask, mask_coef=mcoef)
+        torch.cuda.synchronize()
+        err = (out.double() - ref).abs().max().item()
+        torch_err = (mine.double() - ref).abs().max().item()
+        scale = sum(map(abs, coef + mcoef)) * max(b.abs().max().item() for b in bufs)
+        assert err <= max(2 * torch_err, torch.finfo(torch.float32).eps * scale), (err,
+                                                                                   torch_err)
+
+
+@gpu
 def test_custom_op_on_cuda_and_under_compile():
     from pyengine import ops
 

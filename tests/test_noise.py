@@ -157,3 +157,19 @@ def test_seed_mapping():
 def test_seed_validation(seed, batch, msg):
     with pytest.raises(ValueError, match=msg):
         N.seeds_tensor(seed, batch)
+
+
+def test_per_sample_steps_are_each_samples_own_draw():
+    """A [B] step tensor gives row b the normals of sample b alone at step[b] (low 32 bits);
+    a [1] tensor is the int step for the whole batch."""
+    seeds = N.seeds_tensor([5, 2 ** 64 - 1, 77], 3)
+    steps = torch.tensor([0, 2 ** 32 - 1, 2 ** 32 + 7], dtype=torch.int64)
+    z = N.philox_normal(seeds, steps, 37)
+    for b in range(3):
+        alone = N.philox_normal(seeds[b:b + 1], int(steps[b]) & M32, 37)
+        assert torch.equal(z[b], alone[0])
+    one = torch.tensor([9], dtype=torch.int64)
+    assert torch.equal(N.philox_normal(seeds, one, 37), N.philox_normal(seeds, 9, 37))
+    for bad in (steps.int(), steps[:2], steps.view(3, 1)):
+        with pytest.raises(ValueError, match="step must be"):
+            N.philox_normal(seeds, bad, 37)

@@ -75,7 +75,7 @@ def test_denoiser_guidance_and_extra_args(cache):
     # EDM process with a pe.Denoiser (called as D(x/s, sigma)), classifier-free guidance on
     # the doubled batch with a tensor conditioning, and the guidance rescale custom op.
     gmm = GaussianMixture.random(d=12, M=3, seed=7)
-    proc = pe.processes.VP.continuous("linear")
+    proc = pe.processes.VP.continuous()
     base = gmm.as_model(proc, "epsilon")
 
     def cond(x, t, context):
@@ -169,12 +169,13 @@ def test_cache_eviction_releases():
     # using the first again rebuilds it and evicts the least recently used (b=2 was touched
     # by the get above, so b=3 goes)
     assert torch.equal(fns[0](_noise((1, 3)), seed=0), outs[0])
-    assert fns[2].key not in cache and cache.get(fns[1].key) is e1
+    e0 = cache.get(fns[0].key)
+    assert fns[2].key not in cache and cache.get(fns[1].key) is e1   # b=2 most recent now
     e3 = runtime._Entry(None)
     cache.put(("x",), e3)
-    assert e1.released and e1.loop is None and len(cache) == 2
+    assert e0.released and e0.loop is None and not e1.released and len(cache) == 2
     cache.resize(1)
-    assert len(cache) == 1
+    assert len(cache) == 1 and e1.released
     cache.clear()
     assert len(cache) == 0 and e3.released
     with pytest.raises(ValueError, match="maxsize"):

@@ -35,9 +35,10 @@ if not INTERPRETED:
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
         assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout
 
-    @pytest.mark.parametrize("f64,noise_mode,aux_mode,coef_table", [
-        (False, 1, 1, False), (True, 2, 2, True)], ids=["f32-philox-aux", "f64-tables"])
-    def test_compiles_for_sm90_without_a_gpu(f64, noise_mode, aux_mode, coef_table):
+    @pytest.mark.parametrize("f64,noise_mode,aux_mode,coef_table,mask_mode", [
+        (False, 1, 1, False, 0), (True, 2, 2, True, 0), (False, 1, 1, False, 1)],
+        ids=["f32-philox-aux", "f64-tables", "f32-philox-aux-mask"])
+    def test_compiles_for_sm90_without_a_gpu(f64, noise_mode, aux_mode, coef_table, mask_mode):
         """The interpreter is lenient (it ran a kernel the compiler rejected: a global that was
         not a tl.constexpr); compiling to PTX and a cubin for sm_90 (Triton's bundled ptxas)
         needs no GPU. With 16-byte aligned pointers the loads and stores are 128-bit."""
@@ -50,21 +51,23 @@ if not INTERPRETED:
         names = fn.arg_names
         sig = {}
         for n in names:
-            if n in ("CT", "ACT", "NCT"):
+            if n in ("CT", "ACT", "MCT", "NCT"):
                 sig[n] = "*fp64"
             elif n in ("SEEDS", "STEP"):
                 sig[n] = "*i64"
+            elif n == "MASK":
+                sig[n] = "*bf16"                     # a mask in another dtype than the data
             elif n in ("OUT", "AUX", "NOISE") or (n[0] == "X" and n[1:].isdigit()):
                 sig[n] = "*fp64" if f64 else "*bf16" if n == "X1" else "*fp32"
-            elif n == "NC" or (n[0] in "CA" and n[1:].isdigit()):
+            elif n == "NC" or (n[0] in "CAM" and n[1:].isdigit()):
                 sig[n] = "fp32"
-            elif n in ("cs", "acs", "ncs", "N", "SIZE_BUCKET"):
+            elif n in ("cs", "acs", "mcs", "ncs", "sts", "N", "SIZE_BUCKET"):
                 sig[n] = "i64"
             else:
                 sig[n] = "constexpr"
         const = {"K": 3, "COEF_TABLE": coef_table, "AUX_MODE": aux_mode,
-                 "NOISE_MODE": noise_mode, "NC_TABLE": f64, "BLOCK_Q": 256,
-                 "CDT": tl.float64 if f64 else tl.float32}
+                 "NOISE_MODE": noise_mode, "NC_TABLE": f64, "MASK_MODE": mask_mode,
+                 "BLOCK_Q": 256, "CDT": tl.float64 if f64 else tl.float32}
         attrs = {(names.index(n),): [["tt.divisibility", 16]]
                  for n in names if sig[n].startswith("*") or n == "N"}
         src = triton.compiler.ASTSource(

@@ -13,6 +13,12 @@
 // (float, or double for double storage). The Python backend converts other mixes first.
 // Unaligned arrays, or a per-sample size that is no multiple of VEC, take the scalar
 // (VEC = 1, runtime K) instantiation of the same kernel.
+//
+// Per-sample draw numbers: with a steps array, sample b's noise is keyed by (seeds[b],
+// steps[b]) (one load per pack, from L1/L2), else by (seeds[b], step). The inpainting blend
+// (MASK, a template flag: the unmasked kernels are unchanged) accumulates base = sum_k b_k x_k
+// beside the result and stores m * res + (1 - m) * base; the mask is read in its own dtype (a
+// warp-uniform switch) in packs of VEC, converted to C in registers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -80,14 +86,38 @@ struct Params {
   const double* aux_coef_table;
   const double* noise_coef_table;
   const uint64_t* seeds;
+  const int64_t* steps;  // per-sample draw numbers [batch] or nullptr (then `step`)
   const void* noise;  // compute type C, [batch, numel]
+  const void* mask;   // [batch, numel] in mask_dtype, MASK kernels only
+  double mask_coef[kKMax];
+  const double* mask_coef_table;
   double noise_coef;
   int64_t numel;
   int64_t packs;  // batch * numel / VEC
   int K;
   int noise_mode;
+  int mask_dtype;
   uint32_t step;
 };
+
+// The mask's pack at element e, converted to C.
+template <class TM, class C, int VEC>
+__device__ __forceinline__ void load_pack(C (&m)[VEC], const void* ptr, int64_t e) {
+  const Pack<TM, VEC> x =
+      *reinterpret_cast<const Pack<TM, VEC>*>(static_cast<const TM*>(ptr) + e);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) m[i] = ld<C>(x.v[i]);
+}
+
+template <class C, int VEC>
+__device__ __forceinline__ void load_mask(C (&m)[VEC], const void* ptr, int dtype, int64_t e) {
+  switch (dtype) {
+    case kFloat32: load_pack<float, C, VEC>(m, ptr, e); break;
+    case kFloat64: load_pack<double, C, VEC>(m, ptr, e); break;
+    case kFloat16: load_pack<__half, C, VEC>(m, ptr, e); break;
+    default: load_pack<__nv_bfloat16, C, VEC>(m, ptr, e); break;
+  }
+}
 
 // The normals of elements j..j+VEC-1 (j a multiple of VEC) into z.
 template <int VEC>
@@ -110,8 +140,8 @@ __device__ __forceinline__ void philox_pack(float (&z)[VEC], uint64_t seed, uint
   }
 }
 
-// KT = K (1..K_MAX) or 0 for a runtime K (the scalar fallback).
-template <int KT, class T, class TO, class C, int VEC>
+// KT = K (1..K_MAX) or 0 for a runtime K (the scalar fallback); MASK: the inpainting blend.
+template <int KT, class T, class TO, class C, int VEC, bool MASK>
 __global__ void __launch_bounds__(kThreads) fused_update_kernel(const Params p) {
   constexpr int KM = KT > 0 ? KT : kKMax;
   const int K = KT > 0 ? KT : p.K;
@@ -124,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(const Params p) 
     const int64_t j = e - b * p.numel;
 
     // load every buffer's pack (independent 16-byte loads) and fold it in
-    C acc[VEC], aux[VEC];
+    C acc[VEC], aux[VEC], base[VEC];
 #pragma unroll
     for (int k = 0; k < KM; ++k) {
       if (k >= K) break;
@@ -145,6 +175,15 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(const Params p) 
           aux[i] = k == 0 ? a * xv : aux[i] + a * xv;
         }
       }
+      if constexpr (MASK) {
+        const C bk = static_cast<C>(p.mask_coef_table ? p.mask_coef_table[b * K + k]
+                                                      : p.mask_coef[k]);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const C xv = ld<C>(x.v[i]);
+          base[i] = k == 0 ? bk * xv : base[i] + bk * xv;
+        }
+      }
     }
 
     // the noise term, generated in registers (or read)
@@ -152,7 +191,8 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(const Params p) 
       const C cz = static_cast<C>(p.noise_coef_table ? p.noise_coef_table[b] : p.noise_coef);
       if (p.noise_mode == kPhiloxNoise) {
         float z[VEC];
-        philox_pack<VEC>(z, p.seeds[b], p.step, j);
+        const uint32_t step = p.steps ? static_cast<uint32_t>(p.steps[b]) : p.step;
+        philox_pack<VEC>(z, p.seeds[b], step, j);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] += cz * static_cast<C>(z[i]);
       } else {
@@ -160,6 +200,14 @@ __global__ void __launch_bounds__(kThreads) fused_update_kernel(const Params p) 
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] += cz * zp[i];
       }
+    }
+
+    // the blend with the known region: out = m res + (1 - m) base
+    if constexpr (MASK) {
+      C m[VEC];
+      load_mask<C, VEC>(m, p.mask, p.mask_dtype, e);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = m[i] * acc[i] + (C(1) - m[i]) * base[i];
     }
 
     // one store per output
@@ -190,12 +238,34 @@ bool aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+template <class T, class TO, class C, bool MASK>
+void launch_k(const FusedUpdateArgs& a, const Params& p, bool vec, dim3 grid,
+              cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  if (!vec) {
+    fused_update_kernel<0, T, TO, C, 1, MASK><<<grid, kThreads, 0, stream>>>(p);
+    return;
+  }
+  switch (a.K) {
+    case 1: fused_update_kernel<1, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: fused_update_kernel<2, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 3: fused_update_kernel<3, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: fused_update_kernel<4, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 5: fused_update_kernel<5, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 6: fused_update_kernel<6, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    case 7: fused_update_kernel<7, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+    default: fused_update_kernel<8, T, TO, C, VEC, MASK><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  static_assert(kKMax == 8, "add the cases above when K_MAX changes");
+}
+
 template <class T, class TO, class C>
 void launch_typed(const FusedUpdateArgs& a, Params& p, int device, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   const int64_t n = a.batch * a.numel;
   bool vec = a.numel % VEC == 0 && aligned(a.out, sizeof(TO) * VEC) &&
-             (!a.aux || aligned(a.aux, sizeof(TO) * VEC));
+             (!a.aux || aligned(a.aux, sizeof(TO) * VEC)) &&
+             (!a.mask || aligned(a.mask, static_cast<size_t>(dtype_size(a.mask_dtype)) * VEC));
   for (int k = 0; k < a.K; ++k) vec = vec && aligned(a.bufs[k], 16);
   p.packs = vec ? n / VEC : n;
   // one resident wave (8 blocks of 256 threads fill an SM's 2048 threads at <= 64 registers,
@@ -203,21 +273,11 @@ void launch_typed(const FusedUpdateArgs& a, Params& p, int device, cudaStream_t 
   const int64_t want = (p.packs + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(sm_count(device)) * 8;
   const dim3 grid(static_cast<unsigned>(want < cap ? want : cap));
-  if (!vec) {
-    fused_update_kernel<0, T, TO, C, 1><<<grid, kThreads, 0, stream>>>(p);
-    return;
+  if (a.mask) {
+    launch_k<T, TO, C, true>(a, p, vec, grid, stream);
+  } else {
+    launch_k<T, TO, C, false>(a, p, vec, grid, stream);
   }
-  switch (a.K) {
-    case 1: fused_update_kernel<1, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: fused_update_kernel<2, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 3: fused_update_kernel<3, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: fused_update_kernel<4, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 5: fused_update_kernel<5, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 6: fused_update_kernel<6, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    case 7: fused_update_kernel<7, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-    default: fused_update_kernel<8, T, TO, C, VEC><<<grid, kThreads, 0, stream>>>(p); break;
-  }
-  static_assert(kKMax == 8, "add the cases above when K_MAX changes");
 }
 
 // Makes `device` current for the launch and restores the caller's device afterwards.
@@ -265,6 +325,7 @@ void launch_fused_update_cuda(const FusedUpdateArgs& a, int device, uintptr_t st
     p.bufs[k] = a.bufs[k];
     p.coef[k] = a.coef[k];
     p.aux_coef[k] = a.aux_coef[k];
+    p.mask_coef[k] = a.mask_coef[k];
   }
   p.out = a.out;
   p.aux = a.aux;
@@ -272,7 +333,11 @@ void launch_fused_update_cuda(const FusedUpdateArgs& a, int device, uintptr_t st
   p.aux_coef_table = a.aux_coef_table;
   p.noise_coef_table = a.noise_coef_table;
   p.seeds = a.seeds;
+  p.steps = a.steps;
   p.noise = a.noise;
+  p.mask = a.mask;
+  p.mask_dtype = a.mask_dtype;
+  p.mask_coef_table = a.mask_coef_table;
   p.noise_coef = a.noise_coef;
   p.numel = a.numel;
   p.K = a.K;

@@ -63,6 +63,7 @@ void validate_fused_update(const FusedUpdateArgs& a) {
          std::to_string(a.noise_mode));
   }
   if (a.noise_mode == kTensorNoise) check_dtype(a.noise_dtype, "noise");
+  if (a.mask) check_dtype(a.mask_dtype, "mask");
   const int64_t n = a.batch * a.numel;
   if (n == 0) return;
 
@@ -86,6 +87,11 @@ void validate_fused_update(const FusedUpdateArgs& a) {
     if (a.aux) check_overlap(range_of(a.aux, a.aux_dtype, n), "aux_out", z, "noise", true);
   }
   if (a.aux) check_overlap(range_of(a.aux, a.aux_dtype, n), "aux_out", out, "out", false);
+  if (a.mask) {  // read while out and aux are written: no aliasing at all
+    const Range m = range_of(a.mask, a.mask_dtype, n);
+    check_overlap(out, "out", m, "mask", false);
+    if (a.aux) check_overlap(range_of(a.aux, a.aux_dtype, n), "aux_out", m, "mask", false);
+  }
 }
 
 namespace {

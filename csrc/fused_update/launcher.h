@@ -13,7 +13,8 @@
 namespace pyengine {
 
 // Checks counts, pointers and dtype codes, and that out and aux overlap no input except by
-// being the very same array (same address and dtype), and not each other. Device pointers
+// being the very same array (same address and dtype), and not each other nor the mask (which
+// they may not alias at all). Device pointers
 // live in CUDA's unified address space, so the same address-range test holds for them.
 void validate_fused_update(const FusedUpdateArgs& a);
 

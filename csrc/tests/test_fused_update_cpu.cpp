@@ -7,8 +7,9 @@
 //   * float16 / bfloat16 conversions against plain double-arithmetic references, every bit
 //     pattern and every tie
 //   * the kernel against a naive float64 loop: every storage dtype, mixed dtypes, K = 1..8,
-//     per-step and per-sample coefficients, every noise mode, aux, in-place aliasing, sizes
-//     around the block and tile, 1 and 2 threads, each instruction-set build
+//     per-step and per-sample coefficients, every noise mode, per-sample draw numbers, the
+//     inpainting mask in every dtype, aux, in-place aliasing, sizes around the block and
+//     tile, 1 and 2 threads, each instruction-set build
 //   * the launcher's validation
 #include <cmath>
 #include <cstdint>
@@ -225,6 +226,8 @@ struct Case {
   bool per_sample_noise;
   int alias;  // -1: none, else out is bufs[alias]
   int threads;
+  bool per_sample_step;
+  int mask_dtype;  // -1: no mask
 };
 
 void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
@@ -250,8 +253,19 @@ void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
   std::vector<uint64_t> seeds(static_cast<size_t>(c.batch));
   for (auto& s : seeds) s = rng();
   const uint32_t step = static_cast<uint32_t>(rng());
+  std::vector<int64_t> steps(static_cast<size_t>(c.batch));
+  for (auto& s : steps) s = static_cast<int64_t>(rng());  // the kernel takes the low 32 bits
   Array noise(kFloat32, n);
   for (size_t i = 0; i < n; ++i) noise.set(i, normal(rng));
+  // the mask: uniform in [0, 1] or binary, in its own dtype; base coefficients
+  Array mask(c.mask_dtype >= 0 ? c.mask_dtype : kFloat32, c.mask_dtype >= 0 ? n : 0);
+  std::uniform_real_distribution<double> unif(0.0, 1.0);
+  const bool binary = rng() % 2 == 0;
+  for (size_t i = 0; i < mask.bytes.size() / static_cast<size_t>(dtype_size(mask.dtype)); ++i) {
+    mask.set(i, binary ? static_cast<double>(rng() % 2) : unif(rng));
+  }
+  std::vector<double> mcoef(coef.size());
+  for (auto& v : mcoef) v = normal(rng);
 
   FusedUpdateArgs a;
   Array out(c.out_dtype, c.alias >= 0 ? 0 : n), aux(c.out_dtype, c.aux ? n : 0);
@@ -265,6 +279,7 @@ void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
     a.buf_dtypes[k] = bufs[static_cast<size_t>(k)].dtype;
     a.coef[k] = coef[static_cast<size_t>(k)];
     a.aux_coef[k] = acoef[static_cast<size_t>(k)];
+    a.mask_coef[k] = mcoef[static_cast<size_t>(k)];
   }
   a.batch = c.batch;
   a.numel = c.numel;
@@ -277,6 +292,10 @@ void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
   a.step = step;
   a.noise = noise.data();
   a.noise_dtype = kFloat32;
+  a.steps = c.per_sample_step ? steps.data() : nullptr;
+  a.mask = c.mask_dtype >= 0 ? mask.data() : nullptr;
+  a.mask_dtype = mask.dtype;
+  a.mask_coef_table = c.per_sample ? mcoef.data() : nullptr;
   a.compute_f64 = c.compute_f64;
   fused_update_cpu(a, c.threads);
 
@@ -287,20 +306,25 @@ void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
   for (int64_t b = 0; b < c.batch; ++b) {
     for (int64_t j = 0; j < c.numel; ++j) {
       const size_t i = static_cast<size_t>(b * c.numel + j);
-      double want = 0.0, awant = 0.0, size = 0.0, asize = 0.0, extra = 0.0;
+      double want = 0.0, awant = 0.0, bwant = 0.0, size = 0.0, asize = 0.0, bsize = 0.0;
+      double extra = 0.0;
       for (int k = 0; k < c.K; ++k) {
         const size_t ck = static_cast<size_t>(c.per_sample ? b * c.K + k : k);
         const double x = in[static_cast<size_t>(k) * n + i];
         want += coef[ck] * x;
         awant += acoef[ck] * x;
+        bwant += mcoef[ck] * x;
         size += std::fabs(coef[ck] * x);
         asize += std::fabs(acoef[ck] * x);
+        bsize += std::fabs(mcoef[ck] * x);
       }
       if (c.noise_mode != kNoNoise) {
         double z = noise.get(i);
         if (c.noise_mode == kPhiloxNoise) {
           float q[4];
-          philox::box_muller4(philox::quad_words(seeds[static_cast<size_t>(b)], step,
+          const uint32_t st =
+              c.per_sample_step ? static_cast<uint32_t>(steps[static_cast<size_t>(b)]) : step;
+          philox::box_muller4(philox::quad_words(seeds[static_cast<size_t>(b)], st,
                                                  static_cast<uint64_t>(j / 4)), q);
           z = q[j % 4];
         }
@@ -310,10 +334,17 @@ void run_case(const Case& c, std::mt19937_64& rng, const std::string& isa) {
         // the kernel's normals may differ from libm's recipe by 4 float32 ulp (|z| < 6)
         if (c.noise_mode == kPhiloxNoise) extra = czv * 4.0 * std::ldexp(1.0, -21);
       }
-      // K + 2 roundings in the compute type, one of the result to the output type (down to
-      // half of float16's smallest subnormal)
+      // the blend m res + (1 - m) base: three more roundings, of terms at most as large
+      if (c.mask_dtype >= 0) {
+        const double m = mask.get(i);
+        want = m * want + (1.0 - m) * bwant;
+        size = size + bsize + std::fabs(want);
+        extra *= m;
+      }
+      // K + 2 (+ 3) roundings in the compute type, one of the result to the output type (down
+      // to half of float16's smallest subnormal)
       const double sub = c.out_dtype == kFloat16 ? std::ldexp(1.0, -25) : 0.0;
-      const double tol = (c.K + 2) * u_c * size + u_o * std::fabs(want) + sub + extra;
+      const double tol = (c.K + 5) * u_c * size + u_o * std::fabs(want) + sub + extra;
       CHECK(std::fabs(o.get(i) - want) <= tol, "%s out[%lld] %.17g want %.17g (K=%d dtype %d)",
             isa.c_str(), static_cast<long long>(i), o.get(i), want, c.K, c.out_dtype);
       if (c.aux) {
@@ -346,6 +377,8 @@ void test_kernel(const std::string& isa) {
         c.per_sample_noise = (n & 4) != 0;
         c.alias = (n % 5 == 0 && dt >= 0) ? static_cast<int>(rng() % K) : -1;
         c.threads = (n & 8) ? 2 : 1;
+        c.per_sample_step = (n & 16) != 0;
+        c.mask_dtype = (n / 3) % 2 ? static_cast<int>(rng() % kNumDTypes) : -1;
         // the larger sizes only for a few K, to keep the sanitized run short
         if (sz[1] > 2000 && K % 3 != 1) continue;
         run_case(c, rng, isa);
@@ -405,6 +438,18 @@ void test_validation() {
           a.batch = 0;
           a.out = nullptr;
         }), "empty update needs no pointers");
+  std::vector<float> m(10, 0.5f);
+  CHECK(!with([&](FusedUpdateArgs& a) { a.mask = m.data(); }), "valid mask rejected");
+  CHECK(!with([&](FusedUpdateArgs& a) { a.mask = x.data(); }), "mask = an input rejected");
+  CHECK(with([&](FusedUpdateArgs& a) {
+          a.mask = m.data();
+          a.mask_dtype = 9;
+        }), "bad mask dtype");
+  CHECK(with([&](FusedUpdateArgs& a) { a.mask = o.data(); }), "mask aliasing out");
+  CHECK(with([&](FusedUpdateArgs& a) {
+          a.mask = m.data();
+          a.aux = m.data() + 4;
+        }), "aux overlapping the mask");
   CHECK(throws_invalid([] { set_cpu_isa("sse9"); }), "unknown isa");
 }
 

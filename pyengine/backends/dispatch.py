@@ -294,13 +294,17 @@ def explain(device=None, dtype=None) -> dict[str, str | None]:
 
 
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                 aux_coef=None, *, noise=None, compute_dtype=None, backend=None):
-    """The contract through the backend :func:`select` picks for this concrete call."""
+                 aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None,
+                 backend=None):
+    """The contract through the backend :func:`select` picks for this concrete call (every
+    backend takes a per-sample step tensor and the inpainting mask)."""
     if not isinstance(bufs, (list, tuple)) or not bufs or \
             not all(isinstance(b, torch.Tensor) for b in bufs) or not isinstance(out, torch.Tensor):
         raise ValueError("fused_update takes an output tensor and a non-empty list of tensors")
     be = select(Call.of(out, bufs, aux_out), backend)
     kw = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+    if mask is not None or mask_coef is not None:
+        kw.update(mask=mask, mask_coef=mask_coef)
     return be.fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef,
                            noise=noise, **kw)
 

@@ -1,13 +1,19 @@
 """The numba CPU backend: parallel numba kernels over zero-copy numpy views of the tensors.
 
-fused_update(out, bufs[K], coef[K] or [B, K], noise_coef or [B], seeds[B], step,
-             aux_out=None, aux_coef=None, *, noise=None, compute_dtype=None)
+fused_update(out, bufs[K], coef[K] or [B, K], noise_coef or [B], seeds[B], step or step[B],
+             aux_out=None, aux_coef=None, *, noise=None, compute_dtype=None,
+             mask=None, mask_coef=None)
 
     out = sum_k coef_k * bufs_k + noise_coef * z       aux_out = sum_k aux_coef_k * bufs_k
+    with a mask: out = mask * out + (1 - mask) * sum_k mask_coef_k * bufs_k
 
 float32 and float64 tensors only (numpy has no bfloat16; float16 would be computed through
 conversions numba cannot vectorize): other dtypes make the call unsupported, with the reason
-in :func:`reasons_unsupported`, and the dispatcher picks another backend.
+in :func:`reasons_unsupported`, and the dispatcher picks another backend. The inpainting mask
+may be any float dtype: one in another dtype than the compute dtype is converted first (an
+extra pass over the mask; exact). ``step`` may be an int64 [B] tensor of per-sample draw
+numbers (read once per tile). The masked kernels are separate functions (compiled on first
+use), so the unmasked ones are what they were.
 
 Kernels are generated per K = 1..8 (and compute dtype, parallel or not) with the K terms
 written out, so each inner loop is one fused, vectorizable expression; the source is written
@@ -32,6 +38,8 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+
+from ._native import check_mask, per_sample_steps
 
 name = "numba"
 device_types = ("cpu",)
@@ -147,7 +155,8 @@ if numba is not None:
 
 _TEMPLATE = """
 @njit(parallel={parallel}, fastmath=False, cache=True)
-def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, nct, ncs, mode, seeds, step, noise, B, N):
+def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, nct, ncs, mode, seeds, steps, sts, noise,
+            B, N):
     tiles = (N + TILE - 1) // TILE
     for i in {rng}(B * tiles):
         b = i // tiles
@@ -161,8 +170,9 @@ def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, nct, ncs, mode, seeds, st
 {acoefs}
         if mode == 1:
             nc = {cast}(nct[b * ncs])
+            stp = steps[b * sts]
             for q in range((n + 3) // 4):
-                zs = _normals(seeds[b], step, (t0 >> 2) + q)
+                zs = _normals(seeds[b], stp, (t0 >> 2) + q)
                 for e in range(min(4, n - 4 * q)):
                     j = 4 * q + e
                     s = {sum_c}
@@ -190,6 +200,60 @@ def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, nct, ncs, mode, seeds, st
                 o[j] = {sum_c}
 """
 
+# The inpainting blend: res and base (r) from the same loads, then m res + (1 - m) base.
+_TEMPLATE_MASK = """
+@njit(parallel={parallel}, fastmath=False, cache=True)
+def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, mct, mcs, msk, nct, ncs, mode, seeds,
+            steps, sts, noise, B, N):
+    one = {cast}(1.0)
+    tiles = (N + TILE - 1) // TILE
+    for i in {rng}(B * tiles):
+        b = i // tiles
+        t0 = (i - b * tiles) * TILE
+        n = min(TILE, N - t0)
+        base = b * N + t0
+        o = out[base:base + n]
+{views}
+{coefs}
+        av = aux[base:base + n]          # empty when there is no aux (a 1-element dummy)
+{acoefs}
+{mcoefs}
+        mv = msk[base:base + n]
+        if mode == 1:
+            nc = {cast}(nct[b * ncs])
+            stp = steps[b * sts]
+            for q in range((n + 3) // 4):
+                zs = _normals(seeds[b], stp, (t0 >> 2) + q)
+                for e in range(min(4, n - 4 * q)):
+                    j = 4 * q + e
+                    s = {sum_c}
+                    r = {sum_m}
+                    if has_aux:
+                        av[j] = {sum_a}
+                    s = s + nc * {cast}(zs[e])
+                    m = mv[j]
+                    o[j] = m * s + (one - m) * r
+        elif mode == 2:
+            nc = {cast}(nct[b * ncs])
+            z = noise[base:base + n]
+            for j in range(n):
+                s = {sum_c}
+                r = {sum_m}
+                if has_aux:
+                    av[j] = {sum_a}
+                s = s + nc * z[j]
+                m = mv[j]
+                o[j] = m * s + (one - m) * r
+        else:
+            for j in range(n):
+                s = {sum_c}
+                r = {sum_m}
+                if has_aux:
+                    av[j] = {sum_a}
+                m = mv[j]
+                o[j] = m * s + (one - m) * r
+"""
+
 
 def _source() -> str:
     """One kernel per (K, compute dtype, parallel): the K terms written out, so each inner
@@ -200,16 +264,21 @@ def _source() -> str:
     for K in range(1, K_MAX + 1):
         for tag, cast in (("f32", "np.float32"), ("f64", "np.float64")):
             for par in (True, False):
-                parts.append(_TEMPLATE.format(
-                    parallel=par, rng="prange" if par else "range",
-                    fname=f"k{K}_{tag}_{'par' if par else 'ser'}", cast=cast,
-                    xs=", ".join(f"x{k}" for k in range(K)),
-                    views="\n".join(f"        v{k} = x{k}[base:base + n]" for k in range(K)),
-                    coefs="\n".join(f"        c{k} = {cast}(ct[b * cs, {k}])" for k in range(K)),
-                    acoefs="\n".join(f"        a{k} = {cast}(act[b * acs, {k}])"
-                                      for k in range(K)),
-                    sum_c=" + ".join(f"c{k} * v{k}[j]" for k in range(K)),
-                    sum_a=" + ".join(f"a{k} * v{k}[j]" for k in range(K))))
+                for masked, template in ((False, _TEMPLATE), (True, _TEMPLATE_MASK)):
+                    parts.append(template.format(
+                        parallel=par, rng="prange" if par else "range",
+                        fname=f"k{K}_{tag}_{'par' if par else 'ser'}{'_mask' if masked else ''}",
+                        cast=cast, xs=", ".join(f"x{k}" for k in range(K)),
+                        views="\n".join(f"        v{k} = x{k}[base:base + n]" for k in range(K)),
+                        coefs="\n".join(f"        c{k} = {cast}(ct[b * cs, {k}])"
+                                         for k in range(K)),
+                        acoefs="\n".join(f"        a{k} = {cast}(act[b * acs, {k}])"
+                                          for k in range(K)),
+                        mcoefs="\n".join(f"        m{k} = {cast}(mct[b * mcs, {k}])"
+                                          for k in range(K)),
+                        sum_c=" + ".join(f"c{k} * v{k}[j]" for k in range(K)),
+                        sum_a=" + ".join(f"a{k} * v{k}[j]" for k in range(K)),
+                        sum_m=" + ".join(f"m{k} * v{k}[j]" for k in range(K))))
     return "\n".join(parts) + "\n"
 
 
@@ -323,7 +392,7 @@ def _check(t, argname, shape):
 
 
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                 aux_coef=None, *, noise=None, compute_dtype=None):
+                 aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
     if numba is None:
         raise RuntimeError(f"the numba backend is unavailable: {IMPORT_ERROR}")
     if not isinstance(bufs, (list, tuple)) or not bufs:
@@ -347,11 +416,14 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
     if compute_dtype is not None and compute_dtype not in DTYPES:
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got "
                          f"{compute_dtype}")
+    has_mask = check_mask(mask, mask_coef, out, aux_out, shape, ref.device)
     cdt = compute_dtype or (torch.float64 if out.dtype == torch.float64 else torch.float32)
     B = shape[0]
     N = ref.numel() // B if B else 0
+    steps = per_sample_steps(step, B)
     ct, cs = _table(coef, B, K, "coef")
     act, acs = _table(aux_coef, B, K, "aux_coef") if aux_out is not None else (ct, 0)
+    mct, mcs = _table(mask_coef, B, K, "mask_coef") if has_mask else (ct, 0)
 
     # noise: Philox keyed by (seeds[b], step) or the given tensor, times a scalar or [B] c_z
     if isinstance(noise_coef, torch.Tensor):
@@ -366,7 +438,7 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
         raise ValueError(f"noise_coef must be a float or a [B] tensor, got "
                          f"{type(noise_coef).__name__}")
     npc = _NP[cdt]
-    mode, sd, nz, st = 0, np.zeros(1, np.int64), _dummy(npc), 0
+    mode, sd, nz, st, sts = 0, np.zeros(1, np.int64), _dummy(npc), np.zeros(1, np.int64), 0
     keep = []
     if has_noise and noise is not None:
         _check(noise, "noise", shape)
@@ -374,14 +446,19 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
         keep.append(nzt)
         mode, nz = 2, _view(nzt)
     elif has_noise:
-        if not isinstance(seeds, torch.Tensor) or isinstance(step, bool) or \
-                not isinstance(step, numbers.Integral) or step < 0:
+        if not isinstance(seeds, torch.Tensor) or (steps is None and (
+                isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0)):
             raise ValueError("a noisy update needs seeds (an int64 [B] tensor) and step >= 0 "
-                             "(or noise=)")
+                             "or an int64 [B] step tensor (or noise=)")
         if seeds.dtype != torch.int64 or seeds.shape != (B,):
             raise ValueError(f"seeds must be an int64 [B]={B} tensor, got {seeds.dtype} "
                              f"{tuple(seeds.shape)}")
-        mode, sd, st = 1, seeds.detach().cpu().numpy(), int(step) & 0xFFFFFFFF
+        mode, sd = 1, seeds.detach().cpu().numpy()
+        if steps is None:
+            st = np.full(1, int(step) & 0xFFFFFFFF, np.int64)
+        else:                       # the low 32 bits, one per sample (or one for the batch)
+            st = (steps.detach().cpu() & 0xFFFFFFFF).numpy()
+            sts = int(steps.shape[0] != 1)
     if B * N == 0:
         return out
 
@@ -403,9 +480,17 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
     if numba.get_num_threads() != nt:
         numba.set_num_threads(nt)
     tag = "f64" if cdt == torch.float64 else "f32"
-    kern = getattr(_generated(), f"k{K}_{tag}_{'par' if B * N >= SERIAL_BELOW else 'ser'}")
-    kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, nct, ncs, mode, sd, st, nz,
-         B, N)
+    fname = f"k{K}_{tag}_{'par' if B * N >= SERIAL_BELOW else 'ser'}"
+    if has_mask:
+        mk = mask if mask.dtype == cdt and mask.is_contiguous() else mask.to(cdt).contiguous()
+        keep.append(mk)
+        kern = getattr(_generated(), fname + "_mask")
+        kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, mct, mcs, _view(mk), nct,
+             ncs, mode, sd, st, sts, nz, B, N)
+    else:
+        kern = getattr(_generated(), fname)
+        kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, nct, ncs, mode, sd, st,
+             sts, nz, B, N)
     for dst, src in copy_back:
         dst.copy_(src)
     return out

@@ -1,18 +1,24 @@
 """The Triton backend: kernels/fused_update.py on CUDA tensors.
 
 fused_update(out, bufs[K], coef[K] or [B, K], noise_coef or [B], seeds[B], step,
-             aux_out=None, aux_coef=None, *, noise=None, compute_dtype=None)
+             aux_out=None, aux_coef=None, *, noise=None, compute_dtype=None,
+             mask=None, mask_coef=None)
 
     out = sum_k coef_k * bufs_k + noise_coef * z       aux_out = sum_k aux_coef_k * bufs_k
+    with a mask: out = mask * out + (1 - mask) * sum_k mask_coef_k * bufs_k
 
 Loads float32/float16/bfloat16 (float64), computes in float32 (float64 when the output is
 float64 or ``compute_dtype=torch.float64``), stores the output's dtype; the Philox noise is
-made in the kernel, bit-identical words to :mod:`pyengine.noise`. ``step`` may be an int or
-an int64 device tensor of one element (read by the kernel: a captured graph replays with a
-new step written into it, as with ``seeds``). Call :func:`warmup` before capturing a graph.
+made in the kernel, bit-identical words to :mod:`pyengine.noise`. ``step`` may be an int, an
+int64 tensor of one element (read by the kernel: a captured graph replays with a new step
+written into it, as with ``seeds``) or an int64 [B] tensor of per-sample draw numbers (each
+sample's noise that of the sample updated alone at its step). The inpainting ``mask`` (any
+float dtype, read in the kernel; see pyengine.backends.torch_ref for the exact formula)
+blends in the same pass. Call :func:`warmup` before capturing a graph.
 
 Test-only path: with ``TRITON_INTERPRET=1`` in the environment before triton is imported,
-the interpreter runs the same kernel on CPU tensors (float32/float64; it has no bfloat16).
+the interpreter runs the same kernel on CPU tensors (float32/float64; it has no bfloat16:
+a half-precision mask is widened to float32 first there, exactly).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from ._native import _coefficients as coefficients  # the same [K] / [B, K] rules
+from ._native import check_mask, per_sample_steps
 
 name = "triton"
 device_types = ("cuda",)
@@ -89,9 +96,7 @@ _STEPS: dict = {}
 
 def _step_tensor(step, device):
     """An int64 [1] device tensor holding ``step``, cached per (device, step): made once, in
-    the eager warm-up run, never during a capture."""
-    if isinstance(step, torch.Tensor):
-        return step.to(device=device, dtype=torch.int64).reshape(1)
+    the eager warm-up run, never during a capture. A step tensor is checked elsewhere."""
     key = (str(device), int(step))
     t = _STEPS.get(key)
     if t is None:
@@ -112,7 +117,7 @@ def _check(t, argname, shape, device):
 
 
 def prepare(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None, aux_coef=None,
-            *, noise=None, compute_dtype=None):
+            *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
     """Validate the contract's arguments and return (kernel args, copy-backs) or None (empty)."""
     if not isinstance(bufs, (list, tuple)) or not bufs:
         raise ValueError("bufs must be a non-empty list of tensors")
@@ -137,15 +142,20 @@ def prepare(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None, 
     if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got "
                          f"{compute_dtype}")
+    has_mask = check_mask(mask, mask_coef, out, aux_out, shape, device)
     f64 = (compute_dtype or out.dtype) == torch.float64
     B = shape[0]
+    steps = per_sample_steps(step, B)            # checked here; [1] or [B] for the kernel
     cv, ct = coefficients(coef, B, K, device, "coef")
     av, at = coefficients(aux_coef, B, K, device, "aux_coef") if aux_out is not None else ([], None)
+    mv, mt = coefficients(mask_coef, B, K, device, "mask_coef") if has_mask else ([], None)
     if f64:      # Triton passes Python floats as fp32: float64 math reads float64 tables
         if ct is None:
             ct = torch.tensor([cv], dtype=torch.float64, device=device)
         if aux_out is not None and at is None:
             at = torch.tensor([av], dtype=torch.float64, device=device)
+        if has_mask and mt is None:
+            mt = torch.tensor([mv], dtype=torch.float64, device=device)
     nc_table, nc_scalar = None, 0.0
     if isinstance(noise_coef, torch.Tensor):
         if noise_coef.numel() != B:
@@ -166,15 +176,22 @@ def prepare(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None, 
         _check(noise, "noise", shape, device)
         mode, nz = 2, noise.contiguous()
     elif has_noise:
-        step_ok = isinstance(step, torch.Tensor) or (
+        step_ok = steps is not None or (
             isinstance(step, numbers.Integral) and not isinstance(step, bool) and step >= 0)
         if not isinstance(seeds, torch.Tensor) or not step_ok:
             raise ValueError("a noisy update needs seeds (an int64 [B] tensor) and step >= 0 "
-                             "(or noise=)")
+                             "or an int64 [B] step tensor (or noise=)")
         if seeds.dtype != torch.int64 or seeds.shape != (B,):
             raise ValueError(f"seeds must be an int64 [B]={B} tensor, got {seeds.dtype} "
                              f"{tuple(seeds.shape)}")
-        mode, sd, st = 1, seeds.to(device).contiguous(), _step_tensor(step, device)
+        mode, sd = 1, seeds.to(device).contiguous()
+        st = (per_sample_steps(steps, B, device, expand=False) if steps is not None
+              else _step_tensor(step, device))
+    mk = None
+    if has_mask:
+        mk = mask.contiguous()
+        if device.type == "cpu" and mk.dtype not in (torch.float32, torch.float64):
+            mk = mk.float()            # the interpreter has no half types; exact
     if ref.numel() == 0:
         return None
     ins = [b.contiguous() for b in bufs]
@@ -186,17 +203,18 @@ def prepare(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None, 
     if aux_out is not None and not aux_out.is_contiguous():
         a = torch.empty(shape, dtype=aux_out.dtype, device=device)
         copy_back.append((aux_out, a))
-    args = (o, ins, cv or [], ct, a, av or [], at, mode, nc_scalar, nc_table, sd, st, nz, f64)
+    args = (o, ins, cv or [], ct, a, av or [], at, mode, nc_scalar, nc_table, sd, st, nz, f64,
+            mk, mv or [], mt)
     return args, copy_back
 
 
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                 aux_coef=None, *, noise=None, compute_dtype=None):
+                 aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
     k = _load()
     if k is None:
         raise RuntimeError(f"the triton backend is unavailable: {_IMPORT_ERROR}")
     prep = prepare(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise=noise,
-                   compute_dtype=compute_dtype)
+                   compute_dtype=compute_dtype, mask=mask, mask_coef=mask_coef)
     if prep is None:
         return out
     args, copy_back = prep
@@ -207,14 +225,14 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
 
 
 def fused_update_op(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                    aux_coef=None, *, noise=None, compute_dtype=None):
+                    aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
     """The same update through ``torch.ops.pyengine.triton_fused_update`` (traceable by
     torch.compile, which sees the Triton kernel itself)."""
     k = _load()
     if k is None:
         raise RuntimeError(f"the triton backend is unavailable: {_IMPORT_ERROR}")
     prep = prepare(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise=noise,
-                   compute_dtype=compute_dtype)
+                   compute_dtype=compute_dtype, mask=mask, mask_coef=mask_coef)
     if prep is None:
         return out
     args, copy_back = prep
