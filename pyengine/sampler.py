@@ -22,12 +22,16 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
 
     ``guidance_scale=w`` folds classifier-free guidance into the plan (see :class:`Sampler`)."""
     info = registry.get(solver)
-    unknown = sorted(set(options) - set(info.options))
-    if unknown:
-        accepted = ", ".join(info.options) or "none"
-        raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} (it accepts: {accepted})")
-    opts = {**info.defaults, **options}
+    opts = registry.check_options(info, options)      # every option's type and range
+    if guidance_scale is not None:
+        guidance_scale = registry.check_scalar("guidance_scale", guidance_scale)
+    guidance_rescale = registry.check_scalar("guidance_rescale", guidance_rescale or 0.0)
+    if timesteps is not None:
+        timesteps = registry.check_timesteps(timesteps)
     sig = sched.validate(sigmas, increasing=info.family == "inversion")
+    if len(sig) - 1 > registry.MAX_STEPS:
+        raise ValueError(f"sigmas has {len(sig) - 1} steps; at most {registry.MAX_STEPS} "
+                         f"(pyengine.solvers.registry.MAX_STEPS)")
     b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps,
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     info.build(b, **opts)
@@ -93,6 +97,8 @@ class Sampler:
                             f"{type(process).__name__}")
         self.process = process
         self.info = registry.get(solver)
+        if init_noise_scale is not None:
+            init_noise_scale = registry.check_scalar("init_noise_scale", init_noise_scale)
         self.prediction = check_prediction(prediction)
         inverse = self.info.family == "inversion"
         if sigmas is not None:
@@ -104,6 +110,7 @@ class Sampler:
                 raise ValueError("give steps= (with schedule=) or sigmas=")
             if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
                 raise ValueError(f"steps must be a positive integer, got {steps!r}")
+            registry.check_scalar("steps", steps)           # at most MAX_STEPS, before numpy
             sig = sched.get_sigmas(schedule, process, int(steps),
                                    append_zero=to_zero and not inverse,
                                    **(schedule_options or {}))

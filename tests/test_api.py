@@ -46,6 +46,74 @@ def test_bad_steps(steps):
         pe.Sampler(vp(), solver="euler", steps=steps)
 
 
+def _bad_values(spec):
+    """Values every option of this spec must refuse (issue 13 #9: NaN and negative eta were
+    accepted, NaN acting as eta = inf)."""
+    if spec.kind == "choice":
+        return ["no_such_choice", 1]
+    if spec.kind == "bool":
+        return ["yes", 1.0]
+    bad = [float("nan"), "1"]
+    if not spec.allow_inf:
+        bad.append(float("inf"))
+    if spec.lo is not None:
+        bad.append(spec.lo - 0.5 if spec.kind == "real" else int(spec.lo) - 1)
+    if spec.hi is not None:
+        bad.append(spec.hi + 1)
+    if spec.kind == "int":
+        bad.append(1.5)
+    return bad
+
+
+def _option_cases():
+    return [pytest.param(info.name, opt, value, id=f"{info.name}-{opt}-{value!r}")
+            for info in pe.list_solvers() for opt, spec in sorted(info.specs.items())
+            for value in _bad_values(spec)]
+
+
+@pytest.mark.parametrize("name,option,value", _option_cases())
+def test_bad_solver_option_values_are_refused_by_name(name, option, value):
+    with pytest.raises(ValueError, match=rf"solver '{name}': {option} must be"):
+        pe.Sampler(vp(), solver=name, steps=4, **{option: value})
+
+
+def test_every_scalar_option_has_a_spec():
+    """Every option whose default is a scalar is declared in the registry (type and range)."""
+    for info in pe.list_solvers():
+        for opt, default in info.defaults.items():
+            if isinstance(default, (bool, int, float, str)):
+                assert opt in info.specs, f"{info.name}: option {opt!r} has no spec"
+                info.specs[opt].check(opt, default)       # the default itself is valid
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(init_noise_scale=float("nan")), "init_noise_scale"),
+    (dict(init_noise_scale=-1.0), "init_noise_scale"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_rescale=float("nan")), "guidance_rescale"),
+    (dict(guidance_rescale=2.0), "guidance_rescale"),
+    (dict(timesteps=[float("nan")] * 9), "timesteps must be finite"),
+    (dict(timesteps=[[1.0] * 9]), "timesteps must be 1-D"),
+])
+def test_bad_plan_scalars_are_refused_by_name(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        pe.Sampler(vp(), solver="ddim", steps=8, **kw)
+
+
+def test_steps_limit_fails_fast():
+    """10^7 steps used to build for minutes (and numpy ran out of memory further up)."""
+    import time
+    for steps in (registry.MAX_STEPS + 1, 10 ** 7, 10 ** 12):
+        t = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, "
+                                              rf"{registry.MAX_STEPS}\]"):
+            pe.Sampler(vp(), solver="euler", steps=steps)
+        assert time.perf_counter() - t < 1.0
+    sig = np.geomspace(80.0, 0.01, registry.MAX_STEPS + 2)
+    with pytest.raises(ValueError, match="at most"):
+        pe.build_plan(vp(), "euler", sig)
+
+
 def test_missing_steps():
     with pytest.raises(ValueError, match="steps="):
         pe.Sampler(vp(), solver="euler")

@@ -241,7 +241,7 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
                   "(D0 - D_-1)/r by (e^-h - 1)/h + 1); first step first order, x_hat' = D0 on "
                   "the step to sigma 0",
           options=("solver_type", "lower_order_final"), solver_type="midpoint",
-          lower_order_final=True,
+          lower_order_final=True, featured=True,
           variants=(("dpmpp_2m", {}, 2, 1),
                     ("dpmpp_2m[heun]", {"solver_type": "heun"}, 2, 1)))
 def dpmpp_2m(b, solver_type, lower_order_final):

@@ -9,7 +9,7 @@ from .registry import register
 
 @register("euler", order=1, nfe_per_step=1, stochastic=False, family="euler",
           summary="Euler: x_hat' = x_hat + (sigma' - sigma_hat) eps (Karras 2022 Alg. 2 without "
-                  "the correction)", options=CHURN_OPTIONS, **CHURN_DEFAULTS)
+                  "the correction)", options=CHURN_OPTIONS, featured=True, **CHURN_DEFAULTS)
 def euler(b, s_churn, s_tmin, s_tmax, s_noise):
     sig = b.sigmas
     for i in range(b.n_steps):
@@ -23,7 +23,7 @@ def euler(b, s_churn, s_tmin, s_tmax, s_noise):
 @register("euler_ancestral", order=1, nfe_per_step=1, stochastic=True, family="euler",
           summary="Euler ancestral: x_hat' = x_hat + (sigma_down - sigma) eps + s_noise sigma_up z "
                   "(k-diffusion sample_euler_ancestral)", options=("eta", "s_noise"),
-          eta=1.0, s_noise=1.0)
+          eta=1.0, s_noise=1.0, featured=True)
 def euler_ancestral(b, eta, s_noise):
     sig = b.sigmas
     for i in range(b.n_steps):
@@ -36,7 +36,7 @@ def euler_ancestral(b, eta, s_noise):
 
 @register("heun", order=2, nfe_per_step=2, stochastic=False, family="euler",
           summary="Heun, EDM Algorithm 2 (churn optional); Euler on the step to sigma 0",
-          options=CHURN_OPTIONS, **CHURN_DEFAULTS)
+          options=CHURN_OPTIONS, featured=True, **CHURN_DEFAULTS)
 def heun(b, s_churn, s_tmin, s_tmax, s_noise):
     sig = b.sigmas
     for i in range(b.n_steps):

@@ -18,7 +18,7 @@ where the denoiser is nonlinear, so they are not offered.
 
 from __future__ import annotations
 
-from .registry import register
+from .registry import Option, register
 
 _AB = {
     1: (1.0,),
@@ -39,7 +39,7 @@ _MEASURED = {1: 1, 2: 2, 3: 2, 4: 2}
     summary="iPNDM (Zhang & Chen 2023, DEIS): x_hat' = x_hat + (sigma' - sigma) sum_j a_j "
             "eps_{i-j}, fixed Adams-Bashforth weights of order min(order, i+1); measured "
             "order 2 for order >= 2 (fixed weights on a non-uniform grid, Euler warm-up)",
-    options=("order",), defaults=dict(order=4),
+    options=("order",), defaults=dict(order=4), specs={"order": Option("int", lo=1, hi=4)},
     variants=tuple((f"ipndm_{q}", dict(order=q), _MEASURED[q], 1) for q in (1, 2, 3, 4)))
 def ipndm(b, order):
     if isinstance(order, bool) or order not in (1, 2, 3, 4):

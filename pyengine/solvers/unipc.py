@@ -127,7 +127,7 @@ _MEASURED = {
 
 
 @register(
-    "unipc", order=2, nfe_per_step=1, stochastic=False, family="unipc",
+    "unipc", order=2, nfe_per_step=1, stochastic=False, family="unipc", featured=True,
     summary="UniPC (Zhao 2023 Alg. 2-3), data prediction: UniP-p x_hat' = e^{-h} x_hat^c "
             "- (e^{-h}-1) m_0 - B(h) sum rho_k D_k/r_k, refined by UniC-p with the next model "
             "output (no extra NFE); diffusers UniPCMultistepScheduler semantics",
