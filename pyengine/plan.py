@@ -24,7 +24,7 @@ from . import parameterization as param
 #: The most buffers one fused update may read (the kernels' compile-time maximum).
 K_MAX = 8
 
-__all__ = ["K_MAX", "Eval", "GuidanceRescale", "Lin", "Plan", "PlanBuilder", "Update"]
+__all__ = ["K_MAX", "Custom", "Eval", "GuidanceRescale", "Lin", "Plan", "PlanBuilder", "Update"]
 
 
 class Lin:
@@ -96,28 +96,37 @@ class Update:
     # (inpainting re-noises the known region to exactly this level).
     sigma: float = math.nan
     scale: float = math.nan
+    # Inpainting (set by pyengine.runtime.transforms.inpaint): the blend's base coefficients
+    # over ``bufs`` (float64 [K]); the executor passes the mask with them.
+    mask_coefs: np.ndarray | None = None
 
 
-class GuidanceRescale:
-    """Custom op: the guidance rescale of Lin et al. 2024 (eq. 16) on a guided model output.
+class Custom:
+    """A plan op whose numbers depend on the data, so no coefficient table can hold them.
 
-    cfg = (1 - w) u + w c, then dst = phi * cfg * std(c) / std(cfg) + (1 - phi) * cfg with
-    per-sample standard deviations over all non-batch dims (diffusers' ``rescale_noise_cfg``,
-    applied to the raw model output as the pipelines do). The factor depends on the data, so
-    it cannot fold into the plan's coefficients: this op costs one extra pass over the output
-    (only when the rescale is on)."""
+    A custom op declares what it reads and writes (buffer names) and the plan step it belongs
+    to; its tensor code lives in the executor (:mod:`pyengine.runtime.custom`), found by the
+    op's class. ``writes_state`` says whether it writes the sampler state outside the fused
+    updates (inpainting cannot blend such a write); ``draws`` whether it draws noise."""
+
+    reads: tuple = ()
+    writes: tuple = ()
+    step: int = 0
+    writes_state: bool = False
+    draws: bool = False
+
+
+class GuidanceRescale(Custom):
+    """The guidance rescale of Lin et al. 2024 (eq. 16) on a guided model output:
+
+        cfg = (1 - w) u + w c,   dst = phi * cfg * std(c) / std(cfg) + (1 - phi) * cfg
+
+    with per-sample standard deviations over all non-batch dims (diffusers'
+    ``rescale_noise_cfg`` on the raw model output). One extra pass over the output."""
 
     def __init__(self, src: str, dst: str, w: float, phi: float, step: int):
         self.src, self.dst, self.w, self.phi, self.step = src, dst, float(w), float(phi), step
-
-    def execute(self, *, slots, backend=None, model=None, seeds=None, generator=None,
-                state_dtype=None, compute_dtype=None):
-        u, c = slots[self.src + "/u"], slots[self.src + "/c"]
-        cfg = u + self.w * (c - u)
-        dims = list(range(1, c.dim()))
-        std_c = c.std(dim=dims, keepdim=True)
-        std_cfg = cfg.std(dim=dims, keepdim=True)
-        slots[self.dst] = self.phi * (cfg * (std_c / std_cfg)) + (1.0 - self.phi) * cfg
+        self.reads, self.writes = (src + "/u", src + "/c"), (dst,)
 
     def __repr__(self) -> str:
         return (f"GuidanceRescale({self.dst} = rescale({self.src}/u, {self.src}/c, "
@@ -146,7 +155,7 @@ class Plan:
     def describe(self) -> str:
         lines = [f"Plan({self.solver}, steps={len(self.sigmas) - 1}, nfe={self.nfe})"]
         for op in self.ops:
-            if not isinstance(op, (Eval, Update)):
+            if isinstance(op, Custom):
                 lines.append(f"  custom {op!r}")
             elif isinstance(op, Eval):
                 if op.guidance is not None:
@@ -321,10 +330,13 @@ class PlanBuilder:
             self._version[aux[0]] = self._version.get(aux[0], -1) + 1
         return self.ref(dst)
 
-    def custom(self, op, reads: list[str], writes: list[str]) -> None:
-        """Append a custom op (an object with ``execute(slots=..., backend=..., model=...,
-        seeds=..., generator=..., state_dtype=..., compute_dtype=...)``) that reads and writes
-        the named buffers. Used where a coefficient depends on the data (Langevin step size)."""
+    def custom(self, op: Custom, reads: list[str], writes: list[str]) -> None:
+        """Append a :class:`Custom` op that reads and writes the named buffers (where a
+        coefficient depends on the data: the Langevin step size, the guidance rescale)."""
+        if not isinstance(op, Custom):
+            raise TypeError(f"plan bug: custom ops derive from pyengine.plan.Custom, got "
+                            f"{type(op).__name__}")
+        op.reads, op.writes = tuple(reads), tuple(writes)
         for slot in reads:
             self.ref(slot)
         for slot in writes:

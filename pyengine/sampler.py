@@ -10,6 +10,7 @@ from .parameterization import Denoiser, check_prediction
 from .plan import Plan, PlanBuilder
 from .processes import Process
 from .runtime import CompiledLoop, compile_plan, run_plan
+from .runtime.transforms import img2img_state
 from .solvers import registry
 
 __all__ = ["Sampler", "build_plan"]
@@ -184,14 +185,19 @@ class Sampler:
                                           **self.options)
         return self._plans[key]
 
-    def start(self, noise: torch.Tensor, *, guidance_scale=..., guidance_rescale=...,
-              init=None, strength: float | None = None, start_sigma: float | None = None):
-        """(plan, initial state) for a run from standard-normal ``noise``: the whole grid, or
-        img2img from ``init`` at ``strength``/``start_sigma`` (what ``sample`` runs)."""
+    def _guidance(self, guidance_scale, guidance_rescale) -> tuple:
+        """(w, phi) of a call: the sampler's unless overridden (``...``: not given)."""
         w = self.guidance_scale if guidance_scale is ... else guidance_scale
         phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
         if w is None and guidance_rescale is ...:
             phi = 0.0
+        return w, phi
+
+    def start(self, noise: torch.Tensor, *, guidance_scale=..., guidance_rescale=...,
+              init=None, strength: float | None = None, start_sigma: float | None = None):
+        """(plan, initial state) for a run from standard-normal ``noise``: the whole grid, or
+        img2img from ``init`` at ``strength``/``start_sigma`` (what ``sample`` runs)."""
+        w, phi = self._guidance(guidance_scale, guidance_rescale)
         if init is None:
             if strength is not None or start_sigma is not None:
                 raise ValueError("strength/start_sigma need init= (the data to start from)")
@@ -207,8 +213,7 @@ class Sampler:
                                  start_sigma)
             plan = self.plan_for(k, w, phi)
             sig0 = float(self.sigmas[k])
-            s0 = float(self.process.s_of_sigma(sig0))
-            x = (init.to(noise.dtype) + sig0 * noise) * s0
+            x = img2img_state(init, noise, sig0, float(self.process.s_of_sigma(sig0)))
         return plan, x
 
     def sample(self, model, noise: torch.Tensor, seed=0, *, generator=None, callback=None,
@@ -252,9 +257,11 @@ class Sampler:
                 backend: str | None = None, capture: bool | None = None, guidance_scale=...,
                 guidance_rescale=..., extra_args: dict | None = None,
                 compute_dtype: torch.dtype | None = None, warmup: int = 2,
-                cache=None) -> CompiledLoop:
+                cache=None, init=None, strength: float | None = None,
+                start_sigma: float | None = None, mask=None) -> CompiledLoop:
         """The whole sampling loop for batches of ``shape``, device-resident and (on CUDA)
-        captured in one CUDA graph: returns a callable ``fn(noise, seed=0, extra_args=None)``.
+        captured in one CUDA graph: returns a callable ``fn(noise, seed=0, extra_args=None,
+        init=None, mask=None)``.
 
         >>> fn = sampler.compile(unet, (1, 4, 64, 64), torch.float16, "cuda")
         >>> x0 = fn(torch.randn(1, 4, 64, 64, dtype=torch.float16, device="cuda"), seed=3)
@@ -271,22 +278,41 @@ class Sampler:
         by model, shape, dtype, device, backend and plan structure: a sampler with another
         schedule of the same length, or another guidance scale, reuses the captured graph and
         only rewrites its coefficient table. Non-tensor ``extra_args`` are baked in.
-        The result equals ``sample(model, noise, seed)`` up to the rounding of the per-sample
-        coefficient tables (bitwise on the CPU backends).
+
+        img2img and inpainting as in :meth:`sample`: ``init=`` with ``strength=`` /
+        ``start_sigma=`` fixes where the loop starts (the plan's structure); ``mask=`` makes
+        it an inpainting loop. ``init`` and ``mask`` given here are the defaults of every
+        call; ``fn(noise, seed, init=..., mask=...)`` replaces them per call.
+        The result equals ``sample(...)`` with the same arguments up to the rounding of the
+        per-sample coefficient tables (bitwise on the CPU backends).
         """
+        from .runtime.transforms import inpaint
         if isinstance(model, Denoiser) and self.prediction != "sample":
             raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
                              f"with prediction={self.prediction!r}; use prediction='sample'")
-        w = self.guidance_scale if guidance_scale is ... else guidance_scale
-        phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
-        if w is None and guidance_rescale is ...:
-            phi = 0.0
-        plan = self.plan_for(0, w, phi)
+        w, phi = self._guidance(guidance_scale, guidance_rescale)
+        if mask is not None and init is None:
+            raise ValueError("mask= (inpainting) needs init= (the image whose known region is "
+                             "kept)")
+        if init is None and (strength is not None or start_sigma is not None):
+            raise ValueError("strength/start_sigma need init= (the data to start from)")
+        start = ("noise", None)
+        k = 0
+        if init is not None:
+            if self.info.family == "inversion":
+                raise ValueError("init= (img2img) does not apply to an inversion solver")
+            k = self.start_index(1.0 if strength is None and start_sigma is None else strength,
+                                 start_sigma)
+            sig0 = float(self.sigmas[k])
+            start = ("init", (sig0, float(self.process.s_of_sigma(sig0))))
+        plan = self.plan_for(k, w, phi)
+        if mask is not None:
+            plan = inpaint(plan)
         return compile_plan(plan, model, shape, dtype, device,
                             init_noise_scale=self.init_noise_scale,
                             backend=backend or self.backend, capture=capture,
                             extra_args=extra_args, compute_dtype=compute_dtype, warmup=warmup,
-                            cache=cache)
+                            cache=cache, start=start, init=init, mask=mask)
 
     def __repr__(self) -> str:
         return (f"Sampler({self.process!r}, solver={self.solver!r}, steps={self.steps}, "

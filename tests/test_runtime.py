@@ -171,7 +171,7 @@ def test_cache_eviction_releases():
     assert torch.equal(fns[0](_noise((1, 3)), seed=0), outs[0])
     e0 = cache.get(fns[0].key)
     assert fns[2].key not in cache and cache.get(fns[1].key) is e1   # b=2 most recent now
-    e3 = runtime._Entry(None)
+    e3 = runtime.graph._Entry(None)
     cache.put(("x",), e3)
     assert e0.released and e0.loop is None and not e1.released and len(cache) == 2
     cache.resize(1)
@@ -185,13 +185,13 @@ def test_cache_eviction_releases():
 def test_capture_failure_falls_back_with_one_warning(monkeypatch, cache):
     # What happens when capture fails (a model that synchronizes, say): one warning naming the
     # reason, the same device-resident loop run eagerly, correct results, no second warning.
-    monkeypatch.setattr(runtime, "_graph_capable", lambda device: None)
+    monkeypatch.setattr(runtime.graph, "_graph_capable", lambda device: None)
 
     def fail(loop, warmup):
         loop.body()                   # the warm-up runs, then capturing fails
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(runtime, "_capture", fail)
+    monkeypatch.setattr(runtime.graph, "_capture", fail)
     smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=5)
     fn = smp.compile(model, SHAPE, cache=cache)
     assert fn.capture

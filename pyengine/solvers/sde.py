@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ..noise import philox_normal
+from ..plan import Custom
 from .registry import register
 
 
@@ -50,17 +48,17 @@ def euler_maruyama(b):
         reverse_diffusion_step(b, i)
 
 
-class LangevinCorrector:
-    """Custom op: one Langevin corrector step at a fixed noise level (Song 2021 Alg. 5),
+class LangevinCorrector(Custom):
+    """One Langevin corrector step at a fixed noise level (Song 2021 Alg. 5),
 
-        score = sum_k c_k buf_k   (the model output folded to grad_x log p_sigma(x))
-        eps_b = 2 alpha (snr ||z_b|| / ||score_b||)^2        per sample b (norms over the sample)
+        score = sum_k c_k buf_k,   eps_b = 2 alpha (snr ||z_b|| / ||score_b||)^2,
         x <- x + eps_b score + sqrt(2 eps_b) z
 
-    The score goes to a scratch buffer through the backend's fused update, the step sizes are
-    torch reductions on the device (no host sync), and the update is a second fused update with
-    a per-sample [B, 2] coefficient table and the drawn noise passed in.
-    """
+    per sample b (norms over the sample). The step size depends on the data, so this is a
+    custom op; its tensor code is in :mod:`pyengine.runtime.custom`."""
+
+    writes_state = True
+    draws = True
 
     def __init__(self, slot, bufs, coefs, noise_index, snr, alpha, step, sigma):
         self.slot = slot
@@ -72,33 +70,6 @@ class LangevinCorrector:
     def __repr__(self) -> str:
         return (f"LangevinCorrector({self.slot} at sigma={self.sigma:.6g}, snr={self.snr}, "
                 f"z[{self.noise_index}])")
-
-    def execute(self, *, slots, backend, model=None, seeds=None, generator=None,
-                state_dtype=None, compute_dtype=None):
-        x = slots[self.slot]
-        B = x.shape[0]
-        kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
-        score = torch.empty_like(x)
-        backend.fused_update(score, [slots[n] for n in self.score_bufs], self.score_coefs, 0.0,
-                             None, -1, **kw)
-        if generator is not None:
-            z = torch.randn(x.shape, generator=generator, dtype=state_dtype or x.dtype,
-                            device=generator.device).to(x.device)
-        else:
-            if seeds is None:
-                raise ValueError("the Langevin corrector needs per-sample seeds or a generator")
-            z = philox_normal(seeds, self.noise_index, x[0].numel(), device=x.device,
-                              dtype=torch.float32).view(x.shape)
-        # Per-sample norms accumulated in the compute precision; the [B] step sizes in float64.
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        g = torch.linalg.vector_norm(score.reshape(B, -1), dim=1, dtype=acc).to(torch.float64)
-        n = torch.linalg.vector_norm(z.reshape(B, -1), dim=1, dtype=acc).to(torch.float64)
-        eps = 2.0 * self.alpha * (self.snr * n / g.clamp_min(torch.finfo(torch.float64).tiny)) ** 2
-        coef = torch.stack([torch.ones_like(eps), eps], dim=1)              # [B, 2]
-        out = torch.empty_like(x)
-        backend.fused_update(out, [x, score], coef, torch.sqrt(2.0 * eps), seeds,
-                             self.noise_index, noise=z, **kw)
-        slots[self.slot] = out
 
 
 @register("pc_langevin", order=1, nfe_per_step=2, stochastic=True, family="sde",

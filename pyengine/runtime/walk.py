@@ -1,0 +1,297 @@
+"""The walk: the only code that runs a Plan's ops (DESIGN.md s.2).
+
+A :class:`Program` is a plan numbered for walking: its model evaluations and fused updates
+indexed in plan order, split into the prologue (ops before the first model call) and one
+segment per model call (the call and the ops up to the next one). A :class:`Walker` runs a
+program over one batch: it holds the buffers (slots), calls the model (classifier-free
+guidance doubling written here once), issues every fused update (the one ``fused_update``
+call for plans), runs custom ops, and reports each model call to a callback.
+
+What differs between the modes comes in through two small interfaces:
+
+* numbers -- ``update(i, op) -> (coef, aux_coef, noise_coef, mask_coef)`` and
+  ``times(i, op) -> (sigma, t, s)``: host floats read off the plan (:class:`HostNumbers`,
+  eager sampling), or device-resident tables (:class:`~pyengine.runtime.tables.DeviceTables`,
+  the compiled / captured loop) whose [B, K] rows and [B] times the kernels and the model read
+  from device memory;
+* noise -- ``draw(op, like) -> (seeds, step, tensor)``: pyengine's in-kernel Philox keyed by
+  per-sample seeds (:class:`PhiloxDraws`), a torch generator in plan order
+  (:class:`GeneratorDraws`, diffusers' order), or the caller's tensors
+  (:class:`SuppliedDraws`: k-diffusion noise samplers, a diffusers pipeline's generator).
+
+The request scheduler and the diffusers drop-in reuse the walker's model call and update
+call (:meth:`Walker.call_model`, :meth:`Walker.apply`) and walk segments with
+:meth:`Walker.run_segment`.
+
+Buffers are recycled: an update writes into a tensor of the walk's pool that no slot holds
+any more, so a 50-step loop touches the same few tensors (ping-pong) instead of fresh pages
+every step. Tensors the walk did not allocate (the caller's, the model's outputs) are never
+written. With a callback (which may keep slot tensors) nothing is recycled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..parameterization import ModelAdapter
+from ..plan import Custom, Eval, Plan, Update
+from . import custom as _custom
+
+__all__ = ["GeneratorDraws", "HostNumbers", "PhiloxDraws", "Program", "SuppliedDraws",
+           "Walker"]
+
+EVAL, UPDATE, CUSTOM = 0, 1, 2
+
+
+class Program:
+    """A plan numbered for walking (see the module docstring)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.output = plan.output
+        self.evals: list[Eval] = []
+        self.updates: list[Update] = []
+        self.instructions: list[tuple] = []
+        for op in plan.ops:
+            if isinstance(op, Eval):
+                self.instructions.append((EVAL, op, len(self.evals)))
+                self.evals.append(op)
+            elif isinstance(op, Update):
+                self.instructions.append((UPDATE, op, len(self.updates)))
+                self.updates.append(op)
+            elif isinstance(op, Custom):
+                self.instructions.append((CUSTOM, op, _custom.implementation(op)))
+            else:
+                raise TypeError(f"plan {plan.solver!r} holds {type(op).__name__}, which is "
+                                f"neither Eval, Update nor a pyengine.plan.Custom op")
+        starts = [j for j, ins in enumerate(self.instructions) if ins[0] == EVAL]
+        first = starts[0] if starts else len(self.instructions)
+        self.prologue = self.instructions[:first]
+        bounds = starts + [len(self.instructions)]
+        self.segments = [self.instructions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.customs = [ins[1] for ins in self.instructions if ins[0] == CUSTOM]
+
+    @property
+    def has_custom(self) -> bool:
+        return bool(self.customs)
+
+
+class HostNumbers:
+    """The plan's own float64 numbers, passed by value (eager sampling)."""
+
+    rows = False
+
+    @staticmethod
+    def update(i: int, op: Update):
+        return op.coefs, op.aux_coefs, (op.noise if op.noise_index >= 0 else 0.0), \
+            op.mask_coefs
+
+    @staticmethod
+    def times(i: int, op: Eval):
+        return op.sigma, op.t, op.s
+
+
+class PhiloxDraws:
+    """In-kernel Philox noise keyed by per-sample seeds (an int64 [B] tensor) and the
+    update's draw number."""
+
+    def __init__(self, seeds):
+        self.seeds = seeds
+
+    def draw(self, op, like):
+        if self.seeds is None:
+            raise ValueError(f"the {op.kind} update draws noise but no seeds were given")
+        return self.seeds, op.noise_index, None
+
+    def at_eval(self, op) -> None:
+        pass
+
+
+class GeneratorDraws:
+    """``torch.randn(shape, generator=g)`` at every draw, in plan order (diffusers' order)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def draw(self, op, like):
+        z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype,
+                        device=self.generator.device)
+        return None, -1, z.to(like.device)
+
+    def at_eval(self, op) -> None:
+        pass
+
+
+class SuppliedDraws:
+    """The caller's noise: ``fn(op, like)`` returns the tensor z of an update (or None: the
+    update adds no noise); ``at_eval(op)`` (optional) runs before each model call."""
+
+    def __init__(self, fn, at_eval=None):
+        self.fn, self._at_eval = fn, at_eval
+
+    def draw(self, op, like):
+        z = self.fn(op, like)
+        return None, -1, (None if z is None else z.to(like.device))
+
+    def at_eval(self, op) -> None:
+        if self._at_eval is not None:
+            self._at_eval(op)
+
+
+class Walker:
+    """One walk of a :class:`Program` over a batch (see the module docstring).
+
+    ``model`` is the user's model (or a ModelAdapter); ``backend`` a fused-update backend;
+    ``numbers`` a numbers source; ``noise`` a draws source; ``mask`` the inpainting mask
+    (updates carrying ``mask_coefs`` blend with it); ``callback(step, sigma, slots)`` runs
+    after each model call; ``recycle`` reuses the walk's own tensors (off with a callback)."""
+
+    def __init__(self, program: Program, model, backend, *, numbers=HostNumbers,
+                 noise=None, compute_dtype=None, mask=None, callback=None, extra_args=None,
+                 recycle: bool = True):
+        self.program = program
+        self.adapter = model if isinstance(model, ModelAdapter) else \
+            (None if model is None else ModelAdapter(model, extra_args))
+        self.backend = backend
+        self.numbers = numbers
+        self.noise = noise
+        self.compute_dtype = compute_dtype
+        self.kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
+        self.mask = mask
+        self.callback = callback
+        self.recycle = recycle and callback is None
+        self.slots: dict[str, torch.Tensor] = {}
+        self._owned: dict[int, torch.Tensor] = {}
+        self._free: list[torch.Tensor] = []
+        self.like: torch.Tensor | None = None
+
+    # -- buffers ---------------------------------------------------------------------------
+    def start(self, x: torch.Tensor, inputs: dict | None = None, *, own: bool = False):
+        """Bind the initial state ``x`` (copied unless ``own``) and read-only ``inputs``."""
+        if not own:
+            x = x.clone()
+        self._owned[id(x)] = x
+        self.slots = {"x": x}
+        self.like = x
+        for k, v in (inputs or {}).items():
+            self.slots[k] = v
+        return self
+
+    def take(self) -> torch.Tensor:
+        """A tensor of the state's shape and dtype that no slot holds (the walk's own)."""
+        if self._free:
+            return self._free.pop()
+        t = torch.empty_like(self.like)
+        self._owned[id(t)] = t
+        return t
+
+    def _pin_aliases(self, out: torch.Tensor) -> None:
+        """A model output sharing memory with a tensor of the walk (a model returning its
+        input, or a view of it): that tensor is never recycled in this walk."""
+        if not self.recycle or id(out) in self._owned:
+            return
+        p = out.untyped_storage().data_ptr()
+        for key, t in list(self._owned.items()):
+            if t.untyped_storage().data_ptr() == p:
+                del self._owned[key]
+
+    def bind(self, name: str, t: torch.Tensor) -> None:
+        old = self.slots.get(name)
+        self.slots[name] = t
+        if old is not None and old is not t and self.recycle and id(old) in self._owned:
+            for v in self.slots.values():
+                if v is old:
+                    return
+            self._free.append(old)
+
+    # -- the two calls ---------------------------------------------------------------------
+    def call_model(self, x: torch.Tensor, sigma, t, s) -> torch.Tensor:
+        """The model on ``x`` at host floats or per-row [B] tensors (sigma, t, s)."""
+        if isinstance(t, torch.Tensor):
+            out = self.adapter.call_rows(x, t, sigma, s)
+        else:
+            out = self.adapter(x, sigma, t, s)
+        self._pin_aliases(out)
+        return out
+
+    def apply(self, dst: str, bufs: list, coef, noise_coef=0.0, seeds=None, step=-1,
+              aux_dst: str | None = None, aux_coef=None, noise=None, mask_coef=None) -> None:
+        """The fused update ``dst = sum_k coef_k * slots[bufs_k] + noise_coef * z`` (and
+        ``aux_dst``), written into the walk's own tensors; the mask blend when ``mask_coef``
+        is given."""
+        ins = [self.slots[b] for b in bufs]
+        out = self.take()
+        aux = self.take() if aux_dst is not None else None
+        kw = self.kw
+        if mask_coef is not None:
+            kw = dict(kw, mask=self.mask, mask_coef=mask_coef)
+        self.backend.fused_update(out, ins, coef, noise_coef, seeds, step, aux, aux_coef,
+                                  noise=noise, **kw)
+        self.bind(dst, out)
+        if aux is not None:
+            self.bind(aux_dst, aux)
+
+    # -- ops -------------------------------------------------------------------------------
+    def evaluate(self, op: Eval, i: int, output: torch.Tensor | None = None) -> None:
+        """Model evaluation ``i`` (or bind the caller's ``output`` of it)."""
+        if self.noise is not None:
+            self.noise.at_eval(op)
+        if output is not None:
+            self._pin_aliases(output)
+            self.bind(op.dst, output)
+        else:
+            src = self.slots[op.src]
+            sigma, t, s = self.numbers.times(i, op)
+            if op.guidance is not None:
+                # Classifier-free guidance: one call on the doubled batch (unconditional half
+                # first, as diffusers pipelines do); the updates read the halves as two
+                # buffers with the guidance folded into their coefficients.
+                B = src.shape[0]
+                out = self.call_model(torch.cat([src, src]), sigma, t, s)
+                self.bind(op.dst + "/u", out[:B])
+                self.bind(op.dst + "/c", out[B:])
+            else:
+                self.bind(op.dst, self.call_model(src, sigma, t, s))
+        if self.callback is not None:
+            self.callback(op.step, op.sigma, self.slots)
+
+    def update(self, op: Update, i: int) -> None:
+        """Fused update ``i`` with the numbers source's coefficients."""
+        coef, aux_coef, nc, mask_coef = self.numbers.update(i, op)
+        seeds, step, z = None, -1, None
+        if op.noise_index >= 0 and self.noise is not None:
+            seeds, step, z = self.noise.draw(op, self.like)
+            if seeds is None and z is None:
+                nc = 0.0
+        elif op.noise_index >= 0 and (isinstance(nc, torch.Tensor) or nc != 0.0):
+            raise ValueError(f"the {op.kind} update draws noise but the walk has no noise "
+                             f"source")
+        self.apply(op.dst, op.bufs, coef, nc, seeds, step, op.aux_dst, aux_coef, z, mask_coef)
+
+    def execute(self, ins) -> None:
+        kind, op, ref = ins
+        if kind == UPDATE:
+            self.update(op, ref)
+        elif kind == EVAL:
+            self.evaluate(op, ref)
+        else:
+            ref(op, self)
+
+    def run(self) -> torch.Tensor:
+        """The whole plan; returns the output slot."""
+        for ins in self.program.instructions:
+            self.execute(ins)
+        return self.slots[self.program.output]
+
+    def run_segment(self, k: int, output: torch.Tensor | None = None) -> None:
+        """Segment ``k``: model call k (or the caller's ``output`` for it) and the ops up to
+        the next model call (``k = -1``: the prologue)."""
+        if k < 0:
+            for ins in self.program.prologue:
+                self.execute(ins)
+            return
+        seg = self.program.segments[k]
+        _, op, i = seg[0]
+        self.evaluate(op, i, output)
+        for ins in seg[1:]:
+            self.execute(ins)
