@@ -36,6 +36,7 @@
 #include "dtypes.h"
 #include "fused_update.h"
 #include "philox.h"
+#include "thread_pool.h"
 
 namespace pyengine {
 namespace cpu {
@@ -45,18 +46,21 @@ namespace {
 // float64, well inside L1 (32 KiB). 256 ran 11.5 GB/s, 1024 9.6 and 4096 8.0 GB/s for the
 // (16,4,128,128) float32 DDIM update on the 2-core EPYC.
 constexpr int64_t kBlock = 256;
-// The OpenMP work items: tiles of 32 K elements of one sample (128 KiB of float32 per
-// buffer), or 4 K when the Philox noise makes each element ~25x dearer (~6 ns vs 0.25 ns).
-constexpr int64_t kTile = 32768;
+// The tasks of a parallel update (thread_pool.h hands them out one at a time): tiles of 8 K
+// elements of one sample (32 KiB of float32 per buffer, a few microseconds), small so that a
+// worker that joins late, or a caller that finds no worker awake, leaves little to wait for;
+// 4 K with the Philox noise. The serial path walks the same tiles (the per-tile cost is a few
+// coefficient loads).
+constexpr int64_t kTile = 8192;
 constexpr int64_t kTileNoise = 4096;
-// Updates smaller than this run on one thread (thread start-up costs more than the work).
-// Measured with 2 threads on the 2-core EPYC, other core idle, float32 K=2 (us, 1 -> 2
-// threads): 2^14 elements 3.4 -> 2.7-3.5, 2^15 5.3-6.3 -> 4.1-4.7, 2^16 10.8 -> 6.3-7.3
-// (1.5-1.7x), 2^18 46 -> 24. With Philox noise: 2^12 elements 25-30 -> 14 (1.7-2.2x).
-// When the other core is busy, every parallel update waits a scheduler slice (8 ms measured
-// here): tests and benchmarks on the shared machines run torch (and so this) on one thread.
-constexpr int64_t kParallelMinElements = int64_t(1) << 16;
-constexpr int64_t kParallelMinElementsNoise = int64_t(1) << 12;
+// Updates smaller than this run on the calling thread alone. Waking a sleeping worker costs
+// 10-20 us in the KVM guest (futex wake and the vCPU's way back from idle), so two threads pay
+// only from about 100 us of work. Measured on the 2-core Xeon guest, float32 K=2, median us,
+// 1 -> 2 threads, quiet: 2^15 elements 5.5 -> 7.3-15 (slower), 2^16 10-11 -> 17-20, 2^17 24 ->
+// 26-28, 2^18 102 -> 59-72, 2^19 272-428 -> 166-216, 2^20 580-660 -> 325-390. With the noise
+// see kParallelMinElementsNoise's note in philox_block's section.
+constexpr int64_t kParallelMinElements = int64_t(1) << 18;
+constexpr int64_t kParallelMinElementsNoise = int64_t(1) << 15;
 // Outputs at least this large are written with non-temporal stores: they cannot stay in the
 // 8 MiB L3 next to their inputs anyway, and skipping the read-for-ownership of each output
 // line moves 25% less data for a K=2 update (12.2 -> 16.3 GB/s on the EPYC, copy 16.8).
@@ -751,16 +755,11 @@ void update(const FusedUpdateArgs& a, int num_threads) {
       update_tile<C>(a, b, j0, j1, stream);
     }
   };
-#if defined(_OPENMP)
   if (num_threads > 1 && tiles > 1 &&
       total >= (noisy ? kParallelMinElementsNoise : kParallelMinElements)) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < tiles; ++t) run(t);
+    pool_for(tiles, num_threads, run);
     return;
   }
-#else
-  (void)num_threads;
-#endif
   for (int64_t t = 0; t < tiles; ++t) run(t);
 }
 
