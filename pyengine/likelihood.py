@@ -146,6 +146,15 @@ def _denoiser_in_xhat(process: Process, model, prediction: str, extra_args):
         t = float(process.model_time(sigma))
         x = x_hat * s if s != 1.0 else x_hat
         out = adapter(x, sigma, t, s)
+        if x_hat.requires_grad and not out.requires_grad:
+            # Its divergence would count only the dx * x part: silently wrong (-24.5 nats
+            # instead of -0.92 on a 2-D mixture).
+            raise ValueError(
+                "log_likelihood needs the model's output to carry an autograd graph back to "
+                "its input x (the divergence is taken by vector-Jacobian products), but the "
+                "model returned a tensor without one: it computes in numpy, detaches, or runs "
+                "under its own torch.no_grad()/inference_mode. Make the model differentiable "
+                "in x.")
         (dx, do), _ = affine(prediction, s, s * sigma)
         return dx * x + do * out
     return D
@@ -178,7 +187,17 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
     ``atol``) or a fixed-step one in torch on the data's device ("euler", "heun", "rk4",
     ``steps`` uniform steps in log sigma). ``sigma_min``/``sigma_max`` default to the process's range; ``prior`` and
     ``data_var`` as in the module docstring. The model runs in ``dtype`` (float64 default).
+
+    The divergence needs autograd through the model: a model whose output has no graph back
+    to its input (numpy inside, ``detach``, its own ``no_grad``) raises ValueError, and so
+    does a call inside ``torch.inference_mode`` (there is no estimate without gradients).
+    ``torch.no_grad`` around the call is fine: gradients are enabled inside.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("log_likelihood cannot run inside torch.inference_mode(): the "
+                           "divergence of the model needs autograd (vector-Jacobian "
+                           "products); call it outside inference_mode (torch.no_grad() "
+                           "around it is fine)")
     if not isinstance(process, Process):
         raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
                         f"{type(process).__name__}")
@@ -255,7 +274,8 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
             den, div = divergence_hutchinson(fn, x, z)
         return x - den, d - div.to(torch.float64)
 
-    x0 = data.detach().to(device=device, dtype=dtype)
+    # clone: data made under inference_mode is an inference tensor, which autograd refuses
+    x0 = data.detach().to(device=device, dtype=dtype).clone()
     u0, u1 = math.log(smin), math.log(smax)
     if method in _SCIPY_METHODS:
         from scipy.integrate import solve_ivp

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 __all__ = ["Process", "VP", "VPDiscrete", "VPContinuous", "SubVP", "VE", "EDM", "RectifiedFlow",
-           "betas_for"]
+           "betas_for", "NAMED", "named", "describe"]
 
 
 def _f64(x):
@@ -355,3 +355,40 @@ class RectifiedFlow(Process):
 
     def __repr__(self) -> str:
         return f"RectifiedFlow(shift={self.shift:g})"
+
+
+# ---------------------------------------------------------------------------------------
+# the named processes: the one list the CLI, the plots and the tests read
+# ---------------------------------------------------------------------------------------
+
+#: name -> (description, constructor)
+NAMED: dict = {
+    "vp": ("VP discrete, linear betas 1e-4..0.02, 1000 steps (DDPM)",
+           lambda: VP.discrete("linear")),
+    "vp_scaled_linear": ("VP discrete, scaled-linear betas 0.00085..0.012 (Stable Diffusion)",
+                         lambda: VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)),
+    "vp_cosine": ("VP discrete, cosine alpha_bar (Nichol & Dhariwal)",
+                  lambda: VP.discrete("squaredcos_cap_v2")),
+    "vp_continuous": ("VP SDE, beta 0.1..20 (score_sde)", VP.continuous),
+    "sub_vp": ("sub-VP SDE (score_sde)", VP.sub_vp),
+    "ve": ("VE, sigma 0.01..50 (SMLD/NCSN)", VE),
+    "edm": ("EDM, sigma 0.002..80 (Karras 2022)", EDM),
+    "flow": ("rectified flow / flow matching", RectifiedFlow),
+    "flow_shift3": ("rectified flow, timestep shift 3, model time 0..1000 (SD3)",
+                    lambda: RectifiedFlow(shift=3.0, time_scale=1000.0)),
+}
+
+
+def named(name: str) -> Process:
+    """A fresh process of the name in :data:`NAMED`."""
+    try:
+        return NAMED[name][1]()
+    except KeyError:
+        raise ValueError(f"unknown process {name!r}; known: {', '.join(NAMED)}") from None
+
+
+def describe(name: str) -> str:
+    """The one-line description of a named process."""
+    if name not in NAMED:
+        raise ValueError(f"unknown process {name!r}; known: {', '.join(NAMED)}")
+    return NAMED[name][0]

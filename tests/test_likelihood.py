@@ -140,3 +140,53 @@ def test_auto_divergence_and_validation():
         log_likelihood(proc, model, x, prediction="sample", prior="laplace")
     with pytest.raises(ValueError, match="prediction='sample'"):
         log_likelihood(proc, pe.Denoiser(gmm.as_denoiser()), x)
+
+
+# ---------------------------------------------------------------------------------------
+# models without an autograd graph (issue 13 #5)
+# ---------------------------------------------------------------------------------------
+
+
+def _graphless(kind, model):
+    """``model`` made non-differentiable the ways users do it."""
+    def detached(x, t):
+        return model(x, t).detach()
+
+    def via_numpy(x, t):
+        return torch.from_numpy(model(x, t).detach().numpy().copy())
+
+    def own_no_grad(x, t):
+        with torch.no_grad():
+            return model(x, t)
+    return {"detach": detached, "numpy": via_numpy, "no_grad": own_no_grad}[kind]
+
+
+@pytest.mark.parametrize("kind", ["detach", "numpy", "no_grad"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_model_without_autograd_graph_is_refused(kind, prediction):
+    """It used to return -24.5 nats where the answer is -0.92 (epsilon: only the x part of
+    the divergence counted) or fail with torch's autograd message (sample)."""
+    gmm, x = _setup(2, B=2)
+    proc = pe.processes.VP.discrete("linear")
+    model = _graphless(kind, gmm.as_model(proc, prediction))
+    with pytest.raises(ValueError, match="autograd graph back to its input"):
+        log_likelihood(proc, model, x, prediction=prediction, method="euler", steps=2)
+    # the same model with its graph: fine, and torch.no_grad around the call is fine too
+    with torch.no_grad():
+        r = log_likelihood(proc, gmm.as_model(proc, prediction), x, prediction=prediction,
+                           method="euler", steps=2)
+    assert torch.isfinite(r.log_prob).all()
+
+
+def test_inference_mode_is_refused_with_a_reason():
+    gmm, x = _setup(2, B=2)
+    proc = pe.processes.EDM()
+    with torch.inference_mode():
+        inf_x = x.clone()
+        with pytest.raises(RuntimeError, match="cannot run inside torch.inference_mode"):
+            log_likelihood(proc, gmm.as_model(proc, "sample"), inf_x, prediction="sample",
+                           method="euler", steps=2)
+    # data made under inference_mode works outside it
+    r = log_likelihood(proc, gmm.as_model(proc, "sample"), inf_x, prediction="sample",
+                       method="euler", steps=2)
+    assert torch.isfinite(r.log_prob).all()

@@ -245,17 +245,6 @@ def test_rectified_flow(shift):
 # ---------------------------------------------------------------------------------------
 
 
-ALL_PROCESSES = {
-    "vp_linear": lambda: pe.processes.VP.discrete("linear"),
-    "vp_scaled_linear": lambda: pe.processes.VP.discrete("scaled_linear", beta_start=0.00085,
-                                                         beta_end=0.012),
-    "vp_cosine": lambda: pe.processes.VP.discrete("squaredcos_cap_v2"),
-    "vp_continuous": lambda: pe.processes.VP.continuous(),
-    "sub_vp": lambda: pe.processes.VP.sub_vp(),
-    "ve": lambda: pe.processes.VE(),
-    "edm": lambda: pe.processes.EDM(),
-    "flow_shift3": lambda: pe.processes.RectifiedFlow(shift=3.0),
-}
 
 
 def _prior_var(proc, sg):
@@ -272,9 +261,9 @@ def _prior_var(proc, sg):
     return 1.0                                      # VP: abar + (1 - abar)
 
 
-@pytest.mark.parametrize("name", list(ALL_PROCESSES))
+@pytest.mark.parametrize("name", list(P.NAMED))
 def test_process_contracts(name):
-    proc = ALL_PROCESSES[name]()
+    proc = P.named(name)
     assert isinstance(proc, P.Process)
     assert 0 < proc.sigma_min < proc.sigma_max < math.inf
     sig = np.exp(np.linspace(math.log(proc.sigma_min), math.log(proc.sigma_max), 33))
@@ -296,3 +285,43 @@ def test_process_contracts(name):
     for sg in (float(sig[0]), float(sig[16]), float(sig[-1])):
         assert proc.prior_std(sg) == pytest.approx(math.sqrt(_prior_var(proc, sg)), rel=1e-9)
     assert repr(proc)
+
+
+def test_named_processes():
+    assert {"vp", "edm", "flow"} <= set(P.NAMED)
+    for name in P.NAMED:
+        assert P.named(name) is not P.named(name)          # a fresh one each time
+        assert P.describe(name)
+    with pytest.raises(ValueError, match=r"unknown process 'nope'; known: vp"):
+        P.named("nope")
+
+
+# ---------------------------------------------------------------------------------------
+# the Gaussian-mixture model takes a time per sample
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(P.NAMED))
+@pytest.mark.parametrize("prediction", pe.parameterization.PREDICTIONS)
+def test_gmm_model_times_per_sample(name, prediction):
+    """A batch with a different noise level per sample gives each sample what a call with its
+    own time alone gives (issue 13 #4: the first sample's time was used for the batch)."""
+    import torch
+    proc = P.named(name)
+    gmm = pe.models.GaussianMixture.random(d=5, M=3, seed=3)
+    model = gmm.as_model(proc, prediction)
+    g = torch.Generator().manual_seed(11)
+    B = 7
+    sig = np.exp(np.random.default_rng(2).uniform(math.log(proc.sigma_min),
+                                                  math.log(proc.sigma_max), B))
+    t = torch.from_numpy(np.asarray(proc.model_time(sig), dtype=np.float64))
+    x = torch.randn(B, 5, generator=g, dtype=torch.float64) * torch.from_numpy(
+        np.asarray(proc.prior_std(sig), dtype=np.float64)).view(-1, 1)
+    batched = model(x, t)
+    alone = torch.cat([model(x[i:i + 1], t[i:i + 1]) for i in range(B)])
+    torch.testing.assert_close(batched, alone, rtol=1e-12, atol=1e-12)
+    # one time for the whole batch: a number, a 0-d tensor, a 1-element tensor
+    for t0 in (float(t[3]), t[3], t[3:4]):
+        torch.testing.assert_close(model(x, t0), model(x, t[3].expand(B)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one per sample"):
+        model(x, t[:2])

@@ -106,12 +106,23 @@ class GaussianMixture:
         return D
 
     def as_model(self, process, prediction: str = "epsilon"):
-        """``model(x, t)`` in the process's convention returning the given prediction kind."""
+        """``model(x, t)`` in the process's convention returning the given prediction kind;
+        ``t`` is per sample (a [B] tensor, as the request scheduler mixes noise levels in one
+        batch) or one time for the whole batch (a number or a 0-d / 1-element tensor)."""
         def model(x, t):
-            sig = float(process.sigma_of_model_time(float(t.reshape(-1)[0])))
-            s = float(process.s_of_sigma(sig))
+            B = x.shape[0]
+            tt = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
+            if tt.numel() not in (1, B):
+                raise ValueError(f"t must be one time or one per sample ({B}), got "
+                                 f"{tt.numel()} values")
+            sig = torch.from_numpy(np.asarray(process.sigma_of_model_time(tt.numpy()),
+                                              dtype=np.float64).reshape(-1))
+            s = torch.from_numpy(np.asarray(process.s_of_sigma(sig.numpy()),
+                                            dtype=np.float64).reshape(-1))
+            view = (-1,) + (1,) * (x.dim() - 1)
+            sig, s = sig.to(x.device).view(view), s.to(x.device).view(view)
             x64 = x.to(torch.float64)
-            D = self.denoise(x64 / s, sig)
+            D = self.denoise(x64 / s, sig.reshape(-1))
             return output_from_denoised(prediction, x64, D, s, s * sig).to(x.dtype)
         return model
 
