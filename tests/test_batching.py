@@ -137,8 +137,6 @@ def test_capacity_extra_args_float64_denoiser():
 def test_submission_errors():
     sch = pe.RequestScheduler(model, max_batch=2)
     smp = pe.Sampler(PROC, solver="ddim", steps=3)
-    with pytest.raises(ValueError, match="guidance"):
-        sch.submit(pe.Sampler(PROC, solver="ddim", steps=3, guidance_scale=2.0), _noise(1, 0))
     with pytest.raises(ValueError, match="custom op"):
         sch.submit(pe.Sampler(pe.processes.VE(), solver="pc_langevin", steps=3), _noise(1, 0))
     with pytest.raises(ValueError, match="max_batch"):
@@ -168,3 +166,97 @@ def test_cuda_mixed_requests():
     for smp, x, i, r in reqs:
         ref = smp.sample(model, x, seed=i)
         assert torch.equal(r.result, ref), (smp.solver, (r.result - ref).abs().max().item())
+
+
+def test_guided_and_inpainting_requests_equal_running_alone():
+    # Guidance doubles a request's rows in the shared model call (its own 2b-row
+    # conditioning); inpainting blends its rows with its own mask. Mixed with plain requests,
+    # each result equals Sampler.sample with the same arguments, bit for bit.
+    def cond_model(x, t, label):
+        return model(x, t) + 0.05 * label.view(-1, 1, 1).to(x.dtype)
+
+    sch = pe.RequestScheduler(cond_model, max_batch=16, backend="torch")
+    cases = []
+    for i, (solver, n, b, w, inp) in enumerate([("dpmpp_2m", 6, 2, 3.0, False),
+                                                ("ddim", 5, 1, None, False),
+                                                ("heun", 3, 1, 1.5, False),
+                                                ("euler_ancestral", 6, 2, None, True),
+                                                ("unipc", 5, 1, 2.0, True)]):
+        smp = pe.Sampler(PROC, solver=solver, steps=n, guidance_scale=w)
+        x = _noise(b, 40 + i)
+        rows = 2 * b if w is not None else b
+        label = torch.arange(rows, dtype=torch.float32) + i
+        kw = {}
+        if inp:
+            init = _noise(b, 90 + i)
+            mask = (torch.rand((b, 1, SHAPE[1]), generator=torch.Generator().manual_seed(i))
+                    > 0.5).float()
+            kw = {"init": init, "mask": mask, "strength": 0.8}
+        r = sch.submit(smp, x, seed=i, extra_args={"label": label}, **kw)
+        cases.append((smp, x, i, label, kw, r))
+    sch.run()
+    for smp, x, i, label, kw, r in cases:
+        ref = smp.sample(cond_model, x, seed=i, extra_args={"label": label}, backend="torch",
+                         **kw)
+        assert torch.equal(r.result, ref), (smp.solver, (r.result - ref).abs().max().item())
+
+
+def test_model_error_leaves_the_scheduler_unchanged():
+    # Issue 13 #1: a failed iteration must not apply its updates twice on retry.
+    calls = {"n": 0}
+
+    def flaky(x, t):
+        calls["n"] += 1
+        if calls["n"] in (3, 4, 7):
+            raise RuntimeError("transient model failure")
+        return model(x, t)
+
+    sch = pe.RequestScheduler(flaky, backend="torch")
+    reqs = []
+    for i, solver in enumerate(["dpmpp_2m", "euler_ancestral", "heun"]):
+        smp = pe.Sampler(PROC, solver=solver, steps=5)
+        x = _noise(1, 60 + i)
+        reqs.append((smp, x, i, sch.submit(smp, x, seed=i)))
+    failures = 0
+    while sch.pending or sch.active:
+        try:
+            sch.step()
+        except RuntimeError:
+            failures += 1
+    assert failures == 3
+    for smp, x, i, r in reqs:
+        ref = smp.sample(model, x, seed=i, backend="torch")
+        assert torch.equal(r.result, ref), smp.solver
+
+
+def test_non_tensor_extra_args_are_not_shared_across_requests():
+    # Issue 13 #2: requests whose non-tensor extra_args differ get separate model calls.
+    def scaled(x, t, scale):
+        return model(x, t) * scale
+
+    sch = pe.RequestScheduler(scaled, backend="torch")
+    smp = pe.Sampler(PROC, solver="ddim", steps=4)
+    xs = [_noise(1, 70 + i) for i in range(3)]
+    rs = [sch.submit(smp, x, seed=i, extra_args={"scale": s})
+          for i, (x, s) in enumerate(zip(xs, (1.0, 0.5, 1.0)))]
+    sch.run()
+    for i, (x, s, r) in enumerate(zip(xs, (1.0, 0.5, 1.0), rs)):
+        ref = smp.sample(scaled, x, seed=i, extra_args={"scale": s}, backend="torch")
+        assert torch.equal(r.result, ref)
+    assert sch.model_calls == 2 * smp.nfe          # two groups, one call each per evaluation
+
+
+def test_rejected_submit_changes_nothing():
+    # Issue 13 #3: a rejected submission (bad seed) must not fix the sample shape.
+    sch = pe.RequestScheduler(model, backend="torch")
+    smp = pe.Sampler(PROC, solver="ddim", steps=3)
+    with pytest.raises(ValueError, match="seed"):
+        sch.submit(smp, torch.randn(1, 4), seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        sch.submit(smp, torch.randn(1, 4), seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        sch.submit(smp, torch.randn(2, 4), seed=[1])
+    assert sch.sample_shape is None and not sch.pending
+    r = sch.submit(smp, _noise(1, 0))               # another shape is still welcome
+    sch.run()
+    assert r.done
