@@ -1,7 +1,9 @@
 // pyengine._C: the only translation unit that includes pybind11.
 //
-// No libtorch: Python passes data pointers (ints), element counts and dtype codes
-// (pyengine/backends/_native.py builds them from tensors after validating).
+// No libtorch: Python (pyengine/fused_update/native.py, after the op package's validator)
+// fills one FusedUpdateArgs by field name -- data pointers as ints, element counts, dtype
+// codes -- and passes it to the CPU or CUDA entry point. The launcher validates it again
+// (the bindings are public), so a hand-made struct gets a ValueError naming the field.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,6 +20,7 @@
 
 namespace py = pybind11;
 using pyengine::FusedUpdateArgs;
+using pyengine::kKMax;
 
 namespace {
 
@@ -26,63 +29,43 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_dtype,
-                          const std::vector<uintptr_t>& bufs, const std::vector<int>& buf_dtypes,
-                          int64_t batch, int64_t numel, const std::vector<double>& coef,
-                          uintptr_t coef_table, const std::vector<double>& aux_coef,
-                          uintptr_t aux_coef_table, int noise_mode, double noise_coef,
-                          uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-                          uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask,
-                          int mask_dtype, const std::vector<double>& mask_coef,
-                          uintptr_t mask_coef_table, bool compute_f64) {
-  FusedUpdateArgs a;
-  const size_t K = bufs.size();
-  if (K < 1 || K > static_cast<size_t>(pyengine::kKMax)) {
-    throw std::invalid_argument("bufs must hold 1 to " + std::to_string(pyengine::kKMax) +
-                                " arrays, got " + std::to_string(K));
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+// FusedUpdateArgs plus how many entries Python gave each per-buffer list, so that a count
+// that disagrees with K is an error at the call, whatever order the fields were set in.
+struct BoundArgs : FusedUpdateArgs {
+  int n_buf_dtypes = 0, n_coef = 0, n_aux_coef = 0, n_mask_coef = 0;
+
+  void check_counts() const {
+    const auto need = [this](int n, const char* name) {
+      if (n != K) {
+        fail(std::string(name) + " has " + std::to_string(n) + " entries for " +
+             std::to_string(K) + " buffers");
+      }
+    };
+    need(n_buf_dtypes, "buf_dtypes");
+    if (!coef_table) need(n_coef, "coef");
+    if (aux && !aux_coef_table) need(n_aux_coef, "aux_coef");
+    if (mask && !mask_coef_table) need(n_mask_coef, "mask_coef");
   }
-  if (buf_dtypes.size() != K) throw std::invalid_argument("buf_dtypes must have one code per buf");
-  if (!coef_table && coef.size() != K) {
-    throw std::invalid_argument("coef has " + std::to_string(coef.size()) + " entries for " +
-                                std::to_string(K) + " buffers");
+};
+
+template <class T>
+int fill(T* dst, const std::vector<T>& src, const char* name) {
+  if (src.size() > static_cast<size_t>(kKMax)) {
+    fail(std::string(name) + " has " + std::to_string(src.size()) + " entries; at most " +
+         std::to_string(kKMax) + " (K_MAX)");
   }
-  if (aux && !aux_coef_table && aux_coef.size() != K) {
-    throw std::invalid_argument("aux_coef has " + std::to_string(aux_coef.size()) +
-                                " entries for " + std::to_string(K) + " buffers");
-  }
-  if (mask && !mask_coef_table && mask_coef.size() != K) {
-    throw std::invalid_argument("mask_coef has " + std::to_string(mask_coef.size()) +
-                                " entries for " + std::to_string(K) + " buffers");
-  }
-  a.out = ptr<void>(out);
-  a.out_dtype = out_dtype;
-  a.aux = ptr<void>(aux);
-  a.aux_dtype = aux_dtype;
-  a.K = static_cast<int>(K);
-  for (size_t k = 0; k < K; ++k) {
-    a.bufs[k] = ptr<const void>(bufs[k]);
-    a.buf_dtypes[k] = buf_dtypes[k];
-    if (!coef_table) a.coef[k] = coef[k];
-    if (aux && !aux_coef_table) a.aux_coef[k] = aux_coef[k];
-    if (mask && !mask_coef_table) a.mask_coef[k] = mask_coef[k];
-  }
-  a.batch = batch;
-  a.numel = numel;
-  a.coef_table = ptr<const double>(coef_table);
-  a.aux_coef_table = ptr<const double>(aux_coef_table);
-  a.noise_mode = noise_mode;
-  a.noise_coef = noise_coef;
-  a.noise_coef_table = ptr<const double>(noise_coef_table);
-  a.seeds = ptr<const uint64_t>(seeds);
-  a.step = step;
-  a.steps = ptr<const int64_t>(steps);
-  a.noise = ptr<const void>(noise);
-  a.noise_dtype = noise_dtype;
-  a.mask = ptr<const void>(mask);
-  a.mask_dtype = mask_dtype;
-  a.mask_coef_table = ptr<const double>(mask_coef_table);
-  a.compute_f64 = compute_f64;
-  return a;
+  for (int k = 0; k < kKMax; ++k) dst[k] = k < static_cast<int>(src.size()) ? src[k] : T{};
+  return static_cast<int>(src.size());
+}
+
+// A pointer field exposed to Python as an int address (0 for null).
+template <class P, P FusedUpdateArgs::*field>
+void pointer(py::class_<BoundArgs>& c, const char* name, const char* doc) {
+  c.def_property(
+      name, [](const BoundArgs& a) { return reinterpret_cast<uintptr_t>(a.*field); },
+      [](BoundArgs& a, uintptr_t p) { a.*field = reinterpret_cast<P>(p); }, doc);
 }
 
 }  // namespace
@@ -90,11 +73,86 @@ FusedUpdateArgs make_args(uintptr_t out, int out_dtype, uintptr_t aux, int aux_d
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine native extension: the fused update (C++ CPU, CUDA) and Philox noise";
   m.attr("__version__") = PYENGINE_VERSION_INFO;
-  m.attr("K_MAX") = pyengine::kKMax;
+  m.attr("K_MAX") = kKMax;
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(pyengine::kFloat32),
                                    py::arg("float64") = int(pyengine::kFloat64),
                                    py::arg("float16") = int(pyengine::kFloat16),
                                    py::arg("bfloat16") = int(pyengine::kBFloat16));
+  m.attr("NOISE_MODES") = py::dict(py::arg("none") = int(pyengine::kNoNoise),
+                                   py::arg("philox") = int(pyengine::kPhiloxNoise),
+                                   py::arg("tensor") = int(pyengine::kTensorNoise));
+
+  py::class_<BoundArgs> args(m, "FusedUpdateArgs",
+                             "The fused update's arguments (csrc/fused_update/fused_update.h), "
+                             "set by field name; pointers are int addresses, 0 for none.");
+  args.def(py::init<>());
+  pointer<void*, &FusedUpdateArgs::out>(args, "out", "output [batch, numel]");
+  args.def_readwrite("out_dtype", &BoundArgs::out_dtype);
+  pointer<void*, &FusedUpdateArgs::aux>(args, "aux", "aux output, 0: none");
+  args.def_readwrite("aux_dtype", &BoundArgs::aux_dtype);
+  args.def_property(
+      "bufs",
+      [](const BoundArgs& a) {
+        std::vector<uintptr_t> v;
+        for (int k = 0; k < a.K; ++k) v.push_back(reinterpret_cast<uintptr_t>(a.bufs[k]));
+        return v;
+      },
+      [](BoundArgs& a, const std::vector<uintptr_t>& v) {
+        if (v.empty() || v.size() > static_cast<size_t>(kKMax)) {
+          fail("bufs must hold 1 to " + std::to_string(kKMax) + " arrays, got " +
+               std::to_string(v.size()));
+        }
+        a.K = static_cast<int>(v.size());
+        for (int k = 0; k < kKMax; ++k) a.bufs[k] = k < a.K ? ptr<const void>(v[k]) : nullptr;
+      },
+      "input addresses (sets K)");
+  args.def_readonly("K", &BoundArgs::K);
+  args.def_property(
+      "buf_dtypes", [](const BoundArgs& a) {
+        return std::vector<int>(a.buf_dtypes, a.buf_dtypes + a.n_buf_dtypes);
+      },
+      [](BoundArgs& a, const std::vector<int>& v) {
+        a.n_buf_dtypes = fill(a.buf_dtypes, v, "buf_dtypes");
+      });
+  args.def_readwrite("batch", &BoundArgs::batch);
+  args.def_readwrite("numel", &BoundArgs::numel, "elements per sample");
+  args.def_property(
+      "coef", [](const BoundArgs& a) { return std::vector<double>(a.coef, a.coef + a.n_coef); },
+      [](BoundArgs& a, const std::vector<double>& v) { a.n_coef = fill(a.coef, v, "coef"); },
+      "per-step coefficients (when coef_table is 0)");
+  pointer<const double*, &FusedUpdateArgs::coef_table>(args, "coef_table",
+                                                       "float64 [batch, K], 0: per step");
+  args.def_property(
+      "aux_coef",
+      [](const BoundArgs& a) { return std::vector<double>(a.aux_coef, a.aux_coef + a.n_aux_coef); },
+      [](BoundArgs& a, const std::vector<double>& v) {
+        a.n_aux_coef = fill(a.aux_coef, v, "aux_coef");
+      });
+  pointer<const double*, &FusedUpdateArgs::aux_coef_table>(args, "aux_coef_table",
+                                                           "float64 [batch, K], 0: per step");
+  args.def_readwrite("noise_mode", &BoundArgs::noise_mode, "NOISE_MODES");
+  args.def_readwrite("noise_coef", &BoundArgs::noise_coef);
+  pointer<const double*, &FusedUpdateArgs::noise_coef_table>(args, "noise_coef_table",
+                                                             "float64 [batch], 0: noise_coef");
+  pointer<const uint64_t*, &FusedUpdateArgs::seeds>(args, "seeds", "uint64 [batch]");
+  args.def_readwrite("step", &BoundArgs::step);
+  pointer<const int64_t*, &FusedUpdateArgs::steps>(args, "steps",
+                                                   "int64 [batch] draw numbers, 0: step");
+  pointer<const void*, &FusedUpdateArgs::noise>(args, "noise", "[batch, numel] noise tensor");
+  args.def_readwrite("noise_dtype", &BoundArgs::noise_dtype);
+  pointer<const void*, &FusedUpdateArgs::mask>(args, "mask", "[batch, numel], 0: no blend");
+  args.def_readwrite("mask_dtype", &BoundArgs::mask_dtype);
+  args.def_property(
+      "mask_coef",
+      [](const BoundArgs& a) {
+        return std::vector<double>(a.mask_coef, a.mask_coef + a.n_mask_coef);
+      },
+      [](BoundArgs& a, const std::vector<double>& v) {
+        a.n_mask_coef = fill(a.mask_coef, v, "mask_coef");
+      });
+  pointer<const double*, &FusedUpdateArgs::mask_coef_table>(args, "mask_coef_table",
+                                                            "float64 [batch, K], 0: per step");
+  args.def_readwrite("compute_f64", &BoundArgs::compute_f64);
 
   m.def("has_cuda", &pyengine::cuda_compiled,
         "Whether the CUDA kernels were compiled into this build.");
@@ -107,43 +165,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_update_cpu",
-      [](uintptr_t out, int out_dtype, uintptr_t aux, int aux_dtype,
-         const std::vector<uintptr_t>& bufs, const std::vector<int>& buf_dtypes, int64_t batch,
-         int64_t numel, const std::vector<double>& coef, uintptr_t coef_table,
-         const std::vector<double>& aux_coef, uintptr_t aux_coef_table, int noise_mode,
-         double noise_coef, uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-         uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask, int mask_dtype,
-         const std::vector<double>& mask_coef, uintptr_t mask_coef_table, bool compute_f64,
-         int num_threads) {
-        const FusedUpdateArgs a =
-            make_args(out, out_dtype, aux, aux_dtype, bufs, buf_dtypes, batch, numel, coef,
-                      coef_table, aux_coef, aux_coef_table, noise_mode, noise_coef,
-                      noise_coef_table, seeds, step, steps, noise, noise_dtype, mask,
-                      mask_dtype, mask_coef, mask_coef_table, compute_f64);
+      [](const BoundArgs& a, int num_threads) {
+        a.check_counts();
         py::gil_scoped_release release;
         pyengine::fused_update_cpu(a, num_threads);
       },
+      py::arg("args"), py::arg("num_threads"),
       "out = sum_k coef_k bufs_k + noise_coef z, aux = sum_k aux_coef_k bufs_k on host memory "
-      "(pointers, element counts, dtype codes; tables of 0 mean per-step scalars; steps of 0 "
-      "means the scalar step; a mask blends out with sum_k mask_coef_k bufs_k).");
+      "(a mask blends out with sum_k mask_coef_k bufs_k).");
 
   m.def(
       "fused_update_cuda",
-      [](uintptr_t out, int out_dtype, uintptr_t aux, int aux_dtype,
-         const std::vector<uintptr_t>& bufs, const std::vector<int>& buf_dtypes, int64_t batch,
-         int64_t numel, const std::vector<double>& coef, uintptr_t coef_table,
-         const std::vector<double>& aux_coef, uintptr_t aux_coef_table, int noise_mode,
-         double noise_coef, uintptr_t noise_coef_table, uintptr_t seeds, uint32_t step,
-         uintptr_t steps, uintptr_t noise, int noise_dtype, uintptr_t mask, int mask_dtype,
-         const std::vector<double>& mask_coef, uintptr_t mask_coef_table, bool compute_f64,
-         int device, uintptr_t stream) {
-        const FusedUpdateArgs a =
-            make_args(out, out_dtype, aux, aux_dtype, bufs, buf_dtypes, batch, numel, coef,
-                      coef_table, aux_coef, aux_coef_table, noise_mode, noise_coef,
-                      noise_coef_table, seeds, step, steps, noise, noise_dtype, mask,
-                      mask_dtype, mask_coef, mask_coef_table, compute_f64);
+      [](const BoundArgs& a, int device, uintptr_t stream) {
+        a.check_counts();
         pyengine::fused_update_cuda(a, device, stream);
       },
+      py::arg("args"), py::arg("device"), py::arg("stream"),
       "The same on device memory, launched on the CUDA stream given as an integer handle.");
 
   m.def(

@@ -5,8 +5,10 @@ see it (DESIGN.md s.5, STYLE habit 9).
     with a mask: out = mask * out + (1 - mask) * sum_k mask_coef_k * bufs_k
 
 ``torch.ops.pyengine.fused_update`` mutates ``out`` and ``aux_out`` (schema ``Tensor(a!)``)
-and returns nothing; its fake implementation only checks shapes, so tracing never touches
-data. On CPU tensors it runs the C++ kernel, on CUDA tensors the CUDA kernel.
+and returns nothing; its fake implementation runs the contract validator's structure part
+(pyengine.fused_update.validate with data=False: shapes, dtypes, devices), so tracing never
+touches data and meta tensors are refused as on the direct call. On CPU tensors it runs the
+C++ kernel, on CUDA tensors the CUDA kernel.
 :func:`fused_update` here takes the backend contract's arguments (numpy coefficients, a float
 or [B] noise coefficient) and calls the op. The backends' own ``fused_update`` is the direct
 call, with no dispatcher in between; bench/bench_fused_update.py measures both. A per-sample
@@ -25,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backends import _native
 from .backends import cpp as _cpp
 from .backends import cuda as _cuda
+from .fused_update import contract
 
 __all__ = ["fused_update"]
 
@@ -40,16 +42,23 @@ _lib = torch.library.Library("pyengine", "DEF")
 _lib.define(SCHEMA)
 
 
+def _contract_args(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step, aux_out,
+                   aux_coef, noise, compute_dtype, steps, mask, mask_coef):
+    """The op's arguments as the contract's (positional, then keywords)."""
+    nc = noise_coef_per_sample if noise_coef_per_sample is not None else noise_coef
+    return ((out, list(bufs), coef, nc, seeds, steps if steps is not None else step, aux_out,
+             aux_coef), {"noise": noise, "compute_dtype": compute_dtype, "mask": mask,
+                         "mask_coef": mask_coef})
+
+
 def _impl(out: Tensor, bufs: list[Tensor], coef: Tensor, noise_coef: float,
           noise_coef_per_sample: Optional[Tensor], seeds: Optional[Tensor], step: int,
           aux_out: Optional[Tensor], aux_coef: Optional[Tensor], noise: Optional[Tensor],
           compute_dtype: Optional[torch.dtype], steps: Optional[Tensor] = None,
           mask: Optional[Tensor] = None, mask_coef: Optional[Tensor] = None) -> None:
-    be = _cuda if out.is_cuda else _cpp
-    nc = noise_coef_per_sample if noise_coef_per_sample is not None else noise_coef
-    be.fused_update(out, list(bufs), coef, nc, seeds, steps if steps is not None else step,
-                    aux_out, aux_coef, noise=noise, compute_dtype=compute_dtype, mask=mask,
-                    mask_coef=mask_coef)
+    args, kw = _contract_args(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step,
+                              aux_out, aux_coef, noise, compute_dtype, steps, mask, mask_coef)
+    (_cuda if out.is_cuda else _cpp).fused_update(*args, **kw)
 
 
 _lib.impl("fused_update", _impl, "CompositeExplicitAutograd")
@@ -58,21 +67,16 @@ _lib.impl("fused_update", _impl, "CompositeExplicitAutograd")
 @torch.library.register_fake("pyengine::fused_update", lib=_lib)
 def _fake(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step, aux_out, aux_coef,
           noise, compute_dtype, steps=None, mask=None, mask_coef=None):
-    if not bufs or len(bufs) > _native.K_MAX:
-        raise ValueError(f"bufs must hold 1 to {_native.K_MAX} tensors, got {len(bufs)}")
-    for i, b in enumerate(bufs):
-        if b.shape != out.shape:
-            raise ValueError(f"bufs[{i}] has shape {tuple(b.shape)}, out {tuple(out.shape)}")
-    if aux_out is not None and aux_out.shape != out.shape:
-        raise ValueError(f"aux_out has shape {tuple(aux_out.shape)}, out {tuple(out.shape)}")
-    if (mask is None) != (mask_coef is None):
-        raise ValueError("mask and mask_coef must be given together")
-    if mask is not None and mask.shape != out.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, out {tuple(out.shape)}")
-    if steps is not None and (steps.dim() != 1 or steps.shape[0] not in (out.shape[0], 1)):
-        raise ValueError(f"step must be an int64 [B]={out.shape[0]} tensor, got shape "
-                         f"{tuple(steps.shape)}")
+    """The validator's structure part (fake tensors have no memory). Real meta tensors come
+    here too: no kernel runs on them, so they are refused like any other device."""
+    args, kw = _contract_args(out, bufs, coef, noise_coef, noise_coef_per_sample, seeds, step,
+                              aux_out, aux_coef, noise, compute_dtype, steps, mask, mask_coef)
+    contract.validate(*args, **kw, backend=_LIMITS, data=False)
     return None
+
+
+#: the devices the op's kernels run on (C++ on CPU, CUDA on CUDA), every float dtype
+_LIMITS = contract.Limits("torch.ops.pyengine.fused_update", ("cpu", "cuda"))
 
 
 def _as_tensor(coef) -> Tensor:

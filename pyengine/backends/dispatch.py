@@ -26,15 +26,16 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ..fused_update.contract import FLOAT_DTYPES as CONTRACT_DTYPES
+from ..fused_update.contract import K_MAX
 from . import cpp, cuda, torch_ref
 
-K_MAX = 8
 PRIORITY = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "triton", "torch")}
-CONTRACT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,21 @@ def reasons(name: str, call: Call) -> list[str]:
     bad = sorted({str(d).replace("torch.", "") for d in call.dtypes if d not in CONTRACT_DTYPES})
     if bad:
         why.append(f"unsupported dtype {', '.join(bad)}")
-    if name != "torch" and call.K > K_MAX:
-        why.append(f"reads at most {K_MAX} buffers, got {call.K}")
+    limit = getattr(be, "max_buffers", K_MAX)
+    if limit is not None and call.K > limit:
+        why.append(f"reads at most {limit} buffers, got {call.K}")
     return why
+
+
+def names() -> tuple[str, ...]:
+    """Every registered backend's name."""
+    return tuple(REGISTRY)
+
+
+def priority(device_type: str) -> tuple[str, ...]:
+    """The default order of the backends tried on ``device_type`` ("cpu", "cuda"), best
+    first (a measured ranking, :func:`order`, may reorder them)."""
+    return PRIORITY.get(device_type, ("torch",))
 
 
 def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
@@ -170,19 +183,50 @@ def ranking_file() -> str:
         os.path.expanduser("~"), ".cache", "pyengine", "ranking.json")
 
 
+_WARNED: set = set()
+
+
+def _malformed(path: str, what: str) -> None:
+    """Warn once per file and problem that a ranking entry is ignored."""
+    if (path, what) not in _WARNED:
+        _WARNED.add((path, what))
+        warnings.warn(f"ignoring the backend ranking file {path}: {what} (delete it or rerun "
+                      f"`PYENGINE_RANK=1 pyengine info`)", RuntimeWarning, stacklevel=3)
+
+
 def _read_rankings() -> dict:
+    """The ranking file's content: {device name: {"order": [...], ...}}; {} when it is
+    missing, unreadable or not a JSON object (warning once for the last two)."""
+    path = ranking_file()
     try:
-        with open(ranking_file()) as f:
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:
+        if path != os.devnull:
+            _malformed(path, f"not readable JSON ({exc})")
+        return {}
+    if not isinstance(data, dict):
+        _malformed(path, f"a JSON {type(data).__name__}, expected an object of device names")
+        return {}
+    return data
 
 
 def ranking_for(device) -> dict | None:
-    """The cached measurement for ``device``'s name ({"order": [...], "seconds": {...}})."""
-    data = _read_rankings()
-    return data.get(device_name(device)) if data else None
+    """The cached measurement for ``device``'s name ({"order": [...], "seconds": {...}}), or
+    None; a malformed entry (not an object, "order" not a list of names) is ignored with a
+    warning naming the file."""
+    key = device_name(device)
+    entry = _read_rankings().get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("order"), list) or \
+            not all(isinstance(n, str) for n in entry["order"]):
+        _malformed(ranking_file(), f"the entry for {key!r} is not "
+                                   f"{{\"order\": [backend names, ...]}}")
+        return None
+    return entry
 
 
 _ORDER_CACHE: dict = {}
@@ -296,15 +340,11 @@ def explain(device=None, dtype=None) -> dict[str, str | None]:
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
                  aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None,
                  backend=None):
-    """The contract through the backend :func:`select` picks for this concrete call (every
-    backend takes a per-sample step tensor and the inpainting mask)."""
+    """The contract through the backend :func:`select` picks for this concrete call."""
     if not isinstance(bufs, (list, tuple)) or not bufs or \
             not all(isinstance(b, torch.Tensor) for b in bufs) or not isinstance(out, torch.Tensor):
         raise ValueError("fused_update takes an output tensor and a non-empty list of tensors")
     be = select(Call.of(out, bufs, aux_out), backend)
-    kw = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
-    if mask is not None or mask_coef is not None:
-        kw.update(mask=mask, mask_coef=mask_coef)
     return be.fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef,
-                           noise=noise, **kw)
-
+                           noise=noise, compute_dtype=compute_dtype, mask=mask,
+                           mask_coef=mask_coef)

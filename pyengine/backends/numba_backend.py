@@ -1,514 +1,75 @@
-"""The numba CPU backend: parallel numba kernels over zero-copy numpy views of the tensors.
+"""The numba CPU backend: parallel numba kernels over zero-copy numpy views of the tensors
+(:mod:`pyengine.fused_update.numba_kernels`).
 
-fused_update(out, bufs[K], coef[K] or [B, K], noise_coef or [B], seeds[B], step or step[B],
-             aux_out=None, aux_coef=None, *, noise=None, compute_dtype=None,
-             mask=None, mask_coef=None)
-
-    out = sum_k coef_k * bufs_k + noise_coef * z       aux_out = sum_k aux_coef_k * bufs_k
-    with a mask: out = mask * out + (1 - mask) * sum_k mask_coef_k * bufs_k
-
-float32 and float64 tensors only (numpy has no bfloat16; float16 would be computed through
+float32 and float64 data only (numpy has no bfloat16; float16 would be computed through
 conversions numba cannot vectorize): other dtypes make the call unsupported, with the reason
-in :func:`reasons_unsupported`, and the dispatcher picks another backend. The inpainting mask
-may be any float dtype: one in another dtype than the compute dtype is converted first (an
-extra pass over the mask; exact). ``step`` may be an int64 [B] tensor of per-sample draw
-numbers (read once per tile). The masked kernels are separate functions (compiled on first
-use), so the unmasked ones are what they were.
-
-Kernels are generated per K = 1..8 (and compute dtype, parallel or not) with the K terms
-written out, so each inner loop is one fused, vectorizable expression; the source is written
-to a file under ~/.cache/pyengine/numba so numba caches the compiled kernels on disk (about
-2 s per kernel on first use, then a load). Each parallel task takes a tile of 4096 elements
-of one sample (per-sample coefficients and seeds are loaded once per tile); every buffer is
-read once, and ``out`` and ``aux_out`` may alias inputs (both results of an element are
-computed before either is stored). A first, simpler design kept K a runtime value (one
-kernel, a tile accumulator updated once per buffer): 3.3 ms vs 1.1 ms for this one at K=3,
-16x4x128x128 float32 on one thread, so the unrolled form it is.
-The Philox-4x32-10 + Box-Muller noise is pyengine.noise's, word for word (uint64 arithmetic
-masked to 32 bits), with float32 log/sqrt/cos/sin from libm as in the C++ kernel.
+in :func:`reasons_unsupported`, and the dispatcher picks another backend. The mask may be any
+float dtype. numba is imported on first use (0.3 s), never by ``import pyengine``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import numbers
-import os
-import sys
-from collections import OrderedDict
+import importlib.util
 
-import numpy as np
 import torch
 
-from ._native import check_mask, per_sample_steps
+from ..fused_update import contract
 
 name = "numba"
 device_types = ("cpu",)
-K_MAX = 8
-TILE = 4096                 # elements per parallel task (multiple of 4: whole Philox quads)
-SERIAL_BELOW = 1 << 15      # smaller updates run on the calling thread, no pool wake-up
-DTYPES = (torch.float32, torch.float64)
+dtypes = (torch.float32, torch.float64)
+max_buffers = contract.K_MAX
+K_MAX = contract.K_MAX
 
-try:
-    import numba
-    from numba import njit
-except ImportError as exc:          # numba is an optional dependency of the CPU path
-    numba = None
-    IMPORT_ERROR = f"numba is not installed ({exc})"
-else:
-    IMPORT_ERROR = None
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64}
+def _kernels():
+    from ..fused_update import numba_kernels
+    return numba_kernels
 
 
 def unavailable_reason(device_type: str = "cpu") -> str | None:
     """None when this backend can run on ``device_type``, else why not."""
-    if numba is None:
-        return IMPORT_ERROR
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install numba)"
     if device_type != "cpu":
         return f"the numba backend runs on CPU tensors, not {device_type}"
-    return None
+    return _kernels().IMPORT_ERROR
 
 
 def reasons_unsupported(call) -> list[str]:
     """Why this backend cannot run ``call`` (a :class:`pyengine.backends.dispatch.Call`)."""
     why = []
-    if numba is None:
-        why.append(IMPORT_ERROR)
-    if call.device_type != "cpu":
-        why.append(f"the numba backend runs on CPU tensors, not {call.device_type}")
-    bad = sorted({str(d).replace("torch.", "") for d in call.dtypes if d not in DTYPES})
+    r = unavailable_reason(call.device_type)
+    if r is not None:
+        why.append(r)
+    bad = sorted({str(d).replace("torch.", "") for d in call.dtypes if d not in dtypes})
     if bad:
         why.append(f"float32/float64 only (numpy views), got {', '.join(bad)}")
-    if call.K > K_MAX:
-        why.append(f"reads at most {K_MAX} buffers, got {call.K}")
+    if call.K > max_buffers:
+        why.append(f"reads at most {max_buffers} buffers, got {call.K}")
     return why
 
 
-# ---------------------------------------------------------------------------------------
-# the kernels
-# ---------------------------------------------------------------------------------------
-
-if numba is not None:
-    _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
-    _MASK = np.uint64(0xFFFFFFFF)
-    _S32, _S8 = np.uint64(32), np.uint64(8)
-
-    @njit(cache=True, inline="always")
-    def _philox(c0, c1, c2, c3, k0, k1):
-        # uint64 holding uint32 values: a*b < 2^64, so hi = (a*b) >> 32 and lo = (a*b) & mask
-        for r in range(10):
-            if r:
-                k0 = (k0 + _W0) & _MASK
-                k1 = (k1 + _W1) & _MASK
-            p0 = _M0 * c0
-            p1 = _M1 * c2
-            c0, c1, c2, c3 = ((p1 >> _S32) ^ c1 ^ k0, p1 & _MASK, (p0 >> _S32) ^ c3 ^ k1,
-                              p0 & _MASK)
-        return c0, c1, c2, c3
-
-    @njit(cache=True)
-    def philox_words_numba(seed_bits, step, q0, nq):
-        """Words [nq, 4] (uint32 values in uint64) of quads q0.. of one sample."""
-        w = np.empty((nq, 4), np.uint64)
-        k0 = np.uint64(seed_bits) & _MASK
-        k1 = np.uint64(seed_bits) >> _S32
-        for i in range(nq):
-            q = np.uint64(q0 + i)
-            r = _philox(q & _MASK, q >> _S32, np.uint64(step) & _MASK, np.uint64(0), k0, k1)
-            for j in range(4):
-                w[i, j] = r[j]
-        return w
-
-    @njit(cache=True, inline="always")
-    def _uniform(w):
-        return (np.float32(w >> _S8) + np.float32(0.5)) * np.float32(5.9604644775390625e-08)
-
-    @njit(cache=True, inline="always")
-    def _normals(seed, step, q):
-        """The four float32 normals of quad q of the sample keyed by int64 ``seed``."""
-        s = np.uint64(seed)                      # two's-complement bits of the uint64 seed
-        qq = np.uint64(q)
-        w0, w1, w2, w3 = _philox(qq & _MASK, qq >> _S32, np.uint64(step), np.uint64(0),
-                                 s & _MASK, s >> _S32)
-        two_pi = np.float32(6.28318548202514648)
-        r01 = np.sqrt(np.float32(-2.0) * np.log(_uniform(w0)))
-        r23 = np.sqrt(np.float32(-2.0) * np.log(_uniform(w2)))
-        t01 = two_pi * _uniform(w1)
-        t23 = two_pi * _uniform(w3)
-        return r01 * np.cos(t01), r01 * np.sin(t01), r23 * np.cos(t23), r23 * np.sin(t23)
-
-    @njit(cache=True)
-    def normals_numba(seeds, step, numel):
-        z = np.empty((seeds.shape[0], numel), np.float32)
-        for b in range(seeds.shape[0]):
-            for q in range((numel + 3) // 4):
-                zs = _normals(seeds[b], step, q)
-                for e in range(min(4, numel - 4 * q)):
-                    z[b, 4 * q + e] = zs[e]
-        return z
+def _ready():
+    why = unavailable_reason("cpu")
+    if why is not None:
+        raise RuntimeError(f"the numba backend is unavailable: {why}")
 
 
-# ---------------------------------------------------------------------------------------
-# the fused kernels: generated per K, written to a file so numba can cache them on disk
-# ---------------------------------------------------------------------------------------
-
-_TEMPLATE = """
-@njit(parallel={parallel}, fastmath=False, cache=True)
-def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, nct, ncs, mode, seeds, steps, sts, noise,
-            B, N):
-    tiles = (N + TILE - 1) // TILE
-    for i in {rng}(B * tiles):
-        b = i // tiles
-        t0 = (i - b * tiles) * TILE
-        n = min(TILE, N - t0)
-        base = b * N + t0
-        o = out[base:base + n]
-{views}
-{coefs}
-        av = aux[base:base + n]          # empty when there is no aux (a 1-element dummy)
-{acoefs}
-        if mode == 1:
-            nc = {cast}(nct[b * ncs])
-            stp = steps[b * sts]
-            for q in range((n + 3) // 4):
-                zs = _normals(seeds[b], stp, (t0 >> 2) + q)
-                for e in range(min(4, n - 4 * q)):
-                    j = 4 * q + e
-                    s = {sum_c}
-                    if has_aux:
-                        av[j] = {sum_a}
-                    o[j] = s + nc * {cast}(zs[e])
-        elif mode == 2:
-            nc = {cast}(nct[b * ncs])
-            z = noise[base:base + n]
-            if has_aux:
-                for j in range(n):
-                    s = {sum_c}
-                    av[j] = {sum_a}
-                    o[j] = s + nc * z[j]
-            else:
-                for j in range(n):
-                    o[j] = {sum_c} + nc * z[j]
-        elif has_aux:
-            for j in range(n):
-                s = {sum_c}
-                av[j] = {sum_a}
-                o[j] = s
-        else:
-            for j in range(n):
-                o[j] = {sum_c}
-"""
-
-# The inpainting blend: res and base (r) from the same loads, then m res + (1 - m) base.
-_TEMPLATE_MASK = """
-@njit(parallel={parallel}, fastmath=False, cache=True)
-def {fname}(out, aux, has_aux, {xs}, ct, cs, act, acs, mct, mcs, msk, nct, ncs, mode, seeds,
-            steps, sts, noise, B, N):
-    one = {cast}(1.0)
-    tiles = (N + TILE - 1) // TILE
-    for i in {rng}(B * tiles):
-        b = i // tiles
-        t0 = (i - b * tiles) * TILE
-        n = min(TILE, N - t0)
-        base = b * N + t0
-        o = out[base:base + n]
-{views}
-{coefs}
-        av = aux[base:base + n]          # empty when there is no aux (a 1-element dummy)
-{acoefs}
-{mcoefs}
-        mv = msk[base:base + n]
-        if mode == 1:
-            nc = {cast}(nct[b * ncs])
-            stp = steps[b * sts]
-            for q in range((n + 3) // 4):
-                zs = _normals(seeds[b], stp, (t0 >> 2) + q)
-                for e in range(min(4, n - 4 * q)):
-                    j = 4 * q + e
-                    s = {sum_c}
-                    r = {sum_m}
-                    if has_aux:
-                        av[j] = {sum_a}
-                    s = s + nc * {cast}(zs[e])
-                    m = mv[j]
-                    o[j] = m * s + (one - m) * r
-        elif mode == 2:
-            nc = {cast}(nct[b * ncs])
-            z = noise[base:base + n]
-            for j in range(n):
-                s = {sum_c}
-                r = {sum_m}
-                if has_aux:
-                    av[j] = {sum_a}
-                s = s + nc * z[j]
-                m = mv[j]
-                o[j] = m * s + (one - m) * r
-        else:
-            for j in range(n):
-                s = {sum_c}
-                r = {sum_m}
-                if has_aux:
-                    av[j] = {sum_a}
-                m = mv[j]
-                o[j] = m * s + (one - m) * r
-"""
+def _launch(*args):
+    return _kernels().fused_update(*args)
 
 
-def _source() -> str:
-    """One kernel per (K, compute dtype, parallel): the K terms written out, so each inner
-    loop is one fused, vectorizable expression ((c0 x0 + c1 x1) + c2 x2, torch's order).
-    Both sums are computed before either store: out and aux may alias inputs."""
-    parts = ["import numpy as np", "from numba import njit, prange",
-             "from pyengine.backends.numba_backend import _normals, TILE"]
-    for K in range(1, K_MAX + 1):
-        for tag, cast in (("f32", "np.float32"), ("f64", "np.float64")):
-            for par in (True, False):
-                for masked, template in ((False, _TEMPLATE), (True, _TEMPLATE_MASK)):
-                    parts.append(template.format(
-                        parallel=par, rng="prange" if par else "range",
-                        fname=f"k{K}_{tag}_{'par' if par else 'ser'}{'_mask' if masked else ''}",
-                        cast=cast, xs=", ".join(f"x{k}" for k in range(K)),
-                        views="\n".join(f"        v{k} = x{k}[base:base + n]" for k in range(K)),
-                        coefs="\n".join(f"        c{k} = {cast}(ct[b * cs, {k}])"
-                                         for k in range(K)),
-                        acoefs="\n".join(f"        a{k} = {cast}(act[b * acs, {k}])"
-                                          for k in range(K)),
-                        mcoefs="\n".join(f"        m{k} = {cast}(mct[b * mcs, {k}])"
-                                          for k in range(K)),
-                        sum_c=" + ".join(f"c{k} * v{k}[j]" for k in range(K)),
-                        sum_a=" + ".join(f"a{k} * v{k}[j]" for k in range(K)),
-                        sum_m=" + ".join(f"m{k} * v{k}[j]" for k in range(K))))
-    return "\n".join(parts) + "\n"
-
-
-_GENERATED = None
-
-
-def _generated():
-    """The generated kernels' module, written once under ~/.cache/pyengine/numba (or
-    $PYENGINE_CACHE_DIR) with a name hashing its source and this file, so numba's on-disk
-    cache (beside it) never serves a stale kernel."""
-    global _GENERATED
-    if _GENERATED is None:
-        import hashlib
-        import importlib.util
-        import tempfile
-        src = _source()
-        with open(__file__) as f:
-            h = hashlib.sha256((src + f.read() + numba.__version__).encode())
-        modname = f"pyengine_numba_kernels_{h.hexdigest()[:16]}"
-        base = os.environ.get("PYENGINE_CACHE_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "pyengine")
-        path = None
-        for d in (os.path.join(base, "numba"), os.path.join(tempfile.gettempdir(),
-                                                            "pyengine-numba")):
-            try:
-                os.makedirs(d, exist_ok=True)
-                path = os.path.join(d, modname + ".py")
-                if not os.path.exists(path):
-                    tmp = f"{path}.{os.getpid()}.tmp"
-                    with open(tmp, "w") as f:
-                        f.write(src)
-                    os.replace(tmp, path)                # atomic: parallel test workers
-                break
-            except OSError:
-                path = None
-        if path is None:
-            raise RuntimeError("no writable directory for the generated numba kernels")
-        spec = importlib.util.spec_from_file_location(modname, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = mod          # numba's cache re-imports it by name on load
-        spec.loader.exec_module(mod)
-        _GENERATED = mod
-    return _GENERATED
-
-
-# ---------------------------------------------------------------------------------------
-# zero-copy views and the call
-# ---------------------------------------------------------------------------------------
-
-_VIEWS: OrderedDict = OrderedDict()
-_VIEWS_MAX = 256
-_DUMMY = {}
-
-
-def _view(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy array over ``t``'s memory (contiguous float32/float64 CPU tensor).
-
-    The views hold raw addresses, not the tensors (no memory is kept alive); a view is only
-    used while the caller holds its tensor, and a view of the same (address, size, dtype) is
-    the same array whichever tensor now lives there, so they are cached by that triple.
-    """
-    key = (t.data_ptr(), t.numel(), t.dtype)
-    v = _VIEWS.get(key)
-    if v is None:
-        npdt = _NP[t.dtype]
-        n = t.numel()
-        buf = (ctypes.c_char * (n * np.dtype(npdt).itemsize)).from_address(t.data_ptr())
-        v = np.frombuffer(buf, dtype=npdt, count=n)
-        _VIEWS[key] = v
-        if len(_VIEWS) > _VIEWS_MAX:
-            _VIEWS.popitem(last=False)
-    return v
-
-
-def _dummy(npdt):
-    d = _DUMMY.get(npdt)
-    if d is None:
-        d = _DUMMY[npdt] = np.zeros(1, npdt)
-    return d
-
-
-def _table(coef, B, K, argname):
-    """(float64 [B or 1, K] table, row stride)."""
-    if isinstance(coef, torch.Tensor):
-        c = coef.detach().to(device="cpu", dtype=torch.float64).numpy()
-    else:
-        try:
-            c = np.asarray(coef, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{argname} must be a float64 array [K] or a tensor [B, K], got "
-                             f"{type(coef).__name__}") from None
-    if c.ndim == 1:
-        if c.shape[0] != K:
-            raise ValueError(f"{argname} has {c.shape[0]} entries for {K} buffers")
-        return np.ascontiguousarray(c.reshape(1, K)), 0
-    if c.ndim == 2 and c.shape == (B, K):
-        return np.ascontiguousarray(c), 1
-    raise ValueError(f"{argname} must be [K]={K} or [B, K]=({B}, {K}), got {c.shape}")
-
-
-def _check(t, argname, shape):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{argname} must be a tensor, got {type(t).__name__}")
-    if t.shape != shape:
-        raise ValueError(f"{argname} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if not t.is_cpu:
-        raise ValueError(f"{argname} is on {t.device}: the numba backend runs on CPU tensors")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{argname} has dtype {t.dtype}: the numba backend takes float32 and "
-                         f"float64 (use the cpp or torch backend)")
-
-
-def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
-                 aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
-    if numba is None:
-        raise RuntimeError(f"the numba backend is unavailable: {IMPORT_ERROR}")
-    if not isinstance(bufs, (list, tuple)) or not bufs:
-        raise ValueError("bufs must be a non-empty list of tensors")
-    K = len(bufs)
-    if K > K_MAX:
-        raise ValueError(f"bufs has {K} tensors; the numba kernel reads at most {K_MAX}")
-    ref = bufs[0]
-    if not isinstance(ref, torch.Tensor) or ref.dim() < 1:
-        raise ValueError("bufs must be [B, ...] tensors")
-    shape = ref.shape
-    for i, b in enumerate(bufs):
-        _check(b, f"bufs[{i}]", shape)
-    _check(out, "out", shape)
-    if (aux_out is None) != (aux_coef is None):
-        raise ValueError("aux_out and aux_coef must be given together")
-    if aux_out is not None:
-        _check(aux_out, "aux_out", shape)
-        if aux_out is out:
-            raise ValueError("aux_out must be a different tensor from out")
-    if compute_dtype is not None and compute_dtype not in DTYPES:
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got "
-                         f"{compute_dtype}")
-    has_mask = check_mask(mask, mask_coef, out, aux_out, shape, ref.device)
-    cdt = compute_dtype or (torch.float64 if out.dtype == torch.float64 else torch.float32)
-    B = shape[0]
-    N = ref.numel() // B if B else 0
-    steps = per_sample_steps(step, B)
-    ct, cs = _table(coef, B, K, "coef")
-    act, acs = _table(aux_coef, B, K, "aux_coef") if aux_out is not None else (ct, 0)
-    mct, mcs = _table(mask_coef, B, K, "mask_coef") if has_mask else (ct, 0)
-
-    # noise: Philox keyed by (seeds[b], step) or the given tensor, times a scalar or [B] c_z
-    if isinstance(noise_coef, torch.Tensor):
-        if noise_coef.numel() != B:
-            raise ValueError(f"noise_coef must be a float or a [B]={B} tensor, got shape "
-                             f"{tuple(noise_coef.shape)}")
-        nct, ncs, has_noise = noise_coef.detach().to("cpu", torch.float64).reshape(B).numpy(), \
-            1, True
-    elif isinstance(noise_coef, numbers.Real):
-        nct, ncs, has_noise = np.full(1, float(noise_coef)), 0, float(noise_coef) != 0.0
-    else:
-        raise ValueError(f"noise_coef must be a float or a [B] tensor, got "
-                         f"{type(noise_coef).__name__}")
-    npc = _NP[cdt]
-    mode, sd, nz, st, sts = 0, np.zeros(1, np.int64), _dummy(npc), np.zeros(1, np.int64), 0
-    keep = []
-    if has_noise and noise is not None:
-        _check(noise, "noise", shape)
-        nzt = noise.to(cdt).contiguous()
-        keep.append(nzt)
-        mode, nz = 2, _view(nzt)
-    elif has_noise:
-        if not isinstance(seeds, torch.Tensor) or (steps is None and (
-                isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0)):
-            raise ValueError("a noisy update needs seeds (an int64 [B] tensor) and step >= 0 "
-                             "or an int64 [B] step tensor (or noise=)")
-        if seeds.dtype != torch.int64 or seeds.shape != (B,):
-            raise ValueError(f"seeds must be an int64 [B]={B} tensor, got {seeds.dtype} "
-                             f"{tuple(seeds.shape)}")
-        mode, sd = 1, seeds.detach().cpu().numpy()
-        if steps is None:
-            st = np.full(1, int(step) & 0xFFFFFFFF, np.int64)
-        else:                       # the low 32 bits, one per sample (or one for the batch)
-            st = (steps.detach().cpu() & 0xFFFFFFFF).numpy()
-            sts = int(steps.shape[0] != 1)
-    if B * N == 0:
-        return out
-
-    # inputs: contiguous and in one dtype (mixed float32/float64 go through the compute dtype)
-    ins = [b if b.is_contiguous() and b.dtype == cdt else b.to(cdt).contiguous() for b in bufs]
-    keep += ins
-    views = [_view(b) for b in ins]
-    o, a = out, aux_out
-    copy_back = []
-    if not out.is_contiguous():
-        o = torch.empty(shape, dtype=out.dtype)
-        copy_back.append((out, o))
-    if aux_out is not None and not aux_out.is_contiguous():
-        a = torch.empty(shape, dtype=aux_out.dtype)
-        copy_back.append((aux_out, a))
-    aview = _view(a) if a is not None else _dummy(_NP[out.dtype])
-    # as many threads as torch uses (the cpp backend's rule), within numba's pool
-    nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != nt:
-        numba.set_num_threads(nt)
-    tag = "f64" if cdt == torch.float64 else "f32"
-    fname = f"k{K}_{tag}_{'par' if B * N >= SERIAL_BELOW else 'ser'}"
-    if has_mask:
-        mk = mask if mask.dtype == cdt and mask.is_contiguous() else mask.to(cdt).contiguous()
-        keep.append(mk)
-        kern = getattr(_generated(), fname + "_mask")
-        kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, mct, mcs, _view(mk), nct,
-             ncs, mode, sd, st, sts, nz, B, N)
-    else:
-        kern = getattr(_generated(), fname)
-        kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, nct, ncs, mode, sd, st,
-             sts, nz, B, N)
-    for dst, src in copy_back:
-        dst.copy_(src)
-    return out
+fused_update = contract.entry_point(__name__, _launch, _ready)
 
 
 def philox_words(seed: int, step: int, nq: int, q0: int = 0) -> torch.Tensor:
     """The raw Philox-4x32-10 words of quads q0..q0+nq-1 of a sample: int64 [nq, 4]."""
-    if numba is None:
-        raise RuntimeError(f"the numba backend is unavailable: {IMPORT_ERROR}")
-    s = int(seed) & (2 ** 64 - 1)
-    w = philox_words_numba(np.uint64(s), int(step) & 0xFFFFFFFF, int(q0), int(nq))
-    return torch.from_numpy(w.astype(np.int64))
+    _ready()
+    return _kernels().philox_words(seed, step, nq, q0)
 
 
 def philox_normal(seeds: torch.Tensor, step: int, numel: int) -> torch.Tensor:
     """float32 normals [B, numel] from the numba kernel's noise."""
-    if numba is None:
-        raise RuntimeError(f"the numba backend is unavailable: {IMPORT_ERROR}")
-    sd = seeds.to(device="cpu", dtype=torch.int64).numpy()
-    return torch.from_numpy(normals_numba(sd, int(step) & 0xFFFFFFFF, int(numel)))
-
+    _ready()
+    return _kernels().philox_normal(seeds, step, numel)

@@ -1,6 +1,8 @@
 """The fused update as one Triton kernel (the contract of DESIGN.md s.5, noise of s.6).
 
-    out = sum_k c_k * x_k + c_z * z          aux = sum_k a_k * x_k      (k < K <= 8)
+Imported only when the triton backend is first used (triton's import takes about 1 s).
+
+    out = sum_k c_k * x_k + c_z * z          aux = sum_k a_k * x_k      (k < K <= K_MAX)
     with a mask m:  out = m * out + (1 - m) * sum_k b_k * x_k            (aux unmasked)
 
 One program handles BLOCK_Q quads (4 * BLOCK_Q elements) of one sample (grid: quads x batch),
@@ -37,12 +39,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .contract import K_MAX, compute_dtype_for, has_noise
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-K_MAX = 8
 INTERPRET_BLOCK_Q = 64
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -248,7 +252,7 @@ def _grid(N, B):
 def launch(out, bufs, coef_vals, coef_table, aux_out, aux_vals, aux_table, noise_mode,
            nc_scalar, nc_table, seeds, step, noise, f64: bool, mask=None, mask_vals=(),
            mask_table=None, kernel=None):
-    """Launch on prepared arguments (see pyengine.backends.triton_backend, which validates):
+    """Launch on prepared arguments (see :func:`prepare`):
     contiguous tensors; coef_table float64 [B or 1, K] or None (then coef_vals); the same for
     aux and for the mask's base coefficients (mask_table / mask_vals, with a mask tensor);
     nc_table float64 [B] or None (then nc_scalar); seeds int64 [B] and step int64 [1] or [B]
@@ -313,6 +317,104 @@ def triton_fused_update(out: torch.Tensor, bufs: list[torch.Tensor], coef_vals: 
     launch(out, bufs, coef_vals, coef_table, aux_out, aux_vals, aux_table, noise_mode,
            nc_scalar, nc_table, seeds, step, noise, f64, mask, mask_vals, mask_table,
            kernel=_op_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# marshalling validated contract arguments (pyengine.fused_update.validate) into launch()'s
+# ---------------------------------------------------------------------------------------
+
+_STEPS: dict = {}
+
+
+def _step_tensor(step, device):
+    """An int64 [1] device tensor holding ``step``, cached per (device, step): made once, in
+    the eager warm-up run, never during a capture."""
+    key = (str(device), int(step))
+    t = _STEPS.get(key)
+    if t is None:
+        t = _STEPS[key] = torch.tensor([int(step) & 0xFFFFFFFF], dtype=torch.int64,
+                                       device=device)
+    return t
+
+
+def _coefficients(coef, device, f64):
+    """(per-step floats, None) or (None, float64 [B, K] table); float64 math always reads a
+    table (Triton passes Python floats as fp32)."""
+    if isinstance(coef, torch.Tensor):
+        if coef.dim() == 2:
+            return None, coef.to(device=device, dtype=torch.float64).contiguous()
+        vals = coef.tolist()
+    else:
+        c = np.asarray(coef, dtype=np.float64)
+        if c.ndim == 2:
+            return None, torch.from_numpy(np.ascontiguousarray(c)).to(device)
+        vals = c.tolist()
+    if f64:
+        return None, torch.tensor([vals], dtype=torch.float64, device=device)
+    return vals, None
+
+
+def prepare(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise, compute_dtype,
+            mask, mask_coef):
+    """(launch arguments, copy-backs) for a validated call, or None when it is empty."""
+    ref = bufs[0]
+    if ref.numel() == 0:
+        return None
+    shape, device = ref.shape, ref.device
+    B = shape[0]
+    f64 = compute_dtype_for(out.dtype, compute_dtype) == torch.float64
+    cv, ct = _coefficients(coef, device, f64)
+    av, at = _coefficients(aux_coef, device, f64) if aux_out is not None else ([], None)
+    mv, mt = _coefficients(mask_coef, device, f64) if mask is not None else ([], None)
+    nc_table, nc_scalar, mode, st, sd, nz = None, 0.0, 0, None, None, None
+    if has_noise(noise_coef):
+        if isinstance(noise_coef, torch.Tensor):
+            nc_table = noise_coef.to(device=device, dtype=torch.float64).reshape(B).contiguous()
+        else:
+            nc_scalar = float(noise_coef)
+            if f64:
+                nc_table = torch.tensor([nc_scalar], dtype=torch.float64, device=device)
+        if noise is not None:
+            mode, nz = 2, noise.contiguous()
+        else:
+            mode, sd = 1, seeds.to(device).contiguous()
+            st = step.to(device).contiguous() if isinstance(step, torch.Tensor) \
+                else _step_tensor(step, device)
+    mk = None
+    if mask is not None:
+        mk = mask.contiguous()
+        if device.type == "cpu" and mk.dtype not in (torch.float32, torch.float64):
+            mk = mk.float()            # the interpreter has no half types; exact
+    ins = [b.contiguous() for b in bufs]
+    copy_back = []
+    o, a = out, aux_out
+    if not out.is_contiguous():
+        o = torch.empty(shape, dtype=out.dtype, device=device)
+        copy_back.append((out, o))
+    if aux_out is not None and not aux_out.is_contiguous():
+        a = torch.empty(shape, dtype=aux_out.dtype, device=device)
+        copy_back.append((aux_out, a))
+    args = (o, ins, cv or [], ct, a, av or [], at, mode, nc_scalar, nc_table, sd, st, nz, f64,
+            mk, mv or [], mt)
+    return args, copy_back
+
+
+def fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                 compute_dtype, mask, mask_coef, *, op: bool = False):
+    """Launch on validated arguments; ``op``: through ``torch.ops.pyengine.triton_fused_update``
+    (traceable by torch.compile, which sees the Triton kernel itself)."""
+    prep = prepare(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                   compute_dtype, mask, mask_coef)
+    if prep is None:
+        return out
+    args, copy_back = prep
+    if op:
+        torch.ops.pyengine.triton_fused_update(*args)
+    else:
+        launch(*args)
+    for dst, src in copy_back:
+        dst.copy_(src)
+    return out
 
 
 def warmup(device="cuda", dtypes=(torch.float32,), Ks=(2, 3, 4), numels=(4 * 4 * 64 * 64,),

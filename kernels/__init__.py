@@ -1,1 +1,0 @@
-"""Triton kernels shipped with pyengine (imported by the triton backend)."""

@@ -1,0 +1,178 @@
+"""The launchers of the native kernels (pyengine._C: C++ CPU, CUDA) on validated arguments.
+
+pyengine._C takes no tensors (it does not link libtorch): :func:`marshal` fills one
+``_C.FusedUpdateArgs`` (csrc/fused_update/fused_update.h) by field name with data pointers,
+element counts and dtype codes. Non-contiguous inputs are copied to contiguous ones; a
+non-contiguous output is computed into a contiguous temporary and copied back. Nothing here
+validates: :func:`pyengine.fused_update.validate` did (or the caller promised, ``trusted``);
+the C++ launcher still checks what reaches it (counts, codes, null pointers, overlaps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .contract import compute_dtype_for, has_noise
+
+try:
+    from .. import _C
+except ImportError as exc:          # the extension was not built (pure-Python install)
+    _C = None
+    IMPORT_ERROR = f"pyengine._C is not built ({exc})"
+    CODES: dict = {}
+    NO_NOISE, PHILOX_NOISE, TENSOR_NOISE = 0, 1, 2
+else:
+    IMPORT_ERROR = None
+    #: dtype codes of csrc/fused_update/dtypes.h, as the extension reports them
+    CODES = {getattr(torch, k): v for k, v in _C.DTYPE_CODES.items()}
+    NO_NOISE, PHILOX_NOISE, TENSOR_NOISE = (_C.NOISE_MODES[k] for k in ("none", "philox",
+                                                                         "tensor"))
+_MASK32 = 0xFFFFFFFF
+
+
+def _contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class Marshalled:
+    """The _C arguments of one call, the tensors they point into (kept alive for the call)
+    and the copies back into non-contiguous or converted outputs."""
+
+    __slots__ = ("args", "keep", "copy_back")
+
+    def __init__(self):
+        self.args = None
+        self.keep = []
+        self.copy_back = []
+
+    def finish(self):
+        for dst, src in self.copy_back:
+            dst.copy_(src)
+
+
+def _coefficients(a, field, coef, device, keep):
+    """Per-step coefficients by value (``a.<field>``) or a float64 [B, K] table by address
+    (``a.<field>_table``)."""
+    if isinstance(coef, torch.Tensor):
+        if coef.dim() == 1:
+            setattr(a, field, coef.tolist())
+            return
+        t = coef.to(device=device, dtype=torch.float64).contiguous()
+    else:
+        c = coef if isinstance(coef, np.ndarray) else np.asarray(coef, dtype=np.float64)
+        if c.ndim == 1:
+            setattr(a, field, c.tolist())
+            return
+        t = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float64)).to(device)
+    keep.append(t)
+    setattr(a, field + "_table", t.data_ptr())
+
+
+def marshal(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise, compute_dtype,
+            mask, mask_coef, *, uniform_dtypes: bool = False) -> Marshalled | None:
+    """The ``_C.FusedUpdateArgs`` of a validated call, or None for an empty one.
+
+    ``uniform_dtypes`` (the CUDA kernel): every buffer in one dtype, out and aux in one dtype,
+    float64 exactly when computing in float64, noise in the compute dtype. Other mixes are
+    converted here (exactly: to the compute dtype) and computed into temporaries.
+    """
+    ref = bufs[0]
+    shape, device = ref.shape, ref.device
+    B = shape[0]
+    numel = ref.numel() // B if B else 0
+    if numel * B == 0:
+        return None
+    m = Marshalled()
+    a = _C.FusedUpdateArgs()
+    cdt = compute_dtype_for(out.dtype, compute_dtype)
+    f64 = cdt == torch.float64
+
+    # inputs: contiguous, and under uniform_dtypes one dtype the kernel has an instantiation for
+    ins = [_contiguous(b) for b in bufs]
+    codes = [CODES[b.dtype] for b in ins]
+    out_dtype = out.dtype
+    if uniform_dtypes:
+        oc = CODES[out.dtype]
+        c64 = CODES[torch.float64]
+        native = (not f64 and oc != c64 and all(c == oc for c in codes)) or \
+            (f64 and oc == c64 and all(c == c64 for c in codes))
+        if not native:
+            ins = [b if b.dtype == cdt else b.to(cdt) for b in ins]
+            codes = [CODES[cdt]] * len(ins)
+            if f64 or out.dtype == torch.float64:
+                out_dtype = cdt          # float64 <-> float32 mixes go through a temporary
+    m.keep += ins
+    o = out
+    if not (out.is_contiguous() and out.dtype == out_dtype):
+        o = torch.empty(shape, dtype=out_dtype, device=device)
+        m.copy_back.append((out, o))
+    a.out, a.out_dtype = o.data_ptr(), CODES[o.dtype]
+    a.bufs, a.buf_dtypes = [b.data_ptr() for b in ins], codes
+    a.batch, a.numel, a.compute_f64 = B, numel, f64
+    _coefficients(a, "coef", coef, device, m.keep)
+    if aux_out is not None:
+        x = aux_out
+        if not (aux_out.is_contiguous() and aux_out.dtype == out_dtype):
+            x = torch.empty(shape, dtype=out_dtype, device=device)
+            m.copy_back.append((aux_out, x))
+        a.aux, a.aux_dtype = x.data_ptr(), CODES[x.dtype]
+        _coefficients(a, "aux_coef", aux_coef, device, m.keep)
+    if mask is not None:
+        mk = _contiguous(mask)
+        m.keep.append(mk)
+        a.mask, a.mask_dtype = mk.data_ptr(), CODES[mk.dtype]
+        _coefficients(a, "mask_coef", mask_coef, device, m.keep)
+
+    # noise: Philox keyed by (seeds[b], step) or the given tensor, times a scalar or [B] c_z
+    if has_noise(noise_coef):
+        if isinstance(noise_coef, torch.Tensor):
+            nct = noise_coef.to(device=device, dtype=torch.float64).reshape(B).contiguous()
+            m.keep.append(nct)
+            a.noise_coef_table = nct.data_ptr()
+        else:
+            a.noise_coef = float(noise_coef)
+        if noise is not None:
+            if uniform_dtypes and noise.dtype != cdt:
+                noise = noise.to(cdt)
+            noise = _contiguous(noise)
+            m.keep.append(noise)
+            a.noise_mode, a.noise, a.noise_dtype = TENSOR_NOISE, noise.data_ptr(), \
+                CODES[noise.dtype]
+        else:
+            sd = _contiguous(seeds.to(device))
+            m.keep.append(sd)
+            a.noise_mode, a.seeds = PHILOX_NOISE, sd.data_ptr()
+            if isinstance(step, torch.Tensor):
+                st = step.to(device)
+                st = _contiguous(st.expand(B) if st.shape[0] != B else st)
+                m.keep.append(st)
+                a.steps = st.data_ptr()
+            else:
+                a.step = int(step) & _MASK32
+    m.args = a
+    return m
+
+
+def fused_update_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                     compute_dtype, mask, mask_coef):
+    """Run the C++ CPU kernel on ``torch.get_num_threads()`` threads."""
+    m = marshal(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                compute_dtype, mask, mask_coef)
+    if m is not None:
+        _C.fused_update_cpu(m.args, torch.get_num_threads())
+        m.finish()
+    return out
+
+
+def fused_update_cuda(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                      compute_dtype, mask, mask_coef):
+    """Launch the CUDA kernel on the current stream of the buffers' device."""
+    m = marshal(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                compute_dtype, mask, mask_coef, uniform_dtypes=True)
+    if m is not None:
+        dev = bufs[0].device
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        _C.fused_update_cuda(m.args, index, torch.cuda.current_stream(dev).cuda_stream)
+        m.finish()
+    return out
