@@ -45,7 +45,6 @@ leave the global generator untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import warnings
@@ -56,9 +55,9 @@ import torch
 from . import backends
 from . import schedules as _sched
 from .parameterization import Denoiser
-from .plan import Eval, Plan, Update
+from .plan import Eval, Plan
 from .processes import EDM
-from .runtime import run_plan
+from .runtime import SuppliedDraws, run_plan
 from .sampler import build_plan
 
 __all__ = [
@@ -208,82 +207,46 @@ def _base_plan(solver: str, grid: tuple, options: tuple) -> Plan:
     return build_plan(EDM(), solver, np.array(grid), "sample", **dict(options))
 
 
-class _Noise:
-    """One call's noise: ``fn(sigma_i, sigma_{i+1})`` with k-diffusion's arguments (the
-    entries of the caller's sigmas tensor), and the pending draw of churn samplers."""
+class _KNoise:
+    """The caller's noise sampler where k-diffusion calls it: ``fn(sigma_i, sigma_{i+1})``
+    (the entries of the caller's sigmas tensor) at step i iff ``draws(i, grid)``; with
+    ``at_step_start`` (churn) before the step's model call, used or not. A draws source of
+    the walk (:class:`pyengine.runtime.SuppliedDraws`)."""
 
-    def __init__(self, fn, sigmas: torch.Tensor):
-        self.fn, self.sigmas, self.pending = fn, sigmas, None
+    def __init__(self, fn, sigmas: torch.Tensor, draws, at_step_start: bool):
+        self.fn, self.sigmas, self.draws = fn, sigmas, draws
+        self.grid = _grid(sigmas)
+        self.at_step_start = at_step_start
+        self.started: set[int] = set()
+        self.pending = None
 
-    def draw(self, i: int) -> torch.Tensor:
+    def _draw(self, i: int) -> torch.Tensor:
         return self.fn(self.sigmas[i], self.sigmas[i + 1])
 
+    def _start(self, i: int) -> None:
+        if i not in self.started and self.draws(i, self.grid):
+            self.started.add(i)
+            self.pending = self._draw(i)
 
-class _DrawAtStepStart:
-    """Custom plan op: draw step ``step``'s churn noise before its model call, as
-    k-diffusion's Euler/Heun/DPM-2 do at every step once churn is on (used or not)."""
-
-    def __init__(self, step: int, noise: _Noise):
-        self.step, self.noise = step, noise
-        self.kind = "draw"
-
-    def __repr__(self) -> str:
-        return f"draw z at the start of step {self.step}"
-
-    def execute(self, **_):
-        self.noise.pending = self.noise.draw(self.step)
-
-
-class _SuppliedNoiseUpdate:
-    """Custom plan op: the fused Update ``op`` with its noise z taken from the caller's noise
-    sampler (passed to the kernel as a tensor) instead of the plan's Philox/generator draw."""
-
-    def __init__(self, op: Update, noise: _Noise, pending: bool):
-        self.op, self.noise, self.pending = op, noise, pending
-        self.step, self.kind = op.step, op.kind + "+noise"
-
-    def __repr__(self) -> str:
-        return f"{self.op.kind} at step {self.step} with the caller's noise"
-
-    def execute(self, *, slots, backend, state_dtype=None, compute_dtype=None, **_):
-        op = self.op
-        if self.pending:
-            z, self.noise.pending = self.noise.pending, None
-        else:
-            z = self.noise.draw(op.step)
-        dst = torch.empty_like(slots["x"], dtype=state_dtype)
-        aux = torch.empty_like(dst) if op.aux_dst is not None else None
-        kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
-        backend.fused_update(dst, [slots[b] for b in op.bufs], op.coefs, op.noise, None, -1,
-                             aux, op.aux_coefs, noise=z.to(dst.device), **kw)
-        slots[op.dst] = dst
-        if aux is not None:
-            slots[op.aux_dst] = aux
-
-
-def _with_noise(plan: Plan, noise: _Noise, draws, at_step_start: bool) -> Plan:
-    """The plan with its noisy updates fed by ``noise``: k-diffusion calls its noise sampler
-    at step i iff ``draws(i, grid)``; noisy updates of other steps must have a zero noise
-    coefficient and lose their draw. ``at_step_start``: the draw happens before the step's
-    model call (churn) instead of in its noisy update."""
-    grid = plan.sigmas
-    ops, started = [], set()
-    for op in plan.ops:
-        step = getattr(op, "step", None)
-        if at_step_start and step is not None and step not in started:
-            started.add(step)
-            if draws(step, grid):
-                ops.append(_DrawAtStepStart(step, noise))
-        if isinstance(op, Update) and op.noise_index >= 0:
-            if draws(op.step, grid):
-                ops.append(_SuppliedNoiseUpdate(op, noise, pending=at_step_start))
-                continue
+    def update_noise(self, op, like):
+        i = op.step
+        if not self.draws(i, self.grid):
             if op.noise != 0.0:
-                raise RuntimeError(f"pyengine.sampling bug: a noisy update at step {op.step} "
-                                   f"where k-diffusion draws no noise")
-            op = dataclasses.replace(op, noise=0.0, noise_index=-1)
-        ops.append(op)
-    return Plan(solver=plan.solver, sigmas=plan.sigmas, ops=ops, n_noise=0, output=plan.output)
+                raise RuntimeError(f"pyengine.sampling bug: a noisy update at step {i} where "
+                                   f"k-diffusion draws no noise")
+            return None
+        if not self.at_step_start:
+            return self._draw(i)
+        self._start(i)
+        z, self.pending = self.pending, None
+        return z
+
+    def at_eval(self, op) -> None:
+        if self.at_step_start:
+            self._start(op.step)
+
+    def source(self) -> SuppliedDraws:
+        return SuppliedDraws(self.update_noise, self.at_eval)
 
 
 def _grid(sigmas) -> np.ndarray:
@@ -315,11 +278,11 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
         plan = _base_plan(solver, tuple(grid.tolist()), tuple(sorted(options.items())))
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
-    seed = 0
+    seed, noise = 0, None
     if isinstance(noise_sampler, PhiloxNoise):
         seed = noise_sampler.seed                      # the plan's own in-kernel draws
     elif draws is not None:
-        plan = _with_noise(plan, _Noise(noise_sampler, sigmas), draws, at_step_start)
+        noise = _KNoise(noise_sampler, sigmas, draws, at_step_start).source()
 
     n = len(grid) - 1
     bar = _progress(n, disable)
@@ -351,7 +314,7 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     try:
         with torch.no_grad():
             return run_plan(plan, denoiser, x, seed=seed, backend=be, callback=on_eval,
-                            extra_args=extra_args)
+                            extra_args=extra_args, noise=noise)
     finally:
         if bar is not None:
             bar.close()
