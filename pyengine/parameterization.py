@@ -140,3 +140,14 @@ class ModelAdapter:
 
 def wrap(model, extra_args: dict | None = None) -> ModelAdapter:
     return model if isinstance(model, ModelAdapter) else ModelAdapter(model, extra_args)
+
+
+def edm_scalings(sigma, sigma_data: float):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) at ``sigma`` (a float or a tensor):
+    (c_skip, c_out, c_in) = (sd^2 / (sigma^2 + sd^2), sigma sd / sqrt(sigma^2 + sd^2),
+    1 / sqrt(sigma^2 + sd^2)), so D(x; sigma) = c_skip x + c_out F(c_in x, c_noise). The one
+    statement of it that the digits model and the diffusers EDM adapters use."""
+    sd2 = float(sigma_data) ** 2
+    n2 = sigma * sigma + sd2
+    root = n2 ** 0.5
+    return sd2 / n2, sigma * float(sigma_data) / root, 1 / root

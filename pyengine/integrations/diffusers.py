@@ -57,10 +57,11 @@ import torch
 
 from .. import backends
 from ..noise import seeds_tensor
-from ..parameterization import Denoiser
+from ..parameterization import Denoiser, edm_scalings
 from ..parameterization import affine as param_affine
 from ..plan import Eval, Update
 from ..processes import EDM, Process, VPDiscrete
+from ..runtime.walk import PhiloxDraws, Program, SuppliedDraws, Walker
 from ..sampler import Sampler
 
 __all__ = ["from_diffusers", "DiffusersSampler", "SUPPORTED", "EDMPreconditioned",
@@ -112,16 +113,22 @@ class EDMPreconditioned(Denoiser):
     def __call__(self, x_hat, sigma, **kwargs):
         view = (-1,) + (1,) * (x_hat.dim() - 1)
         sig = sigma.to(x_hat.dtype).view(view)
-        sd2 = self.sigma_data ** 2
-        c_in = 1 / ((sig ** 2 + sd2) ** 0.5)
+        c_skip, c_out, c_in = edm_scalings(sig, self.sigma_data)
         out = self.fn(x_hat * c_in, 0.25 * torch.log(sigma), **kwargs)
         if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
             out = out.sample
         elif isinstance(out, tuple):
             out = out[0]
-        c_skip = sd2 / (sig ** 2 + sd2)
-        c_out = self.sign * sig * self.sigma_data / (sig ** 2 + sd2) ** 0.5
-        return c_skip * x_hat + c_out * out
+        return c_skip * x_hat + (self.sign * c_out) * out
+
+
+def _edm_denoised(backend, x_hat, out, sigma: float, sigma_data: float, sign: float):
+    """D = c_skip x_hat + c_out F for a model output F the pipeline computed (one fused
+    update; the plan's model is D)."""
+    c_skip, c_out, _ = edm_scalings(float(sigma), sigma_data)
+    d = torch.empty_like(x_hat)
+    backend.fused_update(d, [x_hat, out], [c_skip, sign * c_out])
+    return d
 
 
 # ---------------------------------------------------------------------------------------
@@ -595,15 +602,49 @@ class FusedSchedulerOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
+def _scheduler_space(plan, convs: list[float], final_conv: float, output: str):
+    """``plan`` rewritten for a state kept in the scheduler's space (x = conv * state).
+
+    Every slot has a host-side factor (true value = factor * stored tensor): the state the
+    pipeline passes at model call k has conv(k), model outputs 1, and the update that
+    produces the pipeline's next state writes it directly in the scheduler's space (factor
+    conv(k + 1)); every other update writes true values. The factors fold into the float64
+    coefficients, so a step is the plan's fused update(s) and nothing else. Returns the
+    rewritten plan and, per model call, the factor by which the segment's final state still
+    differs from the scheduler's space (1.0 when an update wrote it there)."""
+    ops = list(plan.ops)
+    evals = [j for j, op in enumerate(ops) if isinstance(op, Eval)]
+    scale: dict[str, float] = {}
+    new_ops, tails = list(ops), []
+    for k, j0 in enumerate(evals):
+        e = ops[j0]
+        scale[e.src] = convs[k]
+        for d in (e.dst, e.dst + "/u", e.dst + "/c"):
+            scale[d] = 1.0
+        k1 = k + 1
+        end = evals[k1] if k1 < len(evals) else len(ops)
+        target = ops[end].src if k1 < len(evals) else output
+        target_conv = convs[k1] if k1 < len(evals) else final_conv
+        for j in range(j0 + 1, end):
+            op = ops[j]
+            out_scale = target_conv if (j == end - 1 and op.dst == target) else 1.0
+            in_scale = np.array([scale[b] for b in op.bufs])
+            new_ops[j] = dataclasses.replace(
+                op, coefs=op.coefs * in_scale / out_scale, noise=op.noise / out_scale,
+                aux_coefs=None if op.aux_coefs is None else op.aux_coefs * in_scale)
+            scale[op.dst] = out_scale
+            if op.aux_dst is not None:
+                scale[op.aux_dst] = 1.0
+        tails.append((target, scale[target] / target_conv))
+    return dataclasses.replace(plan, ops=new_ops), tails
+
+
 class _Walk:
-    """One run through a plan, one model evaluation per ``step()`` call.
+    """One run through a plan, one model evaluation per ``step()`` call: the executor's
+    walker over the plan rewritten for the scheduler's space (:func:`_scheduler_space`).
 
     The pipeline holds the state in the scheduler's space: x_hat = x / s for the Euler-type
-    schedulers, pyengine's x otherwise, so x = conv * state with conv = s(sigma) or 1. Every
-    slot remembers a host-side factor (true value = factor * stored tensor); updates fold the
-    factors of what they read into their float64 coefficients, and the update that produces
-    the pipeline's next state writes it directly in the scheduler's space. So a step is the
-    plan's fused update(s) and nothing else, and no value goes back to the host."""
+    schedulers, pyengine's x otherwise, so x = conv * state with conv = s(sigma) or 1."""
 
     def __init__(self, sampler: DiffusersSampler, recipe: _Recipe, begin: int, eta: float,
                  n_entries: int):
@@ -625,20 +666,26 @@ class _Walk:
         if self.n != n_entries:
             raise RuntimeError(f"FusedScheduler bug: {self.n} model calls in the plan for "
                                f"{n_entries} timesteps")
+        scaled, self.tails = _scheduler_space(
+            self.plan, [self.conv(k) for k in range(len(self.evals))], self.final_conv,
+            self.plan.output)
+        self.program = Program(scaled)
         self.k = 0
-        self.slots: dict[str, torch.Tensor] = {}
-        self.scale: dict[str, float] = {}
-        self.backend = None
+        self.walker: Walker | None = None
         self.seeds = None
 
     def __deepcopy__(self, memo):
-        # the backend is a module (not copyable): the copy resolves it again at its next step
+        # the walker holds a backend module (not copyable): the copy makes its own
         new = copy.copy(self)
         memo[id(self)] = new
         for key, val in self.__dict__.items():
-            if key != "backend":
+            if key != "walker":
                 setattr(new, key, copy.deepcopy(val, memo))
-        new.backend = None
+        new.walker = None
+        if self.walker is not None:
+            new.walker = Walker(self.program, None, self.walker.backend, recycle=False)
+            new.walker.slots = dict(self.walker.slots)
+            new.walker.like = self.walker.like
         return new
 
     def conv(self, k: int) -> float:
@@ -809,60 +856,43 @@ class FusedScheduler:
             # diffusers' zero-length final step (a repeated last level): the identity
             self._advance(w)
             return self._output(sample, None, return_dict)
-        if w.backend is None:
-            w.backend = backends.get(self._backend_name, device=sample.device,
-                                     dtype=sample.dtype)
-        be, ops, slots, scale = w.backend, w.plan.ops, w.slots, w.scale
-        e = ops[w.evals[w.k]]
-        slots[e.src], scale[e.src] = sample, w.conv(w.k)
+        if w.walker is None:
+            w.walker = Walker(w.program, None, backends.get(self._backend_name,
+                                                             device=sample.device,
+                                                             dtype=sample.dtype),
+                              recycle=False)
+        walker = w.walker
+        be = walker.backend
+        e = w.plan.ops[w.evals[w.k]]
         out = model_output
         if self._edm is not None:
-            # EDM preconditioning: D = c_skip x_hat + c_out F (the plan's model is D)
-            sd, sign = self._edm
-            n2 = e.sigma * e.sigma + sd * sd
-            out = torch.empty_like(sample)
-            be.fused_update(out, [sample, model_output],
-                            [sd * sd / n2, sign * e.sigma * sd / math.sqrt(n2)])
-        slots[e.dst], scale[e.dst] = out, 1.0
-        k1 = w.k + 1
-        end = w.evals[k1] if k1 < len(w.evals) else len(ops)
-        target = ops[end].src if k1 < len(w.evals) else w.plan.output
-        target_conv = w.conv(k1)
-        drawn = False
-        for j in range(w.evals[w.k] + 1, end):
-            op = ops[j]
-            out_scale = target_conv if (j == end - 1 and op.dst == target) else 1.0
-            in_scale = np.array([scale[b] for b in op.bufs])
-            coefs = op.coefs * in_scale / out_scale
-            noise_coef, z, seeds, idx = 0.0, None, None, -1
-            if op.noise_index >= 0:
-                noise_coef = op.noise / out_scale
-                if self._noise == "philox":
-                    if w.seeds is None:
-                        w.seeds = seeds_tensor(self._seed, sample.shape[0]).to(sample.device)
-                    seeds, idx = w.seeds, op.noise_index
+            out = _edm_denoised(be, sample, model_output, e.sigma, *self._edm)
+        # the noise of this step's updates: pyengine's Philox, or drawn where and as the
+        # wrapped scheduler draws (its generator, or the pipeline's variance_noise)
+        if self._noise == "philox":
+            if w.seeds is None:
+                w.seeds = seeds_tensor(self._seed, sample.shape[0]).to(sample.device)
+            walker.noise = PhiloxDraws(w.seeds)
+        else:
+            drawn = []
+
+            def draw(op, like):
+                if variance_noise is not None:
+                    if drawn:
+                        raise NotImplementedError("variance_noise given to a step that "
+                                                  "draws noise twice")
+                    z = variance_noise
                 else:
-                    if variance_noise is not None:
-                        if drawn:
-                            raise NotImplementedError("variance_noise given to a step that "
-                                                      "draws noise twice")
-                        z = variance_noise
-                    else:
-                        z = self._randn(model_output, generator)
-                    drawn = True
-                    if noise_coef == 0.0:
-                        z = None        # drawn as diffusers does (same generator state), unused
-            dst = torch.empty_like(sample)
-            aux = aux_coefs = None
-            if op.aux_dst is not None:
-                aux, aux_coefs = torch.empty_like(dst), op.aux_coefs * in_scale
-            be.fused_update(dst, [slots[b] for b in op.bufs], coefs, noise_coef, seeds, idx,
-                            aux, aux_coefs, noise=z)
-            slots[op.dst], scale[op.dst] = dst, out_scale
-            if aux is not None:
-                slots[op.aux_dst], scale[op.aux_dst] = aux, 1.0
-        prev = slots[target]
-        f = scale[target] / target_conv
+                    z = self._randn(model_output, generator)
+                drawn.append(True)
+                # drawn as diffusers does (same generator state) even when unused
+                return z if op.noise != 0.0 else None
+            walker.noise = SuppliedDraws(draw)
+        walker.like = sample
+        walker.slots[e.src] = sample
+        walker.run_segment(w.k, output=out)
+        target, f = w.tails[w.k]
+        prev = walker.slots[target]
         if f != 1.0:
             prev = prev * f
         x0 = self._x0_fn(be, e, sample, w.conv(w.k), out, w.sampler.prediction)
