@@ -1,6 +1,6 @@
 """Solvers as plans. Importing this package registers every solver family."""
 
-from . import ddim, dpm, euler, ipndm, sde, unipc  # noqa: F401  (registration side effects)
+from . import comfy, ddim, dpm, euler, ipndm, sde, unipc  # noqa: F401  (registration side effects)
 from .registry import REGISTRY, SolverInfo, get, list_solvers, register
 
 __all__ = ["REGISTRY", "SolverInfo", "get", "list_solvers", "register"]

@@ -1,0 +1,683 @@
+"""ComfyUI's samplers as plans, with ComfyUI's semantics for eps and flow models.
+
+Two kinds of formulas, as in ComfyUI's ``comfy/k_diffusion/sampling.py``:
+
+* k-diffusion-style samplers (res_multistep, gradient_estimation, lms, ipndm_v, heunpp2,
+  the ancestral DPM-2 / DPM-Solver++(2S) and the rectified-flow ancestral Euler) work on
+  ComfyUI's own state and noise level: x_c = x_hat, sigma_c = sigma for eps / v / EDM
+  models, and x_c = x (the process state), sigma_c = t = sigma / (1 + sigma) for flow
+  (CONST) models. :class:`ComfySpace` gives those Lins, so one formula gives ComfyUI's result
+  for both model kinds: the process of the builder decides.
+* samplers written in the half-log-SNR (dpmpp_sde, dpmpp_3m_sde, er_sde, seeds_2/3,
+  exp_heun_2_x0, lcm) use lambda = log(alpha / sigma_dpm), which ComfyUI computes per model
+  kind; divided by alpha they are pyengine's x_hat updates with lambda = -log sigma for every
+  process, so they are written in x_hat directly.
+
+Noise: every draw is the plan's z (Philox, or the caller's noise sampler in the adapters),
+drawn in ComfyUI's call order. ComfyUI's ``noise_scale`` of a model sampling (1 by default)
+multiplies ``s_noise``: the adapter passes the product.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .registry import Option, register
+
+__all__ = ["ComfySpace", "ancestral_split", "lagrange_weights"]
+
+_R01 = Option("real", lo=0.0, hi=1.0, lo_open=True)
+
+
+def _is_flow(process) -> bool:
+    return getattr(process, "name", None) == "flow"
+
+
+class ComfySpace:
+    """ComfyUI's sampler state on a PlanBuilder: ``c(sigma)`` ComfyUI's noise level,
+    ``x(slot, sigma)`` the Lin of x_c, ``put(dst, lin, sigma)`` writes a state given as x_c."""
+
+    def __init__(self, b):
+        self.b, self.flow = b, _is_flow(b.process)
+
+    def c(self, sigma: float) -> float:
+        if not self.flow:
+            return float(sigma)
+        return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+
+    def sigma(self, c: float) -> float:
+        """pyengine sigma of ComfyUI's level c."""
+        if not self.flow:
+            return float(c)
+        return math.inf if c >= 1.0 else c / (1.0 - c)
+
+    def alpha(self, sigma: float) -> float:
+        """x_c / x_hat: the flow's 1 - t, 1 otherwise."""
+        return 1.0 / (1.0 + sigma) if self.flow else 1.0
+
+    def x(self, slot: str, sigma: float):
+        return self.b.ref(slot) if self.flow else self.b.xhat(slot, sigma)
+
+    def put(self, dst, lin, sigma, noise: float = 0.0, **kw):
+        a = self.alpha(sigma)
+        return self.b.assign(dst, lin / a, sigma, noise=noise / a, **kw)
+
+
+def ancestral_split(space: ComfySpace, c: float, c_next: float, eta: float):
+    """(c_down, noise std, renoise factor) of one ancestral step in ComfyUI's units.
+
+    eps models (k-diffusion get_ancestral_step): c_up = min(c', eta sqrt(c'^2 (c^2 - c'^2)/c^2)),
+    c_down = sqrt(c'^2 - c_up^2), factor 1. Flow models (ComfyUI's *_RF samplers):
+    c_down = c' (1 + (c'/c - 1) eta), the state is multiplied by (1 - c')/(1 - c_down) and gets
+    noise of std sqrt(c'^2 - c_down^2 (1 - c')^2 / (1 - c_down)^2)."""
+    if not space.flow:
+        if eta == 0 or c_next == 0:
+            return c_next, 0.0, 1.0
+        up = min(c_next, eta * math.sqrt(c_next ** 2 * (c ** 2 - c_next ** 2) / c ** 2))
+        return math.sqrt(max(c_next ** 2 - up ** 2, 0.0)), up, 1.0
+    down = c_next * (1.0 + (c_next / c - 1.0) * eta)
+    if c_next == 0 or eta == 0:
+        return down, 0.0, 1.0
+    a1, ad = 1.0 - c_next, 1.0 - down
+    return down, math.sqrt(max(c_next ** 2 - down ** 2 * a1 ** 2 / ad ** 2, 0.0)), a1 / ad
+
+
+def _lam(sigma: float) -> float:
+    return -math.log(sigma)
+
+
+def _noisy(eta, s_noise) -> bool:
+    return eta > 0 and s_noise > 0
+
+
+# ---------------------------------------------------------------------------------------
+# k-diffusion-style samplers in ComfyUI's space
+# ---------------------------------------------------------------------------------------
+
+
+def _to_d(x, D, c):
+    return (x - D) / c
+
+
+@register("res_multistep", order=2, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="RES multistep (Zhang et al. 2023, arXiv:2308.02157; ComfyUI res_multistep): "
+                  "x' = e^-h x + h (b1 D + b2 D_-1), b1 = phi1(-h) - phi2(-h)/c2, b2 = "
+                  "phi2(-h)/c2, c2 = (lambda_-1 - lambda_down,-1)/h, lambda = -log sigma_c, "
+                  "to sigma_down with ancestral noise s_noise sigma_up z; Euler first step",
+          options=("eta", "s_noise"), eta=0.0, s_noise=1.0,
+          variants=(("res_multistep", {}, 2, 1),))
+def res_multistep(b, eta, s_noise):
+    """ComfyUI's ``res_multistep`` (eta = 0) and ``res_multistep_ancestral`` (eta = 1) in
+    ComfyUI's space; the first step and a step to sigma_down = 0 are Euler steps."""
+    sp, sig = ComfySpace(b), b.sigmas
+    old = None                      # (slot of D_-1, lambda_-1 of sigma_{i-1}, old sigma_down)
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        down, up, _ = _k_ancestral(c, cn, eta)
+        if down == 0 or old is None:
+            xn = x + (down - c) * _to_d(x, D, c)
+        else:
+            h = _lam(down) - _lam(c)
+            c2 = (old[1] - _lam(old[2])) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = (phi1 - phi2 / c2, phi2 / c2) if c2 != 0 else (phi1, 0.0)
+            xn = math.exp(-h) * x + (h * b1) * D + (h * b2) * b.ref(old[0])
+        keep = (f"h{i % 2}", D) if i < b.n_steps - 1 else None
+        noise = s_noise * up if cn > 0 else 0.0
+        sp.put("x", xn, sig[i + 1], noise=noise, aux=keep, kind="res_multistep")
+        old = (keep[0], _lam(c), down) if keep else None
+
+
+def _k_ancestral(c, cn, eta):
+    """k-diffusion's get_ancestral_step (res_multistep uses it for both model kinds)."""
+    if eta == 0 or cn == 0:
+        return cn, 0.0, 1.0
+    up = min(cn, eta * math.sqrt(cn ** 2 * (c ** 2 - cn ** 2) / c ** 2))
+    return math.sqrt(max(cn ** 2 - up ** 2, 0.0)), up, 1.0
+
+
+@register("gradient_estimation", order=1, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="Gradient estimation (Permenter & Yuan 2024; ComfyUI gradient_estimation): "
+                  "d = (x - D)/sigma, x' = x + (sigma' - sigma)(d + (gamma - 1)(d - d_-1)) "
+                  "(first step Euler), x' = D on the step to 0",
+          options=("ge_gamma",), ge_gamma=2.0, specs={"ge_gamma": Option("real")})
+def gradient_estimation(b, ge_gamma):
+    sp, sig = ComfySpace(b), b.sigmas
+    d_old = None
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        if cn == 0:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        d = _to_d(x, D, c)
+        xn = x + (cn - c) * d
+        if d_old is not None:
+            xn = xn + ((ge_gamma - 1.0) * (cn - c)) * (d - d_old)
+        keep = (f"g{i % 2}", d) if i < b.n_steps - 1 else None
+        sp.put("x", xn, sig[i + 1], aux=keep, kind="gradient_estimation")
+        d_old = b.ref(keep[0]) if keep else None
+
+
+def lagrange_weights(nodes, a: float, b_: float):
+    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j (exact)."""
+    import numpy as np
+    nodes = [float(v) for v in nodes]
+    out = []
+    for j, tj in enumerate(nodes):
+        p = np.poly1d([1.0])
+        for k, tk in enumerate(nodes):
+            if k != j:
+                p = p * np.poly1d([1.0, -tk]) / (tj - tk)
+        P = p.integ()
+        out.append(float(P(b_) - P(a)))
+    return out
+
+
+@register("lms", order=2, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="Linear multistep (k-diffusion / ComfyUI sample_lms): x' = x + sum_j w_j d_{i-j} "
+                  "with w_j the integral over [sigma, sigma'] of the Lagrange basis on the last "
+                  "min(order, i+1) levels; x' = D on the step to 0 (ComfyUI)",
+          options=("max_order",), defaults=dict(max_order=4),
+          specs={"max_order": Option("int", lo=1, hi=6)},
+          variants=(("lms", {}, 2, 1),))
+def lms(b, max_order):
+    sp, sig = ComfySpace(b), b.sigmas
+    hist: list = []                          # (slot, c) newest last
+    n_ring = max(max_order - 1, 1) + 1
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        if cn == 0:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        d = _to_d(x, D, c)
+        q = min(i + 1, max_order)
+        prev = hist[-(q - 1):] if q > 1 else []
+        nodes = [c] + [cc for _, cc in reversed(prev)]
+        w = lagrange_weights(nodes, c, cn)
+        xn = x + w[0] * d
+        for wj, (slot, _) in zip(w[1:], reversed(prev)):
+            xn = xn + wj * b.ref(slot)
+        keep = (f"l{i % n_ring}", d) if i < b.n_steps - 1 and max_order > 1 else None
+        sp.put("x", xn, sig[i + 1], aux=keep, kind=f"lms{q}")
+        if keep:
+            hist.append((keep[0], c))
+            del hist[:-(max_order - 1)]
+
+
+def _ipndm_v_coeffs(q: int, h: list[float]) -> list[float]:
+    """Variable-step Adams-Bashforth weights of ComfyUI's sample_ipndm_v for order q with
+    h = [h_n, h_{n-1}, h_{n-2}, h_{n-3}] (step sizes in sigma_c, newest first)."""
+    if q == 1:
+        return [1.0]
+    hn, h1 = h[0], h[1]
+    if q == 2:
+        return [(2 + hn / h1) / 2, -(hn / h1) / 2]
+    h2 = h[2]
+    t1 = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+    if q == 3:
+        return [(2 + hn / h1) / 2 + t1, -(hn / h1) / 2 - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    h3 = h[3]
+    t2 = ((1 - hn / (3 * (hn + h1))) / 2 + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2))) \
+        * (hn * (hn + h1) * (hn + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    r = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [(2 + hn / h1) / 2 + t1 + t2,
+            -(hn / h1) / 2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + r) * t2,
+            t1 * h1 / h2 + (h1 / h2 + r * (1 + h2 / h3)) * t2,
+            -t2 * r * h1 / h2]
+
+
+def _ipndm_family(b, max_order: int, variable: bool) -> None:
+    sp, sig = ComfySpace(b), b.sigmas
+    hist: list = []                       # slots of d_{i-1}, d_{i-2}, ... newest first
+    ring = [f"p{k}" for k in range(max(max_order - 1, 1) + 1)]
+    cs = [sp.c(s) for s in sig]
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = cs[i], cs[i + 1]
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        if cn == 0:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        d = _to_d(x, D, c)
+        q = min(max_order, i + 1)
+        if variable:
+            hs = [cn - c] + [cs[i - k] - cs[i - k - 1] for k in range(min(i, 3))]
+            w = _ipndm_v_coeffs(q, hs)
+        else:
+            w = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12],
+                 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}[q]
+        lin = w[0] * d
+        for wj, slot in zip(w[1:], hist):
+            lin = lin + wj * b.ref(slot)
+        keep = (ring[i % len(ring)], d) if i < b.n_steps - 1 and max_order > 1 else None
+        sp.put("x", x + (cn - c) * lin, sig[i + 1], aux=keep, kind=f"ipndm{q}")
+        if keep:
+            hist.insert(0, keep[0])
+            del hist[max_order - 1:]
+
+
+@register("ipndm_v", order=2, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="iPNDM with variable-step Adams-Bashforth weights (Zhang & Chen 2023; ComfyUI "
+                  "sample_ipndm_v): x' = x + (sigma' - sigma) sum_j a_j(h) d_{i-j}, order "
+                  "min(max_order, i+1); x' = D on the step to 0",
+          options=("max_order",), defaults=dict(max_order=4),
+          specs={"max_order": Option("int", lo=1, hi=4)},
+          variants=tuple((f"ipndm_v_{q}", dict(max_order=q), 1 if q == 1 else 2, 1)
+                         for q in (1, 2, 3, 4)))
+def ipndm_v(b, max_order):
+    _ipndm_family(b, max_order, variable=True)
+
+
+@register("ipndm_comfy", order=2, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="iPNDM as ComfyUI's sample_ipndm: fixed Adams-Bashforth weights in ComfyUI's "
+                  "(x, sigma) space, x' = D on the step to 0 (the registry's ipndm takes the "
+                  "Adams-Bashforth step to 0 and works in x_hat for flow models)",
+          options=("max_order",), defaults=dict(max_order=4),
+          specs={"max_order": Option("int", lo=1, hi=4)})
+def ipndm_comfy(b, max_order):
+    _ipndm_family(b, max_order, variable=False)
+
+
+@register("heunpp2", order=1, nfe_per_step=3, stochastic=False, family="comfy",
+          summary="Heun++ (ComfyUI sample_heunpp2): x' = x + (sigma' - sigma)(w1 d + w2 d2 + w3 "
+                  "d3) with d2, d3 from Euler steps to sigma', sigma'' and w_k = sigma_k / "
+                  "(3 sigma_0); Heun (w2 = sigma'/(2 sigma_0)) before the last step, Euler on it",
+          options=("s_churn", "s_tmin", "s_tmax", "s_noise"), s_churn=0.0, s_tmin=0.0,
+          s_tmax=math.inf, s_noise=1.0)
+def heunpp2(b, s_churn, s_tmin, s_tmax, s_noise):
+    if s_churn:
+        raise ValueError("heunpp2: s_churn > 0 is not supported (ComfyUI draws its churn noise "
+                         "at every step; use s_churn=0)")
+    sp, sig = ComfySpace(b), b.sigmas
+    cs = [sp.c(s) for s in sig]
+    end = cs[-1]
+    for i in range(b.n_steps):
+        b.step = i
+        c, c1 = cs[i], cs[i + 1]
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i], dst="o1")
+        d = _to_d(x, D, c)
+        dt = c1 - c
+        if c1 == end:
+            sp.put("x", x + dt * d, sig[i + 1], kind="euler")
+            continue
+        sp.put("x2", x + dt * d, sig[i + 1], kind="heunpp_x2")
+        x2 = sp.x("x2", sig[i + 1])
+        D2, _ = b.evaluate("x2", sig[i + 1], dst="o2")
+        d2 = _to_d(x2, D2, c1)
+        if cs[i + 2] == end:
+            w2 = c1 / (2 * cs[0])
+            sp.put("x", x + dt * ((1 - w2) * d + w2 * d2), sig[i + 1], kind="heun")
+            continue
+        c2 = cs[i + 2]
+        sp.put("x3", x2 + (c2 - c1) * d2, sig[i + 2], kind="heunpp_x3")
+        x3 = sp.x("x3", sig[i + 2])
+        D3, _ = b.evaluate("x3", sig[i + 2], dst="o3")
+        d3 = _to_d(x3, D3, c2)
+        w2, w3 = c1 / (3 * cs[0]), c2 / (3 * cs[0])
+        sp.put("x", x + dt * ((1 - w2 - w3) * d + w2 * d2 + w3 * d3), sig[i + 1],
+               kind="heunpp")
+
+
+# ---------------------------------------------------------------------------------------
+# ancestral samplers with ComfyUI's flow (RF) forms
+# ---------------------------------------------------------------------------------------
+
+
+@register("euler_ancestral_comfy", order=1, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="ComfyUI's euler_ancestral: k-diffusion's form for eps models; for flow models "
+                  "(sample_euler_ancestral_RF) x_d = "
+                  "(t_d/t) x + (1 - t_d/t) D with t_d = t'(1 + (t'/t - 1) eta), then x' = "
+                  "(1 - t')/(1 - t_d) x_d + s_noise sqrt(t'^2 - t_d^2 (1-t')^2/(1-t_d)^2) z; "
+                  "x' = D on the step to 0",
+          options=("eta", "s_noise"), eta=1.0, s_noise=1.0)
+def euler_ancestral_comfy(b, eta, s_noise):
+    """eps models: the registry's euler_ancestral (x' = D on the step to 0, as ComfyUI);
+    flow models: ComfyUI's RF form. ``eta`` = 0 is Euler for both."""
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        if cn == 0:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        down, std, f = ancestral_split(sp, c, cn, eta)
+        if down == 0 and not sp.flow:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        r = down / c
+        sp.put("x", f * (r * x + (1 - r) * D), sig[i + 1], noise=s_noise * std,
+               noisy=eta > 0, kind="euler_ancestral")
+
+
+@register("dpm_2_ancestral", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+          summary="Ancestral DPM-2 (k-diffusion / ComfyUI sample_dpm_2_ancestral, _RF for flow): "
+                  "DPM-2 midpoint step to sigma_down in ComfyUI's space, then ancestral noise "
+                  "(flow: the RF renoising); Euler when sigma_down = 0",
+          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
+          variants=(("dpm_2_ancestral[eta=0]", {"eta": 0.0}, 2, 2),))
+def dpm_2_ancestral(b, eta, s_noise):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i], dst="o1")
+        down, std, f = ancestral_split(sp, c, cn, eta)
+        d = _to_d(x, D, c)
+        if down == 0:
+            sp.put("x", x + (down - c) * d, sig[i + 1], kind="euler")
+            continue
+        mid = math.exp(0.5 * (math.log(c) + math.log(down)))
+        s_mid = sp.sigma(mid)
+        sp.put("x2", x + (mid - c) * d, s_mid, kind="dpm2_mid")
+        x2 = sp.x("x2", s_mid)
+        D2, _ = b.evaluate("x2", s_mid, dst="o2")
+        xn = f * (x + (down - c) * _to_d(x2, D2, mid))
+        sp.put("x", xn, sig[i + 1], noise=s_noise * std, noisy=eta > 0,
+               kind="dpm2_ancestral")
+
+
+@register("dpmpp_2s_ancestral", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+          summary="Ancestral DPM-Solver++(2S) (k-diffusion / ComfyUI sample_dpmpp_2s_ancestral, "
+                  "_RF for flow): u = (sigma_s/sigma) x + (1 - sigma_s/sigma) D at the lambda "
+                  "midpoint to sigma_down, x' = (sigma_down/sigma) x + (1 - sigma_down/sigma) "
+                  "D(u), then ancestral noise; Euler when sigma_down = 0",
+          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
+          variants=(("dpmpp_2s_ancestral[eta=0]", {"eta": 0.0}, 2, 2),))
+def dpmpp_2s_ancestral(b, eta, s_noise):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i], dst="o1")
+        down, std, f = ancestral_split(sp, c, cn, eta)
+        if cn == 0 or (down == 0 and not sp.flow):
+            # Euler to sigma_down; eps models still add the noise when sigma' > 0 (eta > 1)
+            sp.put("x", x + (down - c) * _to_d(x, D, c), sig[i + 1],
+                   noise=s_noise * std if cn > 0 else 0.0, noisy=cn > 0 and eta > 0,
+                   kind="euler")
+            continue
+        if sp.flow:
+            # midpoint in the flow's half-log-SNR log((1 - t)/t); ComfyUI uses 0.9999 at t = 1
+            if c == 1.0:
+                mid = 0.9999
+            else:
+                lm = 0.5 * (math.log((1 - c) / c) + math.log((1 - down) / down))
+                mid = 1.0 / (math.exp(lm) + 1.0)
+        else:
+            mid = math.exp(0.5 * (math.log(c) + math.log(down)))
+        s_mid = sp.sigma(mid)
+        sp.put("u", (mid / c) * x + (1 - mid / c) * D, s_mid, kind="dpmpp2s_mid")
+        D2, _ = b.evaluate("u", s_mid, dst="o2")
+        xn = f * ((down / c) * x + (1 - down / c) * D2)
+        sp.put("x", xn, sig[i + 1], noise=s_noise * std, noisy=eta > 0,
+               kind="dpmpp2s_ancestral")
+
+
+# ---------------------------------------------------------------------------------------
+# half-log-SNR samplers, in x_hat (lambda = -log sigma for every process)
+# ---------------------------------------------------------------------------------------
+
+
+def _ancestral_sigma(s, s_next, eta):
+    """get_ancestral_step in pyengine sigma: (sigma_down, sigma_up)."""
+    return _k_ancestral(s, s_next, eta)[:2]
+
+
+@register("dpmpp_sde", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+          summary="DPM-Solver++ SDE (k-diffusion / ComfyUI sample_dpmpp_sde): ancestral "
+                  "DPM-Solver++(1) to lambda_s + r h, then x' = e^-h' x + (1 - e^-h') ((1 - "
+                  "1/(2r)) D + D(u)/(2r)) to the ancestral sigma_down of the full step, with "
+                  "noise sigma_up z after each stage; x' = D on the step to 0",
+          options=("eta", "s_noise", "r"), eta=1.0, s_noise=1.0, r=0.5,
+          specs={"r": _R01},
+          variants=(("dpmpp_sde[eta=0]", {"eta": 0.0}, 2, 2),))
+def dpmpp_sde(b, eta, s_noise, r):
+    sig = b.sigmas
+    noisy = _noisy(eta, s_noise)
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D, _ = b.evaluate("x", s, dst="o1")
+        if t == 0:
+            b.assign("x", D, t, kind="denoise")
+            continue
+        h = _lam(t) - _lam(s)
+        s1 = s * math.exp(-r * h)
+        sd, su = _ancestral_sigma(s, s1, eta)
+        hh = _lam(sd) - _lam(s)
+        b.assign("u", math.exp(-hh) * x - math.expm1(-hh) * D, s1,
+                 noise=s_noise * su if noisy else 0.0, noisy=noisy, kind="dpmpp_sde_1")
+        D2, _ = b.evaluate("u", s1, dst="o2")
+        sd, su = _ancestral_sigma(s, t, eta)
+        hh = _lam(sd) - _lam(s)
+        fac = 1.0 / (2.0 * r)
+        Dd = (1 - fac) * D + fac * D2
+        b.assign("x", math.exp(-hh) * x - math.expm1(-hh) * Dd, t,
+                 noise=s_noise * su if noisy else 0.0, noisy=noisy, kind="dpmpp_sde_2")
+
+
+@register("dpmpp_3m_sde", order=2, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="DPM-Solver++(3M) SDE (k-diffusion / ComfyUI sample_dpmpp_3m_sde): x' = "
+                  "(sigma'/sigma) e^{-eta h} x + (1 - e^{-he}) D + phi2 D1 - phi3 D2 (2M: phi2 "
+                  "d), phi2 = (e^{-he} - 1)/he + 1, phi3 = phi2/he - 1/2, he = (1 + eta) h, "
+                  "noise s_noise sigma' sqrt(1 - e^{-2 eta h}) z; x' = D on the step to 0",
+          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
+          variants=(("dpmpp_3m_sde[eta=0]", {"eta": 0.0}, 2, 1),))
+def dpmpp_3m_sde(b, eta, s_noise):
+    sig = b.sigmas
+    noisy = _noisy(eta, s_noise)
+    hist: list = []                # (slot, h) of the last two steps, newest first
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D, _ = b.evaluate("x", s)
+        if t == 0:
+            b.assign("x", D, t, kind="denoise")
+            continue
+        h = _lam(t) - _lam(s)
+        he = (eta + 1.0) * h
+        xt = math.exp(-he) * x - math.expm1(-he) * D
+        phi2 = math.expm1(-he) / he + 1.0
+        if len(hist) >= 2:
+            (d_1, h1), (d_2, h2) = hist[0], hist[1]
+            r0, r1 = h1 / h, h2 / h
+            d10 = (D - b.ref(d_1)) / r0
+            d11 = (b.ref(d_1) - b.ref(d_2)) / r1
+            d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+            d2 = (d10 - d11) / (r0 + r1)
+            xt = xt + phi2 * d1 - (phi2 / he - 0.5) * d2
+        elif hist:
+            d_1, h1 = hist[0]
+            xt = xt + (phi2 * h / h1) * (D - b.ref(d_1))
+        std = s_noise * t * math.sqrt(-math.expm1(-2.0 * h * eta)) if noisy else 0.0
+        keep = (f"m{i % 3}", D) if i < b.n_steps - 1 else None
+        b.assign("x", xt, t, noise=std, noisy=noisy, aux=keep, kind="dpmpp_3m_sde")
+        if keep:
+            hist.insert(0, (keep[0], h))
+            del hist[2:]
+
+
+def _er_scaler(v: float) -> float:
+    return v * (math.exp(v ** 0.3) + 10.0)
+
+
+@register("er_sde", order=1, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="ER-SDE-Solver-3 (Cui et al. 2023, arXiv:2309.06169; ComfyUI sample_er_sde), "
+                  "in x_hat with lambda_er = sigma: x' = r x + (1 - r) D + (dt + S n(sigma')) D' + "
+                  "(dt^2/2 + S_u n(sigma')) D'' + s_noise sqrt(sigma'^2 - sigma^2 r^2) z, "
+                  "r = n(sigma')/n(sigma), n(v) = v (e^{v^0.3} + 10), S, S_u 200-point sums",
+          options=("s_noise", "max_stage"), s_noise=1.0, max_stage=3,
+          specs={"max_stage": Option("int", lo=1, hi=3)})
+def er_sde(b, s_noise, max_stage):
+    """ComfyUI's er_sde (VP noise scaler). D' = (D - D_-1)/(sigma - sigma_-1), D'' = (D' - D'_-1)
+    / ((sigma - sigma_-2)/2): both are linear in the last three D, kept in rotating buffers.
+    Its drift is the reverse SDE's, not the PF-ODE's, so at s_noise = 0 it does not converge
+    to the ODE solution (no ODE order is claimed)."""
+    sig = b.sigmas
+    pts = 200
+    hist: list = []          # slots of D_{i-1}, D_{i-2} (newest first)
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D, _ = b.evaluate("x", s)
+        stage = min(max_stage, i + 1)
+        if t == 0:
+            b.assign("x", D, t, kind="denoise")
+            continue
+        r = _er_scaler(t) / _er_scaler(s)
+        xt = r * x + (1 - r) * D
+        if stage >= 2:
+            dt = t - s
+            step = -dt / pts
+            pos = [t + k * step for k in range(pts)]
+            S = sum(1.0 / _er_scaler(p) for p in pos) * step
+            dd = (D - b.ref(hist[0])) / (s - sig[i - 1])
+            xt = xt + (dt + S * _er_scaler(t)) * dd
+            if stage >= 3:
+                dd_old = (b.ref(hist[0]) - b.ref(hist[1])) / (sig[i - 1] - sig[i - 2])
+                Su = sum((p - s) / _er_scaler(p) for p in pos) * step
+                du = (dd - dd_old) / ((s - sig[i - 2]) / 2.0)
+                xt = xt + (dt * dt / 2.0 + Su * _er_scaler(t)) * du
+        std = s_noise * math.sqrt(max(t * t - s * s * r * r, 0.0))
+        keep = None if i == b.n_steps - 1 else (f"e{i % 3}", D)
+        b.assign("x", xt, t, noise=std, noisy=s_noise > 0, aux=keep, kind="er_sde")
+        if keep:
+            hist.insert(0, keep[0])
+            del hist[2:]
+
+
+def _seeds(b, eta, s_noise, rs, solver_type: str) -> None:
+    """SEEDS-2 (rs = (r,)) and SEEDS-3 (rs = (r1, r2)) of Gonzalez et al. 2023, ComfyUI's
+    data-prediction form in x_hat. The stage noises are correlated: each stage's accumulated
+    noise is recovered from its state buffer (x_k = mean_k + sigma_k s_noise n_k) so that the
+    next stage adds e^{(r_k - r_{k+1}) h eta} n_k + sqrt(1 - e^{2 (r_k - r_{k+1}) h eta}) z."""
+    sig = b.sigmas
+    noisy = _noisy(eta, s_noise)
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D0, _ = b.evaluate("x", s, dst="o0")
+        if t == 0:
+            b.assign("x", D0, t, kind="denoise")
+            continue
+        h = _lam(t) - _lam(s)
+        he = h * (eta + 1.0)
+
+        noise_lin, noise_r = None, 0.0          # n_k as a Lin, and its r
+        Ds = [D0]
+        levels = list(rs) + [1.0]
+        for k, r in enumerate(levels):
+            last = k == len(levels) - 1
+            sk = t if last else s * math.exp(-r * h)
+            if last:
+                if len(rs) == 1 and solver_type == "phi_1":
+                    fac = 1.0 / (2.0 * rs[0])
+                    w = [(math.expm1(-he), (1 - fac) * D0 + fac * Ds[1])]
+                else:
+                    rl = rs[-1]
+                    bb = (math.expm1(-he) + he) / -he / rl
+                    w = [(math.expm1(-he) - bb, D0), (bb, Ds[-1])]
+            elif k == 0:
+                w = [(math.expm1(-r * he), D0)]
+            else:
+                a2 = r / rs[0] * (math.expm1(-r * he) + r * he) / (-r * he)
+                w = [(math.expm1(-r * he) - a2, D0), (a2, Ds[1])]
+            mean = math.exp(-r * he) * x
+            for wk, Dk in w:
+                mean = mean - wk * Dk
+            if noisy:
+                seg = (noise_r - r) * h * eta
+                std = math.sqrt(-math.expm1(2.0 * seg))
+                carry = None if noise_lin is None else noise_lin * math.exp(seg)
+                lin = mean if carry is None else mean + (sk * s_noise) * carry
+            else:
+                std, lin = 0.0, mean
+            dst = "x" if last else f"u{k}"
+            out = b.assign(dst, lin, sk, noise=sk * s_noise * std, noisy=noisy,
+                           kind=f"seeds_stage{k}")
+            if last:
+                break
+            if noisy:
+                # n_k = (x_k - mean_k) / (sigma_k s_noise), from the buffer just written
+                noise_lin = (out / b.s(sk) - mean) / (sk * s_noise)
+                noise_r = r
+            Dk, _ = b.evaluate(dst, sk, dst=f"o{k + 1}")
+            Ds.append(Dk)
+
+
+@register("seeds_2", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+          summary="SEEDS-2 (Gonzalez et al. 2023, arXiv:2305.14267; ComfyUI sample_seeds_2): "
+                  "u = e^{-r he} x + (1 - e^{-r he}) D + noise, x' = e^{-he} x + (1 - e^{-he}) "
+                  "((1 - 1/(2r)) D + D(u)/(2r)) (phi_1) + correlated noise, he = (1 + eta) h",
+          options=("eta", "s_noise", "r", "solver_type"), eta=1.0, s_noise=1.0, r=0.5,
+          solver_type="phi_1",
+          specs={"r": _R01, "solver_type": Option("choice", choices=("phi_1", "phi_2"))},
+          variants=(("seeds_2[eta=0]", {"eta": 0.0}, 2, 2),
+                    ("seeds_2[eta=0,phi_2]", {"eta": 0.0, "solver_type": "phi_2"}, 2, 2)))
+def seeds_2(b, eta, s_noise, r, solver_type):
+    _seeds(b, eta, s_noise, (r,), solver_type)
+
+
+@register("exp_heun_2_x0", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+          summary="Exponential Heun in x0 and lambda (ComfyUI sample_exp_heun_2_x0[_sde]): "
+                  "SEEDS-2 with r = 1 and phi_2 weights; eta = 0 is deterministic",
+          options=("eta", "s_noise", "solver_type"), eta=0.0, s_noise=1.0, solver_type="phi_2",
+          specs={"solver_type": Option("choice", choices=("phi_1", "phi_2"))},
+          variants=(("exp_heun_2_x0", {}, 2, 2),))
+def exp_heun_2_x0(b, eta, s_noise, solver_type):
+    _seeds(b, eta, s_noise, (1.0,), solver_type)
+
+
+@register("seeds_3", order=3, nfe_per_step=3, stochastic=True, family="comfy",
+          summary="SEEDS-3 (Gonzalez et al. 2023; ComfyUI sample_seeds_3): stages at lambda_s + "
+                  "r1 h, r2 h with phi_1/phi_2 weights, x' = e^{-he} x + (1 - e^{-he} - b3) D "
+                  "... + b3 D(u2), b3 = h phi_2(-he)/r2, correlated stage noise",
+          options=("eta", "s_noise", "r_1", "r_2"), eta=1.0, s_noise=1.0, r_1=1.0 / 3,
+          r_2=2.0 / 3, specs={"r_1": _R01, "r_2": _R01},
+          variants=(("seeds_3[eta=0]", {"eta": 0.0}, 3, 3),))
+def seeds_3(b, eta, s_noise, r_1, r_2):
+    if not r_1 < r_2:
+        raise ValueError(f"seeds_3 needs r_1 < r_2, got r_1={r_1!r}, r_2={r_2!r}")
+    _seeds(b, eta, s_noise, (r_1, r_2), "phi_2")
+
+
+@register("lcm", order=1, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="LCM multistep sampling (Luo et al. 2023; ComfyUI sample_lcm): x' = D + "
+                  "s_noise_i sigma' z (the model's own noising), s_noise_i linear from s_noise "
+                  "to s_noise_end; x' = D on the step to 0",
+          options=("s_noise", "s_noise_end"), s_noise=1.0, s_noise_end=-1.0,
+          specs={"s_noise_end": Option("real")})
+def lcm(b, s_noise, s_noise_end):
+    """``s_noise_end`` < 0 (the default) means "equal to s_noise" (ComfyUI's None)."""
+    sig = b.sigmas
+    n = b.n_steps
+    end = s_noise if s_noise_end < 0 else s_noise_end
+    for i in range(n):
+        b.step = i
+        D, _ = b.evaluate("x", sig[i])
+        if sig[i + 1] == 0:
+            b.assign("x", D, 0.0, kind="denoise")
+            continue
+        frac = i / (n - 1) if n > 1 else 0.0
+        b.assign("x", D, sig[i + 1], noise=(s_noise + (end - s_noise) * frac) * sig[i + 1],
+                 noisy=True, kind="lcm")
