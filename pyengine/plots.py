@@ -2,9 +2,9 @@
 
 The measurements (``gmm_error_vs_nfe``, ``gmm_scatter``, ``digits_grid``) need only torch;
 the drawing functions (``plot_*``) need matplotlib, the optional extra ``plots``
-(``pip install 'pyengine[plots]'``). ``save_image_grid`` writes a PNG without matplotlib.
+(``pip install 'pyengine-sampling[plots]'``). ``save_image_grid`` writes a PNG without matplotlib.
 
-    results = gmm_error_vs_nfe(["euler", "heun", "dpmpp_2m"])
+    results = gmm_error_vs_nfe()          # every deterministic solver of the registry
     plot_error_vs_nfe(results, "error_vs_nfe.png")
 """
 
@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 __all__ = ["have_matplotlib", "MATPLOTLIB_HINT", "fit_order", "gmm_error_vs_nfe", "gmm_scatter",
-           "digits_grid", "image_grid", "save_png", "save_image_grid", "parse_markdown_tables",
-           "plot_error_vs_nfe", "plot_scatter", "plot_digits_grid", "plot_bench"]
+           "digits_grid", "image_grid", "png_bytes", "save_png", "save_image_grid",
+           "parse_markdown_tables", "plot_error_vs_nfe", "plot_scatter", "plot_digits_grid",
+           "plot_bench"]
 
-MATPLOTLIB_HINT = "pip install 'pyengine[plots]' (or: pip install matplotlib)"
+MATPLOTLIB_HINT = "pip install 'pyengine-sampling[plots]' (or: pip install matplotlib)"
 
 # The order measurement follows tests/test_order.py: EDM, a grid uniform in log sigma from
 # 2.0 to 0.2 without the final step to 0 (pure discretization), so a solver's error falls as
@@ -120,7 +121,7 @@ def gmm_scatter(solvers=None, nfe: int = 10, n: int = 1000, *, seed: int = 0,
     infos = [get(s) for s in solvers] if solvers else list_solvers()
     infos = [i for i in infos if i.family != "inversion"]
     gmm = GaussianMixture.random(d=2, M=6, seed=seed, scale=1.5)
-    proc = processes.VP.discrete("linear")
+    proc = processes.named("vp")
     model = gmm.as_model(proc, "epsilon")
     g = torch.Generator().manual_seed(seed)
     data = gmm.sample(n, generator=g)
@@ -135,13 +136,17 @@ def gmm_scatter(solvers=None, nfe: int = 10, n: int = 1000, *, seed: int = 0,
     return data, out
 
 
-def digits_grid(solvers=("euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral"),
-                nfes=(5, 10, 20, 50), n: int = 16, *, seed: int = 0, progress=None) -> dict:
+def digits_grid(solvers=None, nfes=(5, 10, 20, 50), n: int = 16, *, seed: int = 0,
+                progress=None) -> dict:
     """{(solver, nfe): images [n, 8, 8] in [0, 1]} from the built-in digits model, the same
-    noise and seeds in every cell, so a column shows what more steps buy."""
+    noise and seeds in every cell, so a column shows what more steps buy; the registry's
+    featured solvers by default."""
     from .models.digits import load_digits_model, to_pixels
     from .sampler import Sampler
-    from .solvers import get
+    from .solvers import get, registry
+
+    if solvers is None:
+        solvers = [i.name for i in registry.featured()]
 
     process, model, prediction = load_digits_model()
     noise = torch.randn(n, *model.sample_shape, generator=torch.Generator().manual_seed(seed))
@@ -191,6 +196,13 @@ def image_grid(images, nrow: int | None = None, pad: int = 1, scale: int = 1,
 
 def save_png(pixels: np.ndarray, path) -> Path:
     """Write a uint8 [H, W] (gray) or [H, W, 3] (RGB) array as a PNG (zlib, no dependencies)."""
+    path = Path(path)
+    path.write_bytes(png_bytes(pixels))
+    return path
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """The PNG file of a uint8 [H, W] (gray) or [H, W, 3] (RGB) array."""
     a = np.ascontiguousarray(pixels, dtype=np.uint8)
     if a.ndim == 2:
         color = 0
@@ -205,11 +217,9 @@ def save_png(pixels: np.ndarray, path) -> Path:
         return struct.pack(">I", len(data)) + tag + data + \
             struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    path = Path(path)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n"
-                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    return path
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def save_image_grid(images, path, nrow: int | None = None, scale: int = 4) -> Path:

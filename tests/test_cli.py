@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyengine as pe
-from pyengine import cli
+from pyengine import benchmark, cli, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +109,16 @@ def test_help_exits_0(capsys):
     assert code == 0 and all(c in out for c in ("sample", "demo", "bench", "info", "solvers"))
     code, out, _ = run(capsys, "sample", "--help")
     assert code == 0 and "module:attr" in out
+
+
+def test_readme_shows_the_help(capsys, monkeypatch):
+    """README's command-line section carries `pyengine --help` as it prints."""
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("$ pyengine --help\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == out.strip()
 
 
 def test_python_dash_m_info():
@@ -292,7 +302,7 @@ def test_bench_solver_table(capsys, tmp_path):
 
 
 def test_kernel_bench_script_is_found_in_a_checkout():
-    script = cli.kernel_bench_script()
+    script = benchmark.kernel_bench_script()
     if (ROOT / "bench" / "bench_fused_update.py").exists():
         assert script == ROOT / "bench" / "bench_fused_update.py"
     else:
@@ -357,7 +367,8 @@ def test_demo_without_matplotlib_says_how_to_install(capsys, tmp_path, monkeypat
                          "--batch", "2", "--digits-nfe", "2", "3", "--digits-samples", "8",
                          "--out", str(tmp_path / "new"))
     assert code == 0, err
-    assert "plots skipped: matplotlib is not installed; pip install 'pyengine[plots]'" in out
+    assert "plots skipped: matplotlib is not installed; pip install 'pyengine-sampling[plots]'" \
+        in out
     # the digits grid is a plain PNG mosaic then: 1 row of 2 cells x 8 samples of 8x8 pixels
     data = (tmp_path / "new" / "digits_grid.png").read_bytes()
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -366,8 +377,112 @@ def test_demo_without_matplotlib_says_how_to_install(capsys, tmp_path, monkeypat
 
 
 def test_progress_bars_are_silenced_by_quiet():
-    assert isinstance(cli.progress(10, "x", quiet=True), cli._NoBar)
+    assert isinstance(render.progress(10, "x", quiet=True), render.NoBar)
     tqdm = pytest.importorskip("tqdm")
-    bar = cli.progress(10, "x")
+    bar = render.progress(10, "x")
     assert isinstance(bar, tqdm.tqdm)
     bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the output file: checked before sampling, written atomically (issue 13 #7)
+# ---------------------------------------------------------------------------------------
+
+
+def _counting_model(calls):
+    def model(x, t):
+        calls.append(1)
+        return x / (1.0 + x * x)
+    model.sample_shape = (3,)
+    return model
+
+
+def test_unwritable_output_exits_2_before_sampling(capsys, tmp_path, monkeypatch, user_module):
+    import importlib
+    mod = importlib.import_module(user_module)
+    calls = []
+    mod.counted = _counting_model(calls)
+    # a folder where the file should be, a file where the folder should be
+    (tmp_path / "x.pt").mkdir()
+    code, _, err = run(capsys, "sample", f"{user_module}:counted", "-o", str(tmp_path / "x.pt"))
+    assert code == 2 and "is a folder, not a file" in err
+    (tmp_path / "f").write_text("a file")
+    code, _, err = run(capsys, "sample", f"{user_module}:counted", "-o",
+                       str(tmp_path / "f" / "x.pt"))
+    assert code == 2 and "does not exist" in err
+    # a folder the user cannot write to (root may write anywhere: simulate the refusal)
+    from pyengine import output
+
+    def refuse(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(output.tempfile, "mkstemp", refuse)
+    code, _, err = run(capsys, "sample", f"{user_module}:counted", "-o", str(tmp_path / "y.npy"))
+    assert code == 2 and "is not writable: Permission denied" in err and "Traceback" not in err
+    assert calls == [], "the target must be checked before any sampling"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_read_only_folder_exits_2(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run(capsys, "sample", "gmm", "--steps", "2", "-o", str(ro / "x.pt"))
+    finally:
+        ro.chmod(0o700)
+    assert code == 2 and "is not writable" in err
+
+
+def test_failed_write_keeps_the_old_file(capsys, tmp_path, monkeypatch):
+    """An error half-way through the write leaves the existing file as it was, and no
+    temporary file behind."""
+    path = tmp_path / "x.pt"
+    assert run(capsys, "sample", "gmm", "--steps", "2", "--quiet", "-o", str(path))[0] == 0
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *a, **kw):
+        f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", broken_save)
+    code, _, err = run(capsys, "sample", "gmm", "--steps", "2", "--seed", "1", "-o", str(path))
+    assert code == 1 and "No space left on device" in err
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+SLOW_SAVE = '''
+import sys, time, torch
+def slow_save(obj, f, *a, **kw):
+    f.write(b"half a file")
+    f.flush()
+    print("WRITING", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+from pyengine import cli
+sys.exit(cli.main(["sample", "gmm", "--steps", "2", "--quiet", "-o", sys.argv[1]]))
+'''
+
+
+def test_sigterm_during_the_write_keeps_the_old_file(tmp_path):
+    """SIGTERM while the samples are written: the existing file is intact (it was truncated
+    to a partial file by an in-place write) and the temporary file is removed."""
+    import signal
+    path = tmp_path / "x.pt"
+    torch.save(torch.arange(5.0), path)
+    good = path.read_bytes()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "WRITING", p.stderr.read()[-2000:]
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert path.read_bytes() == good
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["x.pt"]

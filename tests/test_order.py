@@ -155,15 +155,6 @@ def test_registry_has_solvers_to_measure():
 # prediction-type invariance
 # ---------------------------------------------------------------------------------------
 
-PROCESSES = {
-    "vp_discrete": lambda: pe.processes.VP.discrete("scaled_linear", beta_start=0.00085,
-                                                    beta_end=0.012),
-    "vp_continuous": lambda: pe.processes.VP.continuous(),
-    "sub_vp": lambda: pe.processes.VP.sub_vp(),
-    "ve": lambda: pe.processes.VE(sigma_min=0.01, sigma_max=50.0),
-    "edm": lambda: pe.processes.EDM(),
-    "flow": lambda: pe.processes.RectifiedFlow(shift=3.0, time_scale=1000.0),
-}
 
 
 def _invariance_cases():
@@ -171,7 +162,7 @@ def _invariance_cases():
     for info in pe.list_solvers():
         if info.family == "inversion":
             continue
-        for proc in PROCESSES:
+        for proc in pe.processes.NAMED:
             out.append(pytest.param(info.name, proc, id=f"{info.name}-{proc}"))
     return out
 
@@ -186,7 +177,7 @@ def test_prediction_invariance(name, proc_name):
     """eps, x0, v, flow and score models of one mixture, and the k-diffusion denoiser D(x_hat,
     sigma), give the same samples (stochastic solvers: with the same Philox seed)."""
     gmm = _small_mixture()
-    proc = PROCESSES[proc_name]()
+    proc = pe.processes.named(proc_name)
     noise = torch.randn(3, gmm.d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     results = {}
     for pred in pe.parameterization.PREDICTIONS:

@@ -89,8 +89,15 @@ def test_parse_markdown_tables():
                                "6.9x"]
 
 
+def _featured(stochastic):
+    return [i.name for i in pe.solvers.registry.featured() if i.stochastic == stochastic]
+
+
 def test_error_vs_nfe_measures_the_declared_orders():
-    res = plots.gmm_error_vs_nfe(["euler", "heun", "dpmpp_2m"], nfes=(16, 32, 64))
+    names = _featured(False)
+    assert len(names) >= 2
+    res = plots.gmm_error_vs_nfe(names, nfes=(16, 32, 64))
+    assert sorted(res) == sorted(names)
     for name, pts in res.items():
         order = plots.fit_order([p[0] for p in pts], [p[1] for p in pts])
         assert abs(order - pe.solvers.get(name).order) < 0.35, (name, pts)
@@ -114,13 +121,14 @@ def _is_png(path, min_size=2000):
 def test_plots_write_pngs(mpl, tmp_path):
     import matplotlib.image
 
-    res = plots.gmm_error_vs_nfe(["euler", "heun"], nfes=(8, 16, 32))
+    det, sto = _featured(False)[:2], _featured(True)[:1]
+    res = plots.gmm_error_vs_nfe(det, nfes=(8, 16, 32))
     p1 = plots.plot_error_vs_nfe(res, tmp_path / "err.png")
-    data, samples = plots.gmm_scatter(["euler", "ddpm"], nfe=6, n=200)
+    data, samples = plots.gmm_scatter(det[:1] + sto, nfe=6, n=200)
     assert data.shape == (200, 2) and all(v.shape == (200, 2) for v in samples.values())
     p2 = plots.plot_scatter(data, samples, tmp_path / "scatter.png")
     g = torch.Generator().manual_seed(0)
-    grid = {(s, n): torch.rand(16, 8, 8, generator=g) for s in ("euler", "heun") for n in (5, 10)}
+    grid = {(s, n): torch.rand(16, 8, 8, generator=g) for s in det for n in (5, 10)}
     p3 = plots.plot_digits_grid(grid, tmp_path / "digits.png")
     p4 = plots.plot_bench(BENCH_MD, tmp_path / "bench.png")
     for p in (p1, p2, p3, p4):
