@@ -1,0 +1,139 @@
+"""ComfyUI's sampler and scheduler names -> pyengine's registry solvers and schedules.
+
+Read by the adapter that generates ``pyengine.sampling.sample_<name>``. Each sampler entry is
+``(registry solver, fixed options, arguments the ComfyUI function takes)``; the caller's
+keyword arguments with the same names go through as solver options (``r`` of dpmpp_sde, ...).
+
+ComfyUI's sigmas are in the model's own units: sigma of x for eps / v / EDM models, the flow
+time t for flow (CONST) models, whose first level is usually exactly 1. pyengine plans hold
+sigma of x / s: for a flow model give the plan ``schedules.flow_to_sigma(t)``, after replacing
+a first level of 1 by ``ModelSampling.percent_to_sigma(1e-4)`` for the samplers marked
+``snr_offset`` (ComfyUI's offset_first_sigma_for_snr does the same); the other samplers
+evaluate the model at t = 1 (sigma = inf, s = 0), which the plan executor has to support for
+flow models (x_c there is pure noise, and the ComfyUI-space solvers never divide by s).
+
+Where ComfyUI differs from k-diffusion under the same name (ComfyUI is followed here):
+
+* ipndm, ipndm_v, lms, deis, euler_ancestral, gradient_estimation, lcm, res_multistep and the
+  SNR samplers return the denoised value on a step to sigma = 0 (k-diffusion's ipndm and lms
+  take their multistep step to 0);
+* euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral on flow models use the RF forms
+  (sigma_down = sigma' (1 + (sigma'/sigma - 1) eta), renoising by (1 - sigma')/(1 - sigma_down));
+* dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde, er_sde, seeds_*, exp_heun_2_x0, sa_solver use the
+  model's half-log-SNR (log((1 - t)/t) on flow models, -log sigma otherwise) where
+  k-diffusion always uses -log sigma;
+* the stochastic samplers multiply ``s_noise`` by the model sampling's ``noise_scale``;
+* dpmpp_3m_sde's phi_2 / phi_3 use h_eta = (1 + eta) h.
+"""
+
+from __future__ import annotations
+
+from .. import schedules as S
+
+__all__ = ["SAMPLERS", "SCHEDULERS", "NOT_PROVIDED", "solver_for", "scheduler_sigmas",
+           "SNR_OFFSET"]
+
+_ANC = ("eta", "s_noise", "noise_sampler")
+
+#: ComfyUI sampler name -> (registry solver, fixed options, the function's own options)
+SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
+    "euler": ("euler", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "euler_ancestral": ("euler_ancestral_comfy", {}, _ANC),
+    "heun": ("heun", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "dpm_2": ("dpm_2", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "dpm_2_ancestral": ("dpm_2_ancestral", {}, _ANC),
+    "lms": ("lms", {}, ("max_order",)),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {}, _ANC),
+    "dpmpp_sde": ("dpmpp_sde", {}, _ANC + ("r",)),
+    "dpmpp_sde_gpu": ("dpmpp_sde", {}, _ANC + ("r",)),
+    "dpmpp_2m": ("dpmpp_2m", {"solver_type": "midpoint", "lower_order_final": False}, ()),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {"solver_type": "midpoint", "lower_order_final": False},
+                     _ANC + ("solver_type",)),
+    "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {"solver_type": "midpoint",
+                                          "lower_order_final": False}, _ANC + ("solver_type",)),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", {"solver_type": "heun", "lower_order_final": False},
+                          _ANC),
+    "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde", {"solver_type": "heun",
+                                               "lower_order_final": False}, _ANC),
+    "dpmpp_3m_sde": ("dpmpp_3m_sde", {}, _ANC),
+    "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", {}, _ANC),
+    "ipndm": ("ipndm_comfy", {}, ("max_order",)),
+    "ipndm_v": ("ipndm_v", {}, ("max_order",)),
+    "heunpp2": ("heunpp2", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "lcm": ("lcm", {}, ("s_noise", "s_noise_end", "noise_sampler")),
+    "gradient_estimation": ("gradient_estimation", {}, ("ge_gamma",)),
+    "res_multistep": ("res_multistep", {"eta": 0.0}, ("s_noise", "noise_sampler")),
+    "res_multistep_ancestral": ("res_multistep", {}, _ANC),
+    "er_sde": ("er_sde", {}, ("s_noise", "noise_sampler", "max_stage")),
+    "seeds_2": ("seeds_2", {}, _ANC + ("r", "solver_type")),
+    "seeds_3": ("seeds_3", {}, _ANC + ("r_1", "r_2")),
+    "exp_heun_2_x0": ("exp_heun_2_x0", {"eta": 0.0, "s_noise": 0.0}, ("solver_type",)),
+    "exp_heun_2_x0_sde": ("exp_heun_2_x0", {}, _ANC + ("solver_type",)),
+    "uni_pc": ("unipc", {"variant": "bh1"}, ()),
+    "uni_pc_bh2": ("unipc", {"variant": "bh2"}, ()),
+}
+
+#: Samplers whose first flow level of 1 ComfyUI replaces by percent_to_sigma(1e-4).
+SNR_OFFSET = frozenset({"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                        "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                        "dpmpp_3m_sde_gpu", "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0",
+                        "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece"})
+
+#: ComfyUI names without a registry solver, and why.
+NOT_PROVIDED: dict[str, str] = {
+    "dpm_fast": "DPM-Solver-fast places its own lambda-uniform steps between sigma_min and "
+                "sigma_max (orders 3, ..., 2, 1): expressible as a plan, not written yet",
+    "dpm_adaptive": "adaptive steps: each step size depends on the error of the previous one "
+                    "(a host sync per step); a precomputed plan cannot hold it",
+    "ddpm": "ComfyUI's DDPM step on the VP scaling: not written yet (the registry's ddpm "
+            "follows diffusers)",
+    "deis": "ComfyUI's DEIS coefficients come from a 10^4-point Riemann sum on a fixed VP "
+            "time map (sigma 0.002..80): expressible, not written yet",
+    "sa_solver": "SA-Solver's stochastic Adams coefficients (tau interval, PECE): not written "
+                 "yet",
+    "sa_solver_pece": "see sa_solver",
+    "lcm[noise_clip_std>0]": "the clamp of the injected noise at N standard deviations depends "
+                             "on the drawn noise's own std: a data-dependent op",
+    "*_cfg_pp": "the CFG++ samplers read the unconditional denoised of each call (ComfyUI's "
+                "post-CFG hook); the plan's guided model call would have to expose D_u to the "
+                "update: not wired yet",
+    "heunpp2[s_churn>0]": "ComfyUI draws heunpp2's churn noise at every step: refused",
+}
+
+
+def solver_for(name: str, **kwargs) -> tuple[str, dict]:
+    """(registry solver, options) of ComfyUI sampler ``name`` called with ``kwargs``; the
+    ComfyUI-only arguments (noise_sampler) are left to the caller."""
+    try:
+        solver, fixed, own = SAMPLERS[name]
+    except KeyError:
+        why = NOT_PROVIDED.get(name)
+        if why is not None:
+            raise NotImplementedError(f"ComfyUI sampler {name!r}: {why}") from None
+        raise ValueError(f"unknown ComfyUI sampler {name!r}; known: "
+                         f"{', '.join(sorted(SAMPLERS))}") from None
+    unknown = sorted(set(kwargs) - set(own))
+    if unknown:
+        raise ValueError(f"ComfyUI sampler {name!r} takes no argument(s) {unknown}; it takes "
+                         f"{', '.join(own) or 'none'}")
+    opts = dict(fixed)
+    opts.update({k: v for k, v in kwargs.items() if k != "noise_sampler"})
+    if name == "lcm" and opts.get("s_noise_end") is None:
+        opts.pop("s_noise_end", None)
+    return solver, opts
+
+
+#: ComfyUI scheduler name -> f(model_sampling, steps) -> levels in the model's units, ending
+#: in 0 (schedules.COMFY_SCHEDULERS; the AYS node and explicit lists are separate).
+SCHEDULERS = dict(S.COMFY_SCHEDULERS)
+
+
+def scheduler_sigmas(name: str, model_sampling, steps: int, denoise: float = 1.0):
+    """ComfyUI's BasicScheduler: the levels of scheduler ``name`` for ``steps`` steps, with
+    ``denoise`` < 1 computing int(steps / denoise) steps and keeping the last steps + 1."""
+    try:
+        fn = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown ComfyUI scheduler {name!r}; known: "
+                         f"{', '.join(SCHEDULERS)}") from None
+    return S.truncate_denoise(lambda n: fn(model_sampling, n), steps, denoise)
