@@ -20,6 +20,7 @@ builds that callable, including for k-diffusion-style denoisers ``D(x_hat, sigma
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -99,6 +100,9 @@ class ModelAdapter:
     def __init__(self, model, extra_args: dict | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if extra_args is not None and not isinstance(extra_args, Mapping):
+            raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got "
+                            f"{type(extra_args).__name__}")
         self.model = model
         self.is_denoiser = isinstance(model, Denoiser)
         self.extra_args = dict(extra_args or {})

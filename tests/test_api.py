@@ -329,3 +329,11 @@ def test_version_and_exports():
                  "schedules"):
         assert hasattr(pe, name)
     assert math.isfinite(pe.processes.EDM().sigma_max)
+
+
+def test_extra_args_must_be_a_dict():
+    """extra_args=[1] failed deep inside dict() with 'cannot convert dictionary update
+    sequence element' (issue 13 #12)."""
+    s = pe.Sampler(vp(), solver="euler", steps=3)
+    with pytest.raises(TypeError, match="extra_args must be a dict of keyword arguments"):
+        s.sample(eps_model, torch.randn(2, 4), extra_args=[1])

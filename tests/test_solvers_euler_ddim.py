@@ -184,3 +184,17 @@ def test_plan_coefficients_are_float64_and_counted():
     assert sp.nfe == 2 * 10 - 1          # Euler on the step to sigma 0
     for op in sp.plan.updates:
         assert op.coefs.dtype == np.float64 and len(op.bufs) <= pe.plan.K_MAX
+
+
+def test_ancestral_step_refuses_upward_steps_and_bad_eta():
+    """sigma_next > sigma gave a math domain error (a complex number in k-diffusion's form)."""
+    from pyengine.solvers._common import ancestral_step
+    g = np.random.default_rng(4)
+    sigma = float(g.uniform(0.5, 3.0))
+    down, up = ancestral_step(sigma, 0.7 * sigma, 1.0)
+    assert down ** 2 + up ** 2 == pytest.approx((0.7 * sigma) ** 2, rel=1e-12)
+    with pytest.raises(ValueError, match="sigma_next <= sigma"):
+        ancestral_step(sigma, 1.5 * sigma)
+    for eta in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="eta must be >= 0"):
+            ancestral_step(sigma, 0.5 * sigma, eta)
