@@ -325,6 +325,7 @@ _BACKEND_HELP = ("fused-update backend (default: $PYENGINE_BACKEND, else the bes
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
+    from .parameterization import PREDICTIONS
     from .processes import NAMED as PROCESSES
     from .solvers.registry import MAX_STEPS, featured
 
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forward process of gmm or a user model (default vp: "
                          + PROCESSES["vp"][0] + "); the digits model is EDM")
     sm.add_argument("--prediction", default=None,
-                    help="what the model predicts: epsilon (default), sample, v, flow, score")
+                    help="what the model predicts: " + ", ".join(PREDICTIONS)
+                         + " (default epsilon)")
     sm.add_argument("--shape", default=None,
                     help="shape of one sample, e.g. 3,32,32 (user models without a "
                          "sample_shape attribute)")

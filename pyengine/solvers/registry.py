@@ -62,6 +62,8 @@ class Option:
             raise bad
         if isinstance(value, (bool, np.bool_)):
             raise bad
+        if not isinstance(value, numbers.Real) and getattr(value, "ndim", None) == 0:
+            value = value.item()                  # a 0-d tensor or array: its number
         if self.kind == "int":
             if isinstance(value, numbers.Integral):
                 v = int(value)
