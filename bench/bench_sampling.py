@@ -7,8 +7,8 @@ measured in one run on one device and reported as a ratio (DESIGN.md s.10).
 
 1. **One solver step** (DDIM, Euler, DPM-Solver++(2M), UniPC) at B = 1, 8, 64 latents
    4x128x128, float32 and bfloat16. pyengine: the Update ops between two model calls of the
-   plan that ``from_diffusers(scheduler)`` builds, each issued as the runtime issues it
-   (``backend.fused_update`` on the dispatcher's default backend, into preallocated outputs),
+   plan that ``from_diffusers(scheduler)`` builds, run by the executor's walker
+   (``Walker.run_segment`` on the dispatcher's default backend, reusing its own outputs),
    with the coefficients the compiled loop reads from its device table, and beside it with
    the host coefficients the eager loop passes. diffusers: ``scheduler.step`` with its state
    rewound before each call. Both sides are first walked to step 10 of a 20-step schedule on
@@ -57,7 +57,8 @@ import bench_fused_update as bfu  # noqa: E402  (Timer, copy bandwidth, device n
 import pyengine as pe  # noqa: E402
 from pyengine import backends  # noqa: E402
 from pyengine.noise import seeds_tensor  # noqa: E402
-from pyengine.plan import Eval, Update  # noqa: E402
+from pyengine.plan import Update  # noqa: E402
+from pyengine.runtime import DeviceTables, PhiloxDraws, Program, Walker  # noqa: E402
 
 # -- what is benchmarked ------------------------------------------------------------------
 
@@ -218,35 +219,9 @@ def make_sampler(diffusers, case, steps: int, betas: dict):
     return pe.Sampler(proc, solver=case[3], steps=steps, schedule="leading"), None
 
 
-def segments(plan):
-    """[(Eval, [Update, ...])]: each model call with the updates up to the next one: what one
-    ``scheduler.step`` does."""
-    out = []
-    for op in plan.ops:
-        if isinstance(op, Eval):
-            out.append((op, []))
-        elif isinstance(op, Update) and out:
-            out[-1][1].append(op)
-        else:
-            raise NotImplementedError(f"bench: plan op {op!r} before the first model call or "
-                                      f"not a fused update")
-    return out
-
-
 def update_bytes(op: Update, numel: int, itemsize: int) -> int:
     """The bytes one fused update must move: K reads, 1 or 2 writes."""
     return (len(op.bufs) + 1 + (op.aux_dst is not None)) * numel * itemsize
-
-
-def issue(be, op: Update, slots: dict, seeds, dst, aux) -> None:
-    """One Update op as the eager runtime issues it (pyengine/runtime.py, ``run_plan``: the
-    plan's float64 host coefficients), into the given outputs."""
-    be.fused_update(dst, [slots[b] for b in op.bufs], op.coefs,
-                    op.noise if op.noise_index >= 0 else 0.0, seeds, op.noise_index, aux,
-                    op.aux_coefs)
-    slots[op.dst] = dst
-    if aux is not None:
-        slots[op.aux_dst] = aux
 
 
 def _snapshot(sch) -> dict:
@@ -280,13 +255,16 @@ class StepCase:
             return torch.randn(shape, generator=gen).to(device, dtype)
 
         plan = sampler.plan
-        segs = segments(plan)
+        program = Program(plan)
+        if program.prologue:
+            raise NotImplementedError(f"bench: {case[0]} updates the state before its first "
+                                      f"model call")
+        segs = program.segments
         if not 0 <= at < len(segs):
             raise ValueError(f"step {at} is not in the {len(segs)}-call plan")
         be = self.backend
         seeds = seeds_tensor(seed, shape[0]).to(device) if plan.n_noise else None
         noise = randn()
-        slots = {"x": noise * sampler.init_noise_scale}
         outs = [randn() for _ in range(at + 1)]      # the model outputs, one per call
         sch = ts = None
         if scheduler is not None:
@@ -295,39 +273,30 @@ class StepCase:
             ts = sch.timesteps
             xd = noise * sch.init_noise_sigma
         # walk both to step `at`: same model outputs, each side's own update of the state
+        # (pyengine: the executor's walker, segment by segment, as FusedScheduler does)
+        walk = Walker(program, None, be, noise=PhiloxDraws(seeds), recycle=False)
+        walk.start(noise * sampler.init_noise_scale)
         for i in range(at):
-            ev, ups = segs[i]
-            slots[ev.dst] = outs[i]
-            for op in ups:
-                issue(be, op, slots, seeds, torch.empty_like(slots["x"]),
-                      torch.empty_like(slots["x"]) if op.aux_dst is not None else None)
+            walk.run_segment(i, output=outs[i])
             if sch is not None:
                 sch.scale_model_input(xd, ts[i])
                 xd = sch.step(outs[i], ts[i], xd).prev_sample
-        ev, ups = segs[at]
-        slots[ev.dst] = outs[at]
-        self.ops = ups
-        self.target = segs[at + 1][0].src if at + 1 < len(segs) else plan.output
+        ups = [ins[1] for ins in segs[at][1:]]
+        self._at, self._out_at = at, outs[at]
+        self.target = segs[at + 1][0][1].src if at + 1 < len(segs) else plan.output
         numel, isz = noise.numel(), noise.element_size()
         self.bytes = sum(update_bytes(op, numel, isz) for op in ups)
         self.rw = " + ".join(f"{len(op.bufs)}/{1 + (op.aux_dst is not None)}" for op in ups)
-        self._outs = [(torch.empty_like(noise),
-                       torch.empty_like(noise) if op.aux_dst is not None else None)
-                      for op in ups]
-        self._slots, self._seeds = slots, seeds
-        self._table = None
-        try:
-            from pyengine.runtime import DeviceTables
-        except ImportError:                 # a runtime without device tables: eager calls only
-            DeviceTables = None
-        if DeviceTables is not None:
-            tb = DeviceTables(plan, shape[0], device, dtype)
-            first = next(i for i, op in enumerate(tb.updates) if op is ups[0])
-            self._table = [(tb.coef[i], tb.aux[i], tb.noise[i])
-                           for i in range(first, first + len(ups))]
+        self._slots, self._like = dict(walk.slots), noise
+        # the compiled loop's numbers (device tables: what a captured graph replays) and the
+        # eager ones (the plan's host floats), each walker reusing its own outputs
+        self._walk_dev = Walker(program, None, be, noise=PhiloxDraws(seeds),
+                                numbers=DeviceTables(plan, shape[0], device, dtype))
+        self._walk_host = Walker(program, None, be, noise=PhiloxDraws(seeds))
         self.to_pe = 1.0
         if getattr(sampler, "state_space", "x") == "x_hat":
-            sig = segs[at + 1][0].sigma if at + 1 < len(segs) else float(sampler.sigmas[-1])
+            sig = segs[at + 1][0][1].sigma if at + 1 < len(segs) else \
+                float(sampler.sigmas[-1])
             self.to_pe = float(sampler.process.s_of_sigma(sig))
         self.diffusers = self.rewind = None
         if sch is not None:
@@ -342,24 +311,15 @@ class StepCase:
 
             self.diffusers, self.rewind = step, rewind
 
+    def _run(self, walk) -> torch.Tensor:
+        walk.restart(self._slots, self._like).run_segment(self._at, output=self._out_at)
+        return walk.slots[self.target]
+
     def pyengine(self) -> torch.Tensor:
-        if self._table is None:
-            return self.pyengine_eager()
-        slots = dict(self._slots)
-        for op, (dst, aux), (coef, aux_coef, nz) in zip(self.ops, self._outs, self._table):
-            self.backend.fused_update(dst, [slots[b] for b in op.bufs], coef,
-                                      0.0 if nz is None else nz, self._seeds,
-                                      op.noise_index if nz is not None else -1, aux, aux_coef)
-            slots[op.dst] = dst
-            if aux is not None:
-                slots[op.aux_dst] = aux
-        return slots[self.target]
+        return self._run(self._walk_dev)
 
     def pyengine_eager(self) -> torch.Tensor:
-        slots = dict(self._slots)
-        for op, (dst, aux) in zip(self.ops, self._outs):
-            issue(self.backend, op, slots, self._seeds, dst, aux)
-        return slots[self.target]
+        return self._run(self._walk_host)
 
     def compare(self) -> float | None:
         """max |pyengine - diffusers| / max |diffusers| of the step, the larger of the two

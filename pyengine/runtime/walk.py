@@ -202,6 +202,14 @@ class Walker:
             self.slots[k] = v
         return self
 
+    def restart(self, slots: dict, like: torch.Tensor) -> Walker:
+        """Walk again from ``slots`` (not copied into the pool): every tensor the walk
+        allocated so far is free again (a benchmark repeating one segment allocates nothing)."""
+        self.slots = dict(slots)
+        self.like = like
+        self._free = [t for t in self._owned.values() if all(t is not v for v in slots.values())]
+        return self
+
     def take(self) -> torch.Tensor:
         """A tensor of the state's shape and dtype that no slot holds (the walk's own)."""
         if self._free:
