@@ -1,0 +1,596 @@
+"""ComfyUI's samplers (pyengine/solvers/comfy.py) against independent float64 statements of
+ComfyUI's own loops, for an eps-kind model (discrete VP: ComfyUI's state is x / s, its sigma
+pyengine's) and a flow model (ComfyUI's state is x itself, its sigma the flow time t), with
+the same noise sequence given to both.
+
+The references below restate, in plain torch float64 over ComfyUI's (x, sigma), the loops of
+ComfyUI ``comfy/k_diffusion/sampling.py`` (read, not copied): sample_euler_ancestral and
+sample_euler_ancestral_RF, sample_dpm_2_ancestral(_RF), sample_dpmpp_2s_ancestral(_RF),
+sample_dpmpp_sde, sample_dpmpp_3m_sde, res_multistep, sample_gradient_estimation, sample_lms,
+sample_ipndm, sample_ipndm_v, sample_heunpp2, sample_er_sde, sample_seeds_2, sample_seeds_3,
+sample_lcm; sigma_to_half_log_snr / half_log_snr_to_sigma for the model-kind-aware ones. The
+plan is run by a ten-line walker over its ops (model calls and linear updates with the
+listed noise), so these tests check the solver math alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pyengine as pe
+from pyengine.models import GaussianMixture
+from pyengine.plan import Eval, Update
+
+B, D = 3, 6
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(d=D, M=3, seed=4)
+
+
+def walk(plan, x0, denoise, Z):
+    """Run ``plan`` from process-space state x0: model calls D(x / s, sigma), updates with the
+    noise draw k taken from Z[k]."""
+    slots = {"x": x0}
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            slots[op.dst] = denoise(slots[op.src] / op.s, op.sigma)
+        elif isinstance(op, Update):
+            val = sum(c * slots[b] for c, b in zip(op.coefs, op.bufs))
+            aux = None
+            if op.aux_dst is not None:
+                aux = sum(c * slots[b] for c, b in zip(op.aux_coefs, op.bufs))
+            if op.noise_index >= 0:
+                val = val + op.noise * Z[op.noise_index]
+            slots[op.dst] = val
+            if aux is not None:
+                slots[op.aux_dst] = aux
+        else:
+            raise AssertionError(f"unexpected custom op {op!r}")
+    return slots[plan.output]
+
+
+class Noise:
+    """ComfyUI's noise_sampler(sigma, sigma_next): the next entry of a fixed list."""
+
+    def __init__(self, Z):
+        self.Z, self.k = Z, 0
+
+    def __call__(self, *_):
+        z = self.Z[self.k]
+        self.k += 1
+        return z
+
+
+# ---------------------------------------------------------------------------------------
+# references in ComfyUI's space: m(x, sigma) -> denoised, flow: is the model CONST
+# ---------------------------------------------------------------------------------------
+
+
+def lam_fn(s, flow):
+    return math.log((1 - s) / s) if flow else -math.log(s)
+
+
+def sig_fn(lam, flow):
+    return 1.0 / (1.0 + math.exp(lam)) if flow else math.exp(-lam)
+
+
+def anc(s, sn, eta):
+    if not eta:
+        return sn, 0.0
+    up = min(sn, eta * (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5)
+    return (sn ** 2 - up ** 2) ** 0.5, up
+
+
+def rf_anc(s, sn, eta):
+    down = sn * (1 + (sn / s - 1) * eta)
+    a1, ad = 1 - sn, 1 - down
+    return down, (sn ** 2 - down ** 2 * a1 ** 2 / ad ** 2) ** 0.5, a1 / ad
+
+
+def ref_euler_ancestral(m, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if flow:
+            if sig[i + 1] == 0:
+                x = d0
+                continue
+            down, renoise, f = rf_anc(sig[i], sig[i + 1], eta)
+            x = (down / sig[i]) * x + (1 - down / sig[i]) * d0
+            if eta > 0:
+                x = f * x + ns() * s_noise * renoise
+        else:
+            down, up = anc(sig[i], sig[i + 1], eta)
+            if down == 0:
+                x = d0
+            else:
+                x = x + (x - d0) / sig[i] * (down - sig[i]) + ns() * s_noise * up
+    return x
+
+
+def ref_dpm_2_ancestral(m, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if flow:
+            down, renoise, f = rf_anc(sig[i], sig[i + 1], eta)
+        else:
+            (down, renoise), f = anc(sig[i], sig[i + 1], eta), 1.0
+        d = (x - d0) / sig[i]
+        if down == 0:
+            x = x + d * (down - sig[i])
+            continue
+        mid = math.exp((math.log(sig[i]) + math.log(down)) / 2)
+        x2 = x + d * (mid - sig[i])
+        d2 = (x2 - m(x2, mid)) / mid
+        x = f * (x + d2 * (down - sig[i])) + ns() * s_noise * renoise
+    return x
+
+
+def ref_dpmpp_2s_ancestral(m, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if flow:
+            down, renoise, f = rf_anc(sig[i], sig[i + 1], eta)
+            if sig[i + 1] == 0:
+                x = x + (x - d0) / sig[i] * (down - sig[i])
+                continue
+            lm = (lam_fn(sig[i], True) + lam_fn(down, True)) / 2
+            s = 0.9999 if sig[i] == 1.0 else sig_fn(lm, True)
+            u = (s / sig[i]) * x + (1 - s / sig[i]) * d0
+            x = (down / sig[i]) * x + (1 - down / sig[i]) * m(u, s)
+            if eta > 0:
+                x = f * x + ns() * s_noise * renoise
+        else:
+            down, up = anc(sig[i], sig[i + 1], eta)
+            if down == 0:
+                x = x + (x - d0) / sig[i] * (down - sig[i])
+            else:
+                t, tn = -math.log(sig[i]), -math.log(down)
+                h = tn - t
+                s = math.exp(-(t + h / 2))
+                x2 = (s / sig[i]) * x - math.expm1(-h / 2) * d0
+                x = (down / sig[i]) * x - math.expm1(-h) * m(x2, s)
+            if sig[i + 1] > 0:
+                x = x + ns() * s_noise * up
+    return x
+
+
+def ref_dpmpp_sde(m, x, sig, ns, flow, eta=1.0, s_noise=1.0, r=0.5):
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if sig[i + 1] == 0:
+            x = d0
+            continue
+        ls, lt = lam_fn(sig[i], flow), lam_fn(sig[i + 1], flow)
+        h = lt - ls
+        ls1 = ls + r * h
+        s1 = sig_fn(ls1, flow)
+        a_s, a_s1, a_t = sig[i] * math.exp(ls), s1 * math.exp(ls1), sig[i + 1] * math.exp(lt)
+        sd, su = anc(math.exp(-ls), math.exp(-ls1), eta)
+        hh = -math.log(sd) - ls
+        x2 = (a_s1 / a_s) * math.exp(-hh) * x - a_s1 * math.expm1(-hh) * d0
+        x2 = x2 + a_s1 * ns() * s_noise * su
+        d2 = m(x2, s1)
+        sd, su = anc(math.exp(-ls), math.exp(-lt), eta)
+        hh = -math.log(sd) - ls
+        dd = (1 - 1 / (2 * r)) * d0 + 1 / (2 * r) * d2
+        x = (a_t / a_s) * math.exp(-hh) * x - a_t * math.expm1(-hh) * dd
+        x = x + a_t * ns() * s_noise * su
+    return x
+
+
+def ref_dpmpp_3m_sde(m, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    d1 = d2 = h1 = h2 = None
+    h = None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if sig[i + 1] == 0:
+            x = d0
+        else:
+            ls, lt = lam_fn(sig[i], flow), lam_fn(sig[i + 1], flow)
+            h = lt - ls
+            he = h * (eta + 1)
+            a_t = sig[i + 1] * math.exp(lt)
+            x = sig[i + 1] / sig[i] * math.exp(-h * eta) * x - a_t * math.expm1(-he) * d0
+            p2 = math.expm1(-he) / he + 1
+            if h2 is not None:
+                r0, r1 = h1 / h, h2 / h
+                a = (d0 - d1) / r0
+                bb = (d1 - d2) / r1
+                x = x + a_t * p2 * (a + (a - bb) * r0 / (r0 + r1)) \
+                    - a_t * (p2 / he - 0.5) * (a - bb) / (r0 + r1)
+            elif h1 is not None:
+                x = x + a_t * p2 * (d0 - d1) / (h1 / h)
+            x = x + ns() * sig[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
+        d1, d2 = d0, d1
+        h1, h2 = h, h1
+    return x
+
+
+def ref_res_multistep(m, x, sig, ns, flow, eta=0.0, s_noise=1.0):
+    old_d = old_down = None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        down, up = anc(sig[i], sig[i + 1], eta) if sig[i + 1] > 0 else (0.0, 0.0)
+        if down == 0 or old_d is None:
+            x = x + (x - d0) / sig[i] * (down - sig[i])
+        else:
+            t, t_old, t_next, t_prev = (-math.log(v) for v in (sig[i], old_down, down,
+                                                                 sig[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            p1 = math.expm1(-h) / -h
+            p2 = (p1 - 1) / -h
+            x = math.exp(-h) * x + h * ((p1 - p2 / c2) * d0 + p2 / c2 * old_d)
+        if sig[i + 1] > 0 and eta > 0:
+            x = x + ns() * s_noise * up
+        old_d, old_down = d0, down
+    return x
+
+
+def ref_gradient_estimation(m, x, sig, ns, flow, ge_gamma=2.0):
+    old = None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        d = (x - d0) / sig[i]
+        dt = sig[i + 1] - sig[i]
+        if sig[i + 1] == 0:
+            x = d0
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old) * dt
+        old = d
+    return x
+
+
+def _lagrange_int(ts, j, a, b, n=4001):
+    """Integral over [a, b] of the Lagrange basis polynomial j on nodes ts (Simpson, exact
+    for these low degrees to rounding)."""
+    u = np.linspace(a, b, n)
+    p = np.ones_like(u)
+    for k, tk in enumerate(ts):
+        if k != j:
+            p *= (u - tk) / (ts[j] - tk)
+    w = np.ones(n)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    return float((b - a) / (n - 1) / 3 * np.dot(w, p))
+
+
+def ref_lms(m, x, sig, ns, flow, max_order=4):
+    ds = []
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        ds.append((x - d0) / sig[i])
+        ds = ds[-max_order:]
+        if sig[i + 1] == 0:
+            x = d0
+            continue
+        q = min(i + 1, max_order)
+        nodes = [sig[i - k] for k in range(q)]
+        x = x + sum(_lagrange_int(nodes, j, sig[i], sig[i + 1]) * dj
+                    for j, dj in enumerate(reversed(ds[-q:])))
+    return x
+
+
+def ref_ipndm(m, x, sig, ns, flow, max_order=4, variable=False):
+    buf = []
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        d = (x - d0) / sig[i]
+        q = min(max_order, i + 1)
+        hn = sig[i + 1] - sig[i]
+        if sig[i + 1] == 0:
+            x = d0
+        elif q == 1:
+            x = x + hn * d
+        elif not variable:
+            w = {2: (3, -1, 2), 3: (23, -16, 5, 12), 4: (55, -59, 37, -9, 24)}[q]
+            x = x + hn * sum(wk * dk for wk, dk in zip(w[:-1], [d] + buf[::-1])) / w[-1]
+        else:
+            # sample_ipndm_v's variable-step weights: q = 2 is the Adams-Bashforth integral
+            # (checked against the Lagrange integral), q = 3, 4 its closed forms
+            p = [d] + buf[::-1]
+            h1 = sig[i] - sig[i - 1]
+            if q == 2:
+                w = [(2 + hn / h1) / 2, -(hn / h1) / 2]
+                nodes = [sig[i], sig[i - 1]]
+                lag = [_lagrange_int(nodes, j, sig[i], sig[i + 1]) / hn for j in range(2)]
+                assert np.allclose(w, lag, rtol=1e-10)
+            else:
+                h2 = sig[i - 1] - sig[i - 2]
+                k1 = hn / h1
+                tmp = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+                w = [(2 + k1) / 2 + tmp, -k1 / 2 - (1 + h1 / h2) * tmp, tmp * h1 / h2]
+                if q == 4:
+                    h3 = sig[i - 2] - sig[i - 3]
+                    g = h1 * (h1 + h2) / (h2 * (h2 + h3))
+                    tmp2 = ((1 - hn / (3 * (hn + h1))) / 2
+                            + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2))) \
+                        * (hn * (hn + h1) * (hn + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+                    w = [w[0] + tmp2, w[1] - (1 + h1 / h2 + g) * tmp2,
+                         w[2] + (h1 / h2 + g * (1 + h2 / h3)) * tmp2, -tmp2 * g * h1 / h2]
+            x = x + hn * sum(wk * pk for wk, pk in zip(w, p))
+        buf.append(d)
+        buf = buf[-(max_order - 1):] if max_order > 1 else []
+    return x
+
+
+def ref_heunpp2(m, x, sig, ns, flow):
+    end = sig[-1]
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        d = (x - d0) / sig[i]
+        dt = sig[i + 1] - sig[i]
+        if sig[i + 1] == end:
+            x = x + d * dt
+        elif sig[i + 2] == end:
+            x2 = x + d * dt
+            d2 = (x2 - m(x2, sig[i + 1])) / sig[i + 1]
+            w2 = sig[i + 1] / (2 * sig[0])
+            x = x + (d * (1 - w2) + d2 * w2) * dt
+        else:
+            x2 = x + d * dt
+            d2 = (x2 - m(x2, sig[i + 1])) / sig[i + 1]
+            x3 = x2 + d2 * (sig[i + 2] - sig[i + 1])
+            d3 = (x3 - m(x3, sig[i + 2])) / sig[i + 2]
+            w2, w3 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * d3) * dt
+    return x
+
+
+def ref_er_sde(m, x, sig, ns, flow, s_noise=1.0, max_stage=3):
+    def nsc(v):
+        return v * (math.exp(v ** 0.3) + 10.0)
+    lams = [math.exp(-lam_fn(s, flow)) if s > 0 else 0.0 for s in sig]
+    old = old_dd = None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        st = min(max_stage, i + 1)
+        if sig[i + 1] == 0:
+            x = d0
+        else:
+            ls, lt = lams[i], lams[i + 1]
+            a_s, a_t = sig[i] / ls, sig[i + 1] / lt
+            r = nsc(lt) / nsc(ls)
+            x = a_t / a_s * r * x + a_t * (1 - r) * d0
+            if st >= 2:
+                dt = lt - ls
+                step = -dt / 200
+                pos = [lt + k * step for k in range(200)]
+                S1 = sum(1 / nsc(p) for p in pos) * step
+                dd = (d0 - old) / (ls - lams[i - 1])
+                x = x + a_t * (dt + S1 * nsc(lt)) * dd
+                if st >= 3:
+                    S2 = sum((p - ls) / nsc(p) for p in pos) * step
+                    du = (dd - old_dd) / ((ls - lams[i - 2]) / 2)
+                    x = x + a_t * (dt ** 2 / 2 + S2 * nsc(lt)) * du
+                old_dd = dd
+            x = x + a_t * ns() * s_noise * max(lt ** 2 - ls ** 2 * r ** 2, 0.0) ** 0.5
+        old = d0
+    return x
+
+
+def _phi1(v):
+    return math.expm1(v)
+
+
+def _phi2(v):
+    return (math.expm1(v) - v) / v
+
+
+def ref_seeds(m, x, sig, ns, flow, eta=1.0, s_noise=1.0, rs=(0.5,), solver_type="phi_1"):
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        if sig[i + 1] == 0:
+            x = d0
+            continue
+        ls, lt = lam_fn(sig[i], flow), lam_fn(sig[i + 1], flow)
+        h = lt - ls
+        he = h * (eta + 1)
+        at = sig[i + 1] * math.exp(lt)
+        r1 = rs[0]
+        l1 = ls + r1 * h
+        s1 = sig_fn(l1, flow)
+        a1 = s1 * math.exp(l1)
+        x2 = s1 / sig[i] * math.exp(-r1 * h * eta) * x - a1 * _phi1(-r1 * he) * d0
+        noise = None
+        if eta > 0 and s_noise > 0:
+            noise = (-math.expm1(-2 * r1 * h * eta)) ** 0.5 * ns()
+            x2 = x2 + noise * s1 * s_noise
+        dm1 = m(x2, s1)
+        if len(rs) == 1:
+            if solver_type == "phi_1":
+                dd = d0 + (dm1 - d0) / (2 * r1)
+                xn = sig[i + 1] / sig[i] * math.exp(-h * eta) * x - at * _phi1(-he) * dd
+            else:
+                b2 = _phi2(-he) / r1
+                xn = sig[i + 1] / sig[i] * math.exp(-h * eta) * x \
+                    - at * ((_phi1(-he) - b2) * d0 + b2 * dm1)
+            last_r, last_s = r1, s1
+        else:
+            r2 = rs[1]
+            l2 = ls + r2 * h
+            s2 = sig_fn(l2, flow)
+            a2 = s2 * math.exp(l2)
+            c2 = r2 / r1 * _phi2(-r2 * he)
+            x3 = s2 / sig[i] * math.exp(-r2 * h * eta) * x \
+                - a2 * ((_phi1(-r2 * he) - c2) * d0 + c2 * dm1)
+            if noise is not None:
+                seg = (r1 - r2) * h * eta
+                noise = noise * math.exp(seg) + (-math.expm1(2 * seg)) ** 0.5 * ns()
+                x3 = x3 + noise * s2 * s_noise
+            dm2 = m(x3, s2)
+            b3 = _phi2(-he) / r2
+            xn = sig[i + 1] / sig[i] * math.exp(-h * eta) * x \
+                - at * ((_phi1(-he) - b3) * d0 + b3 * dm2)
+            last_r = r2
+        if noise is not None:
+            seg = (last_r - 1) * h * eta
+            noise = noise * math.exp(seg) + (-math.expm1(2 * seg)) ** 0.5 * ns()
+            xn = xn + noise * sig[i + 1] * s_noise
+        x = xn
+    return x
+
+
+def ref_lcm(m, x, sig, ns, flow, s_noise=1.0, s_noise_end=None):
+    n = len(sig) - 1
+    end = s_noise if s_noise_end is None else s_noise_end
+    for i in range(n):
+        x = m(x, sig[i])
+        if sig[i + 1] > 0:
+            z = ns() * (s_noise + (end - s_noise) * (i / (n - 1) if n > 1 else 0.0))
+            x = sig[i + 1] * z + (1 - sig[i + 1]) * x if flow else x + sig[i + 1] * z
+    return x
+
+
+CASES = [
+    ("euler_ancestral_comfy", {"eta": 1.0}, ref_euler_ancestral, {}),
+    ("euler_ancestral_comfy", {"eta": 0.6, "s_noise": 0.8}, ref_euler_ancestral,
+     {"eta": 0.6, "s_noise": 0.8}),
+    ("dpm_2_ancestral", {}, ref_dpm_2_ancestral, {}),
+    ("dpm_2_ancestral", {"eta": 0.5}, ref_dpm_2_ancestral, {"eta": 0.5}),
+    ("dpmpp_2s_ancestral", {}, ref_dpmpp_2s_ancestral, {}),
+    ("dpmpp_2s_ancestral", {"eta": 0.7, "s_noise": 1.2}, ref_dpmpp_2s_ancestral,
+     {"eta": 0.7, "s_noise": 1.2}),
+    ("dpmpp_sde", {}, ref_dpmpp_sde, {}),
+    ("dpmpp_sde", {"eta": 0.5, "r": 0.3}, ref_dpmpp_sde, {"eta": 0.5, "r": 0.3}),
+    ("dpmpp_3m_sde", {}, ref_dpmpp_3m_sde, {}),
+    ("dpmpp_3m_sde", {"eta": 0.0}, ref_dpmpp_3m_sde, {"eta": 0.0}),
+    ("res_multistep", {}, ref_res_multistep, {}),
+    ("res_multistep", {"eta": 1.0}, ref_res_multistep, {"eta": 1.0}),
+    ("gradient_estimation", {}, ref_gradient_estimation, {}),
+    ("gradient_estimation", {"ge_gamma": 1.5}, ref_gradient_estimation, {"ge_gamma": 1.5}),
+    ("lms", {}, ref_lms, {}),
+    ("lms", {"max_order": 2}, ref_lms, {"max_order": 2}),
+    ("ipndm_comfy", {}, ref_ipndm, {}),
+    ("ipndm_comfy", {"max_order": 2}, ref_ipndm, {"max_order": 2}),
+    ("ipndm_v", {}, ref_ipndm, {"max_order": 4, "variable": True}),
+    ("ipndm_v", {"max_order": 3}, ref_ipndm, {"max_order": 3, "variable": True}),
+    ("ipndm_v", {"max_order": 2}, ref_ipndm, {"max_order": 2, "variable": True}),
+    ("heunpp2", {}, ref_heunpp2, {}),
+    ("er_sde", {}, ref_er_sde, {}),
+    ("er_sde", {"max_stage": 2, "s_noise": 0.5}, ref_er_sde, {"max_stage": 2, "s_noise": 0.5}),
+    ("seeds_2", {}, ref_seeds, {}),
+    ("seeds_2", {"solver_type": "phi_2", "r": 0.4}, ref_seeds,
+     {"solver_type": "phi_2", "rs": (0.4,)}),
+    ("seeds_3", {}, ref_seeds, {"rs": (1 / 3, 2 / 3), "solver_type": "phi_2"}),
+    ("seeds_3", {"eta": 0.0}, ref_seeds, {"eta": 0.0, "rs": (1 / 3, 2 / 3),
+                                          "solver_type": "phi_2"}),
+    ("exp_heun_2_x0", {}, ref_seeds, {"eta": 0.0, "s_noise": 0.0, "rs": (1.0,),
+                                      "solver_type": "phi_2"}),
+    ("exp_heun_2_x0", {"eta": 1.0}, ref_seeds, {"eta": 1.0, "rs": (1.0,),
+                                                "solver_type": "phi_2"}),
+    ("lcm", {}, ref_lcm, {}),
+    ("lcm", {"s_noise": 0.5, "s_noise_end": 1.5}, ref_lcm, {"s_noise": 0.5, "s_noise_end": 1.5}),
+]
+
+
+def _grid(kind, n, to_zero):
+    """ComfyUI-unit levels: eps kind from sigma 9 down, flow from t = 0.97 down."""
+    if kind == "eps":
+        c = np.exp(np.linspace(math.log(9.0), math.log(0.05), n + (0 if to_zero else 1)))
+    else:
+        c = np.linspace(0.97, 0.03, n + (0 if to_zero else 1)) ** 1.3
+    return np.concatenate([c, [0.0]]) if to_zero else c
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("n,to_zero", [(7, True), (5, False), (2, True), (1, True)])
+@pytest.mark.parametrize("name,opts,ref,ref_kw", CASES,
+                         ids=[f"{c[0]}{c[1] or ''}" for c in CASES])
+def test_matches_comfyui_loop(gmm, kind, n, to_zero, name, opts, ref, ref_kw):
+    flow = kind == "flow"
+    proc = pe.processes.RectifiedFlow(shift=2.0) if flow else \
+        pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = _grid(kind, n, to_zero)
+    sig = c / np.where(c < 1, 1 - c, 1.0) if flow else c
+    sig[-1] = 0.0 if to_zero else sig[-1]
+    g = torch.Generator().manual_seed(hash((name, kind, n)) % 2 ** 31)
+    Z = torch.randn(64, B, D, generator=g, dtype=torch.float64)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m(xc, cc):          # ComfyUI's model call: the denoised of x_c at level c
+        if flow:
+            return gmm.denoise(xc / (1 - cc), cc / (1 - cc))
+        return gmm.denoise(xc, cc)
+    want = ref(m, xc0, [float(v) for v in c], Noise(Z), flow, **ref_kw)
+
+    plan = pe.build_plan(proc, name, sig, "sample", **opts)
+    s0 = float(proc.s_of_sigma(sig[0]))
+    x0 = xc0 if flow else xc0 * s0
+    got = walk(plan, x0, gmm.denoise, Z)
+    if not flow:
+        got = got / float(proc.s_of_sigma(sig[-1]))
+    scale = max(1.0, float(want.abs().max()))
+    err = float((got - want).abs().max()) / scale
+    # everything is float64; the Simpson reference of lms is exact to ~1e-13
+    assert err < 1e-9, f"{name}{opts} on {kind}: {err:.2e}"
+
+
+def test_noise_draw_counts_follow_comfyui():
+    """One draw per noise_sampler call of ComfyUI (the adapters feed the caller's sampler in
+    this order): dpmpp_sde and seeds_2 call twice per step, seeds_3 three times, none on the
+    step to 0."""
+    proc = pe.processes.EDM()
+    sig = np.array([5.0, 2.0, 1.0, 0.3, 0.0])
+    count = {name: pe.build_plan(proc, name, sig, "sample").n_noise
+             for name in ("dpmpp_sde", "seeds_2", "seeds_3", "er_sde", "lcm",
+                          "euler_ancestral_comfy", "dpmpp_3m_sde")}
+    assert count == {"dpmpp_sde": 6, "seeds_2": 6, "seeds_3": 9, "er_sde": 3, "lcm": 3,
+                     "euler_ancestral_comfy": 3, "dpmpp_3m_sde": 3}
+    for name in ("res_multistep", "gradient_estimation", "lms", "ipndm_v", "heunpp2",
+                 "exp_heun_2_x0"):
+        assert pe.build_plan(proc, name, sig, "sample").n_noise == 0
+
+
+def test_lagrange_weights_integrate_polynomials():
+    from pyengine.solvers.comfy import lagrange_weights
+    rng = np.random.default_rng(2)
+    nodes = sorted(rng.random(4) * 5, reverse=True)
+    a, b = nodes[0], nodes[0] - 0.7
+    w = lagrange_weights(nodes, a, b)
+    for deg in range(4):                     # exact on polynomials of degree < 4
+        want = (b ** (deg + 1) - a ** (deg + 1)) / (deg + 1)
+        assert sum(wj * t ** deg for wj, t in zip(w, nodes)) == pytest.approx(want, rel=1e-12)
+
+
+def test_option_errors_name_the_option():
+    proc = pe.processes.EDM()
+    sig = np.array([5.0, 2.0, 1.0, 0.0])
+    for name, bad in [("seeds_2", {"r": 0.0}), ("seeds_2", {"solver_type": "phi_3"}),
+                      ("er_sde", {"max_stage": 4}), ("lms", {"max_order": 0}),
+                      ("ipndm_v", {"max_order": 5}), ("dpmpp_sde", {"r": 1.5}),
+                      ("gradient_estimation", {"ge_gamma": float("nan")})]:
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=key):
+            pe.build_plan(proc, name, sig, "sample", **bad)
+    with pytest.raises(ValueError, match="r_1"):
+        pe.build_plan(proc, "seeds_3", sig, "sample", r_1=0.8, r_2=0.5)
+    with pytest.raises(ValueError, match="s_churn"):
+        pe.build_plan(proc, "heunpp2", sig, "sample", s_churn=1.0)
+
+
+def test_comfy_names_resolve():
+    from pyengine.integrations import comfy_names as C
+    from pyengine.solvers import registry
+    for cname, (solver, fixed, own) in C.SAMPLERS.items():
+        info = registry.get(solver)
+        assert set(fixed) <= set(info.options), cname
+        assert {o for o in own if o != "noise_sampler"} <= set(info.options), cname
+    assert C.solver_for("res_multistep_ancestral", eta=0.5) == ("res_multistep", {"eta": 0.5})
+    assert C.solver_for("dpmpp_2m_sde_heun", noise_sampler=None)[1]["solver_type"] == "heun"
+    with pytest.raises(NotImplementedError, match="adaptive"):
+        C.solver_for("dpm_adaptive")
+    with pytest.raises(ValueError, match="r_2"):
+        C.solver_for("dpmpp_sde", r_2=0.3)
+    with pytest.raises(ValueError, match="unknown"):
+        C.solver_for("eulr")
+    ms = pe.schedules.ModelSampling.flow_shift(3.0)
+    np.testing.assert_array_equal(C.scheduler_sigmas("simple", ms, 6, 0.5),
+                                  pe.schedules.simple(ms, 12)[-7:])
