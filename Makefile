@@ -37,6 +37,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff (pyflakes + pycodestyle rules, pyproject.toml [tool.ruff]) over the package, tests and
+# benchmarks; ruff comes with the test extra.
+lint: $(STAMP)
+	$(PY) -m ruff check pyengine tests bench
+
 # The C++ kernel's unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (also in `test`).
 sanitize: $(STAMP)
 	$(PY) -m pytest -q tests/test_native_sanitizers.py
