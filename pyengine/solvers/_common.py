@@ -9,13 +9,14 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     """(sigma_down, sigma_up) of an ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2,
     sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)).
     This is also DDIM's eta noise (Song et al. 2021 eq. 16) written in sigma."""
-    if not 0 <= sigma_next <= sigma:
-        raise ValueError(f"an ancestral step goes down in noise: need 0 <= sigma_next <= sigma, "
-                         f"got sigma={sigma!r}, sigma_next={sigma_next!r}")
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     if eta == 0 or sigma_next == 0:
         return sigma_next, 0.0
+    if not 0 < sigma_next <= sigma:
+        raise ValueError(f"an ancestral step with eta > 0 goes down in noise: need "
+                         f"0 <= sigma_next <= sigma, got sigma={sigma!r}, "
+                         f"sigma_next={sigma_next!r}")
     up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2)
                                          / sigma ** 2))
     down = math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0))
