@@ -129,6 +129,13 @@ def to_d(x, sigma, denoised):
 
 def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     """(sigma_down, sigma_up) of an ancestral step, sigma_down^2 + sigma_up^2 = sigma_to^2."""
+    f, t = float(sigma_from), float(sigma_to)
+    if not (f > 0 and 0 <= t <= f):
+        raise ValueError(f"get_ancestral_step needs sigma_from > 0 and 0 <= sigma_to <= "
+                         f"sigma_from (a step down), got sigma_from={sigma_from}, "
+                         f"sigma_to={sigma_to}")
+    if not (math.isfinite(float(eta)) and float(eta) >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if not eta:
         return sigma_to, 0.0
     up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2)
@@ -269,6 +276,14 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     """Compile ``solver`` over ``sigmas`` and run it on ``x``; see the module docstring."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: x must be a floating-point tensor")
+    if not callable(model):
+        raise TypeError(f"{name}: model must be callable, got {type(model).__name__}")
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"{name}: noise_sampler must be callable as noise_sampler(sigma, "
+                        f"sigma_next), got {type(noise_sampler).__name__}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"{name}: extra_args must be a dict of model keyword arguments, got "
+                        f"{type(extra_args).__name__}")
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas, device=x.device)
     if sigmas.numel() < 2:

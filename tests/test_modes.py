@@ -135,3 +135,39 @@ def test_kdiffusion_functions_equal_sample(name, solver, opts, kw):
                      init_noise_scale=1.0, **opts)
     ref = smp.sample(pe.Denoiser(lambda xx, sig: den(xx, sig)), x, seed=7)
     assert torch.equal(out, ref), (out - ref).abs().max().item()
+
+
+def test_adapter_errors_name_the_argument():
+    # Issue 13 #9/#12: clear errors from the adapters, before anything runs.
+    x = _rand(SHAPE, 1)
+    sig = torch.tensor([3.0, 1.0, 0.0])
+    with pytest.raises(TypeError, match="noise_sampler"):
+        pe.sampling.sample_euler_ancestral(lambda x, s: x, x, sig, noise_sampler=3)
+    with pytest.raises(TypeError, match="extra_args"):
+        pe.sampling.sample_euler(lambda x, s: x, x, sig, extra_args=[1])
+    with pytest.raises(ValueError, match="sigma_to"):
+        pe.sampling.get_ancestral_step(1.0, 2.0)
+    smp = pe.Sampler(PROC, solver="ddim", steps=3)
+    with pytest.raises(TypeError, match="extra_args"):
+        smp.sample(lambda x, t: x, x, extra_args=[1])
+    diffusers = pytest.importorskip("diffusers")
+    from pyengine.integrations.diffusers import FusedScheduler
+    fs = FusedScheduler(diffusers.DDIMScheduler(clip_sample=False))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            fs.set_timesteps(bad)
+    fs.set_timesteps(4)
+    t0 = fs.timesteps[0]
+    with pytest.raises(ValueError, match="eta"):
+        fs.step(torch.zeros(SHAPE), t0, x, eta=float("nan"))
+    out = fs.step(torch.zeros(SHAPE), t0, x, eta=0.0).prev_sample   # still usable after it
+    assert torch.isfinite(out).all()
+
+
+def test_pc_langevin_float16_stays_finite():
+    # Issue 13 #11: the Langevin score buffer is float32 for float16 states.
+    proc = pe.processes.VE()
+    smp = pe.Sampler(proc, solver="pc_langevin", steps=8, prediction="epsilon")
+    x = _rand((2, 3, 16, 16), 3).half()
+    out = smp.sample(lambda x, t: (x * 0.01).to(x.dtype), x, seed=1, backend="torch")
+    assert torch.isfinite(out).all()

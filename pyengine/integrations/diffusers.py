@@ -804,6 +804,12 @@ class FusedScheduler:
     # -- the protocol ----------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
         """Set the wrapped scheduler's timesteps (same arguments) and start a new run."""
+        if num_inference_steps is not None and (
+                isinstance(num_inference_steps, bool) or
+                not isinstance(num_inference_steps, (int, np.integer)) or
+                num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got "
+                             f"{num_inference_steps!r}")
         if num_inference_steps is not None:
             self._inner.set_timesteps(num_inference_steps, device=device, **kwargs)
         else:
@@ -848,10 +854,24 @@ class FusedScheduler:
                 continue            # EulerDiscreteScheduler.step's defaults: no churn
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
-        w = self._current(timestep, float(eta))
+        try:
+            eta = float(eta)
+        except (TypeError, ValueError):
+            raise ValueError(f"eta must be a number, got {eta!r}") from None
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        w = self._current(timestep, eta)
         if w.k >= w.n:
+            ts = self._inner.timesteps
+            dup = len(torch.unique(ts)) < len(ts) and self._name != "HeunDiscreteScheduler"
+            cause = (" The scheduler's timesteps repeat (this beta schedule maps several of its "
+                     "sigmas to one discrete timestep, e.g. cosine betas with Karras sigmas), "
+                     "so the timestep passed to the first step() was found at its second "
+                     "occurrence and the run started late; call set_begin_index(0) before "
+                     "the loop, or use another sigma spacing." if dup else "")
             raise RuntimeError(f"FusedScheduler({self._name}): step() called more times than "
-                               f"there are timesteps; call set_timesteps() to start a new run")
+                               f"there are timesteps; call set_timesteps() to start a new "
+                               f"run.{cause}")
         if w.k == len(w.evals):
             # diffusers' zero-length final step (a repeated last level): the identity
             self._advance(w)
