@@ -1,10 +1,11 @@
-"""Terminal output: progress bars, the solver registry as a table, digits as ASCII art."""
+"""Terminal output: progress bars, the solver registry as a table, digits as ASCII art, the
+install report of ``pyengine info``."""
 
 from __future__ import annotations
 
 import sys
 
-__all__ = ["NoBar", "progress", "counting", "solvers_table", "ascii_digits"]
+__all__ = ["NoBar", "progress", "counting", "solvers_table", "ascii_digits", "print_info"]
 
 
 class NoBar:
@@ -106,3 +107,61 @@ def ascii_digits(images, per_row: int = 8) -> str:
                                            for v in img[r]) for img in block).rstrip())
         lines.append("")
     return "\n".join(lines).rstrip("\n")
+
+
+def print_info() -> int:
+    """``pyengine info``: versions, the native module, each backend's reasons per device, the
+    default backend and the solver table; 1 when the default backend is unusable."""
+    import os
+
+    import numpy
+    import scipy
+    import torch
+
+    from . import __version__, backends
+    from .backends import dispatch
+
+    print(f"pyengine {__version__}")
+    cuda = torch.version.cuda or "none (CPU build)"
+    print(f"torch {torch.__version__} (CUDA {cuda}; device available: "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu only'}), numpy {numpy.__version__}, "
+          f"scipy {scipy.__version__}")
+    try:
+        from . import _C  # noqa: F401
+        native = "built"
+    except ImportError as e:
+        native = f"not built ({e})"
+    print(f"native module pyengine._C: {native}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("devices: " + ", ".join(dispatch.device_name(d) for d in devices))
+    print(f"backends available: {', '.join(backends.available())}")
+    # per device: each backend's reasons for a typical float32 call, then the choice
+    forced = os.environ.get("PYENGINE_BACKEND")
+    status = 0
+    for dev in devices:
+        call = dispatch.Call.typical(dev)
+        if os.environ.get("PYENGINE_RANK") == "1":       # measure once, cache per device name
+            times = dispatch.rank(dev)
+            print(f"measured on {dev}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in times)
+                  + f" (saved to {dispatch.ranking_file()})")
+        src = "measured ranking" if dispatch.ranking_for(dev) else "default priority"
+        print(f"on {dev} (order: {', '.join(dispatch.order(dev))}; {src}):")
+        for name, why in backends.explain(dev).items():
+            print(f"  {name:7s} {'runs' if why is None else 'no: ' + why}")
+        try:
+            chosen = dispatch.select(call)
+            typical = f"{dev}, float32, K={call.K}, [4, 4, 64, 64]"
+            print(f"  chosen for a typical call ({typical}): {chosen.name}")
+        except ValueError as e:
+            print(f"  chosen for a typical call: error: {e}")
+    try:
+        chosen = backends.get()
+        name = getattr(chosen, "name", str(chosen))
+        why = f"forced by PYENGINE_BACKEND={forced}" if forced else "highest priority available"
+        print(f"default backend: {name} ({why})")
+    except ValueError as e:
+        print(f"default backend: error: {e}")
+        status = 1
+    print()
+    print(solvers_table(markdown=False))
+    return status
