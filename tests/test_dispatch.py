@@ -5,17 +5,19 @@ ranking file written by the test itself."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from pyengine import backends
-from pyengine.backends import _native, dispatch
+from pyengine.backends import dispatch
 from pyengine.backends.dispatch import Call
+from pyengine.fused_update import native
 
 HAS_NUMBA = dispatch.REGISTRY["numba"].unavailable_reason("cpu") is None
-HAS_CPP = _native._C is not None
+HAS_CPP = native._C is not None
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +34,9 @@ def _call(dtype, device="cpu", K=3):
 
 
 def test_every_backend_is_registered_with_the_priorities():
-    assert set(backends._REGISTRY) == {"torch", "cpp", "cuda", "numba", "triton"}
-    assert dispatch.PRIORITY == {"cpu": ("cpp", "numba", "torch"),
-                                 "cuda": ("cuda", "triton", "torch")}
+    assert set(backends.names()) == {"torch", "cpp", "cuda", "numba", "triton"}
+    assert backends.priority("cpu") == ("cpp", "numba", "torch")
+    assert backends.priority("cuda") == ("cuda", "triton", "torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -44,15 +46,15 @@ def test_cpu_choice_per_dtype(dtype, monkeypatch):
     assert backends.select(_call(dtype)).name == want
     assert backends.get(dtype=dtype).name == want
     # without the extension: numba for float32/float64, torch for the half types
-    monkeypatch.setattr(_native, "_C", None)
-    monkeypatch.setattr(_native, "IMPORT_ERROR", "pyengine._C is not built (test)")
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "IMPORT_ERROR", "pyengine._C is not built (test)")
     half = dtype in (torch.float16, torch.bfloat16)
     assert backends.select(_call(dtype)).name == ("numba" if HAS_NUMBA and not half else "torch")
 
 
 def test_a_concrete_call_picks_per_dtype(monkeypatch):
-    monkeypatch.setattr(_native, "_C", None)
-    monkeypatch.setattr(_native, "IMPORT_ERROR", "pyengine._C is not built (test)")
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "IMPORT_ERROR", "pyengine._C is not built (test)")
     x32, xh = torch.randn(2, 5), torch.randn(2, 5).to(torch.bfloat16)
     assert backends.select(Call.of(x32, [x32])).name == ("numba" if HAS_NUMBA else "torch")
     assert backends.select(Call.of(xh, [xh])).name == "torch"
@@ -81,7 +83,7 @@ def test_impossible_dtype_raises_with_every_backends_reasons():
     with pytest.raises(ValueError) as e:
         backends.select(_call(torch.int32))
     msg = str(e.value)
-    for name in backends._REGISTRY:
+    for name in backends.names():
         line = next(ln for ln in msg.splitlines() if ln.startswith(f"  {name}: "))
         assert "int32" in line, line
 
@@ -133,7 +135,42 @@ def test_a_cached_ranking_reorders_and_a_missing_one_does_not(tmp_path):
     assert backends.select(_call(torch.float32)).name == "torch"
     path.write_text("not json")
     dispatch._ORDER_CACHE.clear()
-    assert dispatch.order("cpu") == ("cpp", "numba", "torch")
+    with pytest.warns(RuntimeWarning, match="ranking file"):
+        assert dispatch.order("cpu") == ("cpp", "numba", "torch")
+
+
+@pytest.mark.parametrize("content", [
+    [], ["torch"], "torch", 3, {"DEVICE": ["torch", "numba"]}, {"DEVICE": {"order": "torch"}},
+    {"DEVICE": {"order": [1, 2]}}, {"DEVICE": {"order": None}}, {"DEVICE": {"seconds": {}}},
+    {"DEVICE": None}], ids=lambda c: type(c).__name__ + str(len(str(c))))
+def test_a_malformed_ranking_file_is_ignored_with_one_warning(tmp_path, content):
+    """Issue 13 #10: valid JSON of the wrong structure broke every sample() with a TypeError
+    or AttributeError that did not name the file; the entry is ignored, with one warning
+    naming the file, and sampling works."""
+    import warnings
+
+    import pyengine as pe
+    from pyengine.models import GaussianMixture
+
+    path = tmp_path / "ranking.json"
+    dev = dispatch.device_name("cpu")
+    if isinstance(content, dict):
+        content = {dev: v for v in content.values()}
+    path.write_text(json.dumps(content))
+    dispatch._ORDER_CACHE.clear()
+    dispatch._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match=re.escape(str(path))) as rec:
+        assert dispatch.order("cpu") == ("cpp", "numba", "torch")
+    assert len(rec) == 1
+    proc = pe.processes.VP.discrete("linear")
+    gmm = GaussianMixture.random(d=4, M=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # warned once already: not again
+        dispatch._ORDER_CACHE.clear()
+        dispatch.order("cpu")
+        x = pe.Sampler(proc, solver="ddim", steps=3).sample(gmm.as_model(proc, "epsilon"),
+                                                            torch.randn(2, 4), seed=0)
+    assert torch.isfinite(x).all()
 
 
 def test_rank_writes_the_ranking_file(tmp_path):
@@ -147,7 +184,7 @@ def test_rank_writes_the_ranking_file(tmp_path):
 
 def test_explain_and_available():
     reasons = backends.explain("cpu")
-    assert set(reasons) == set(backends._REGISTRY)
+    assert set(reasons) == set(backends.names())
     assert reasons["torch"] is None and "not cpu" in reasons["cuda"]
     assert "CUDA" in reasons["triton"]
     assert "torch" in backends.available()
@@ -171,7 +208,7 @@ def test_info_shows_every_backend_and_the_choice(capsys, monkeypatch, tmp_path):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "devices: cpu:" in out and "measured on cpu: torch 1000 us" in out
-    for name in backends._REGISTRY:
+    for name in backends.names():
         assert f"\n  {name} " in out
     chosen = backends.select(Call.typical("cpu")).name
     assert f"chosen for a typical call (cpu, float32, K=3, [4, 4, 64, 64]): {chosen}" in out

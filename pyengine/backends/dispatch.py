@@ -151,7 +151,7 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     if not hasattr(be, "unavailable_reason"):
         return None                                  # the torch reference runs anywhere
     if device_type is None:
-        device_type = getattr(be, "device_types", ("cpu",))[0]
+        device_type = (getattr(be, "device_types", None) or ("cpu",))[0]
     return be.unavailable_reason(device_type)
 
 
@@ -218,9 +218,10 @@ def ranking_for(device) -> dict | None:
     None; a malformed entry (not an object, "order" not a list of names) is ignored with a
     warning naming the file."""
     key = device_name(device)
-    entry = _read_rankings().get(key)
-    if entry is None:
+    data = _read_rankings()
+    if key not in data:
         return None
+    entry = data[key]
     if not isinstance(entry, dict) or not isinstance(entry.get("order"), list) or \
             not all(isinstance(n, str) for n in entry["order"]):
         _malformed(ranking_file(), f"the entry for {key!r} is not "
@@ -321,7 +322,7 @@ def get(name: str | None = None, device=None, *, dtype=None, call: Call | None =
     name = name or os.environ.get("PYENGINE_BACKEND") or None
     if call is None:
         if device is None and name in REGISTRY:     # a forced backend, on its own device
-            device = getattr(REGISTRY[name], "device_types", ("cpu",))[0]
+            device = (getattr(REGISTRY[name], "device_types", None) or ("cpu",))[0]
         call = Call.typical(device, dtype or torch.float32)
     return select(call, name)
 

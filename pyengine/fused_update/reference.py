@@ -43,6 +43,8 @@ def fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, no
                  compute_dtype, mask, mask_coef):
     """The update with torch ops, on validated arguments."""
     ref = bufs[0]
+    if ref.numel() == 0:
+        return out
     B, K = ref.shape[0], len(bufs)
     cdt = compute_dtype_for(out.dtype, compute_dtype)
     view = (B,) + (1,) * (ref.dim() - 1)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .contract import K_MAX, compute_dtype_for, has_noise
 
@@ -88,18 +89,74 @@ def quad_words(seed, step, q):
     return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
+# pyengine.noise.box_muller's float32 sequence, operation for operation (the same bits as every
+# backend). Compiled, each product and sum goes through libdevice's mul_rn / add_rn so that the
+# fp-fusion pass cannot turn a pair into an FMA; the interpreter computes each op in numpy,
+# unfused, and has no libdevice.
+_ROUND_EACH = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _mul(a, b):
+    if _ROUND_EACH:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def _add(a, b):
+    if _ROUND_EACH:
+        return libdevice.add_rn(a, b)
+    else:
+        return a + b
+
+
+@triton.jit
+def _box_muller(u, v):
+    """(r cos 2 pi v, r sin 2 pi v), r = sqrt(-2 log u), for float32 uniform tensors."""
+    i = u.to(tl.int32, bitcast=True) - 0x3F3504F3
+    e = (i >> 23).to(tl.float32)
+    m = ((i & 0x7FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True)
+    f = m - 1.0                                  # exact (Sterbenz): no rounding to pin
+    p = _add(_mul(f, -0.07622108608484268), 0.12904690206050873)
+    p = _add(_mul(p, f), -0.13242976367473602)
+    p = _add(_mul(p, f), 0.14181779325008392)
+    p = _add(_mul(p, f), -0.16609077155590057)
+    p = _add(_mul(p, f), 0.20001976191997528)
+    p = _add(_mul(p, f), -0.25001582503318787)
+    p = _add(_mul(p, f), 0.33333325386047363)
+    p = _add(_mul(p, f), -0.49999988079071045)
+    lg = _add(_mul(e, 0.693145751953125),
+              _add(_mul(e, 1.428606765330187e-06), _add(f, _mul(_mul(f, f), p))))
+    r = tl.sqrt_rn(-2.0 * lg)                    # * -2 is exact
+    n = _add(_mul(v, 4.0), 0.5).to(tl.int32)
+    y = v - n.to(tl.float32) * 0.25              # both exact
+    t = _mul(y, y)
+    sn = _add(_mul(t, -75.39361572265625), 81.59235382080078)
+    sn = _add(_mul(sn, t), -41.3416633605957)
+    sn = _mul(y, _add(_mul(sn, t), 6.2831854820251465))
+    cs = _add(_mul(t, 59.229244232177734), -85.4432373046875)
+    cs = _add(_mul(cs, t), 64.93932342529297)
+    cs = _add(1.0, _mul(t, _add(_mul(cs, t), -19.739208221435547)))
+    odd = (n & 1) != 0
+    c = tl.where(odd, sn, cs)
+    s = tl.where(odd, cs, sn)
+    c = tl.where(((n + 1) & 2) != 0, -c, c)
+    s = tl.where((n & 2) != 0, -s, s)
+    return _mul(r, c), _mul(r, s)
+
+
 @triton.jit
 def _normals(seed, step, q, e):
     """The normals of elements 4q + e on a [BLOCK_Q, 4] tile (e = arange(4)[None, :])."""
     w0, w1, w2, w3 = quad_words(seed, step, q)
-    r01 = tl.sqrt(-2.0 * tl.log(_uniform(w0)))
-    r23 = tl.sqrt(-2.0 * tl.log(_uniform(w2)))
-    t01 = 6.28318548202514648 * _uniform(w1)
-    t23 = 6.28318548202514648 * _uniform(w3)
-    z0 = (r01 * tl.cos(t01))[:, None]
-    z1 = (r01 * tl.sin(t01))[:, None]
-    z2 = (r23 * tl.cos(t23))[:, None]
-    z3 = (r23 * tl.sin(t23))[:, None]
+    z0, z1 = _box_muller(_uniform(w0), _uniform(w1))
+    z2, z3 = _box_muller(_uniform(w2), _uniform(w3))
+    z0 = z0[:, None]
+    z1 = z1[:, None]
+    z2 = z2[:, None]
+    z3 = z3[:, None]
     return tl.where(e == 0, z0, tl.where(e == 1, z1, tl.where(e == 2, z2, z3)))
 
 
