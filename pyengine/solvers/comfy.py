@@ -166,17 +166,19 @@ def gradient_estimation(b, ge_gamma):
 
 
 def lagrange_weights(nodes, a: float, b_: float):
-    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j (exact)."""
+    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j, by Gauss-Legendre
+    quadrature on the product form (exact for these degrees, no monomial cancellation)."""
     import numpy as np
-    nodes = [float(v) for v in nodes]
+    nodes = np.asarray(nodes, dtype=np.float64)
+    g, gw = np.polynomial.legendre.leggauss(max(len(nodes), 2))
+    u = 0.5 * (b_ - a) * g + 0.5 * (b_ + a)
     out = []
-    for j, tj in enumerate(nodes):
-        p = np.poly1d([1.0])
-        for k, tk in enumerate(nodes):
+    for j in range(len(nodes)):
+        p = np.ones_like(u)
+        for k in range(len(nodes)):
             if k != j:
-                p = p * np.poly1d([1.0, -tk]) / (tj - tk)
-        P = p.integ()
-        out.append(float(P(b_) - P(a)))
+                p = p * (u - nodes[k]) / (nodes[j] - nodes[k])
+        out.append(float(0.5 * (b_ - a) * np.dot(gw, p)))
     return out
 
 
