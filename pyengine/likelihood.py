@@ -185,8 +185,9 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
     EXACT_MAX_DIM = 16 dimensions per sample). ``method``: a scipy ``solve_ivp`` method
     (RK45, DOP853, ...; float64 on the host, all samples in one system, with ``rtol`` and
     ``atol``) or a fixed-step one in torch on the data's device ("euler", "heun", "rk4",
-    ``steps`` uniform steps in log sigma). ``sigma_min``/``sigma_max`` default to the process's range; ``prior`` and
-    ``data_var`` as in the module docstring. The model runs in ``dtype`` (float64 default).
+    ``steps`` uniform steps in log sigma). ``sigma_min``/``sigma_max`` default to the
+    process's range; ``prior`` and ``data_var`` as in the module docstring. The model runs in
+    ``dtype`` (float64 default).
 
     The divergence needs autograd through the model: a model whose output has no graph back
     to its input (numpy inside, ``detach``, its own ``no_grad``) raises ValueError, and so

@@ -8,13 +8,14 @@ estimate eps_hat fold into the plan's coefficients (no solver branches on the pr
 |---|---|---|
 | epsilon | (x - sigma_dpm out) / alpha | out |
 | sample  | out | (x - alpha out) / sigma_dpm |
-| v (v = alpha eps - sigma_dpm x0) | (alpha x - sigma_dpm out) / (alpha^2 + sigma_dpm^2) | (sigma_dpm x + alpha out) / (alpha^2 + sigma_dpm^2) |
-| flow (out = eps - x0) | (x - sigma_dpm out) / (alpha + sigma_dpm) | (x + alpha out) / (alpha + sigma_dpm) |
+| v (alpha eps - sigma_dpm x0) | (alpha x - sigma_dpm out) / n_v | (sigma_dpm x + alpha out) / n_v |
+| flow (out = eps - x0) | (x - sigma_dpm out) / n_f | (x + alpha out) / n_f |
 | score (out = grad log p(x)) | (x + sigma_dpm^2 out) / alpha | -sigma_dpm out |
 
-For VP processes alpha^2 + sigma_dpm^2 = 1 and for flow alpha + sigma_dpm = 1, which gives
-the familiar forms. The model also needs calling in the process's convention; :func:`wrap`
-builds that callable, including for k-diffusion-style denoisers ``D(x_hat, sigma)``.
+with n_v = alpha^2 + sigma_dpm^2 and n_f = alpha + sigma_dpm. For VP processes n_v = 1 and for
+flow n_f = 1, which gives the familiar forms. The model also needs calling in the process's
+convention; :func:`wrap` builds that callable, including for k-diffusion-style denoisers
+``D(x_hat, sigma)``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def check_prediction(prediction: str) -> str:
 def affine(prediction: str, alpha: float, sd: float):
     """((D_x, D_out), (eps_x, eps_out)): D = D_x x + D_out out, eps = eps_x x + eps_out out."""
     p = check_prediction(prediction)
-    inv = (lambda a: 1.0 / a if a != 0 else math.nan)
+    def inv(a):
+        return 1.0 / a if a != 0 else math.nan
     if p == "epsilon":
         return (inv(alpha), -sd * inv(alpha)), (0.0, 1.0)
     if p == "sample":

@@ -84,7 +84,8 @@ class Process:
         return s, s * _f64(sigma)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g})"
+        return (f"{type(self).__name__}(sigma_min={self.sigma_min:.4g}, "
+                f"sigma_max={self.sigma_max:.4g})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ class VP:
         return VPDiscrete(beta_schedule, **kw)
 
     @staticmethod
-    def continuous(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> VPContinuous:
+    def continuous(beta_min: float = 0.1, beta_max: float = 20.0,
+                   t_min: float = 1e-3) -> VPContinuous:
         return VPContinuous(beta_min, beta_max, t_min)
 
     @staticmethod
