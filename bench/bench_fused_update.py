@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -267,7 +267,8 @@ def bench_one(timer, be, device, label, op, cls_name, which, shape, dtype, copy_
 
 
 def call_overhead(timer, be, device):
-    """us per call at a tiny size: the direct call, the torch.library op, the torch backend."""
+    """us per call at a tiny size: the direct call (validated, and trusted as the executor's
+    steady state runs it), the torch.library op, the torch backend."""
     from pyengine import ops
 
     x = torch.randn(1, 4, 8, 8, device=device)
@@ -276,6 +277,9 @@ def call_overhead(timer, be, device):
     coefs = np.array([0.9, 0.1])
     res = {}
     res["direct"] = timer(lambda: be.fused_update(out, [x, e], coefs))[0]
+    if "trusted" in inspect.signature(be.fused_update).parameters:
+        res["direct, trusted"] = timer(lambda: be.fused_update(out, [x, e], coefs,
+                                                               trusted=True))[0]
     res["torch.ops"] = timer(lambda: ops.fused_update(out, [x, e], coefs))[0]
     res["torch backend"] = timer(lambda: torch_ref.fused_update(out, [x, e], coefs))[0]
     return res
@@ -322,7 +326,7 @@ def device_name(device):
 
 
 def report(args, copy, rows, overhead, be_name):
-    from pyengine.backends import _native
+    from pyengine.fused_update import native as _native
 
     name = device_name(args.device)
     isa = _native._C.cpu_isa() if _native._C is not None and args.device == "cpu" else "-"
@@ -340,7 +344,9 @@ def report(args, copy, rows, overhead, be_name):
         f"- copy bandwidth (a {'256' if args.device == 'cuda' else '128'} MiB float32 copy, "
         f"read + write; the best of "
         + ", ".join(f"{k} {v:.1f}" for k, v in copy[1].items()) + f"): **{copy[0]:.1f} GB/s**",
-        f"- call overhead at 1x4x8x8 (us): direct {overhead['direct']:.1f}, torch.ops "
+        f"- call overhead at 1x4x8x8 (us): direct {overhead['direct']:.1f}"
+        + (f" (trusted: {overhead['direct, trusted']:.1f})" if "direct, trusted" in overhead
+           else "") + f", torch.ops "
         f"{overhead['torch.ops']:.1f}, torch backend {overhead['torch backend']:.1f}",
         f"- command: `python bench/bench_fused_update.py {' '.join(sys.argv[1:])}`",
     ] + ([

@@ -55,15 +55,15 @@ SKIP_LINES=()       # pytest -rs lines
 
 # The GPU tests; a file this checkout does not have (yet) is left out.
 TEST_FILES=(
+    tests/test_fused_update.py
     tests/test_cuda_fused_update.py
     tests/test_triton_cuda.py
     tests/test_triton_fused_update.py
-    tests/test_fused_update_ext.py
     tests/test_runtime*.py
     tests/test_backends_e2e.py
     tests/test_diffusers_dropin.py
 )
-SANITIZER_SUBSET="odd_sizes or aliases or normals"
+SANITIZER_SUBSET="cuda and (shapes or aliases or normals or unaligned)"
 
 log() {
     echo "$*" | tee -a "$LOG"
@@ -210,8 +210,8 @@ fi
 if [[ -n "$SANITIZER" ]]; then
     run_step "compute-sanitizer memcheck" 120 170 "$TEST_LOG" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_fused_update.py \
-        -k "$SANITIZER_SUBSET"
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_update.py \
+        tests/test_cuda_fused_update.py -k "$SANITIZER_SUBSET"
 else
     log "== compute-sanitizer: absent (not on PATH, not in /usr/local/cuda/bin); memcheck not run"
     STEP_ROWS+=("| compute-sanitizer memcheck | absent | 0 |")

@@ -143,7 +143,7 @@ def test_threads_do_not_change_the_result():
 
 def test_per_sample_steps_and_mask_over_tiles_threads_and_isas(isa):
     """Several noisy tiles (4096) per sample on 1 and 2 threads, the mask on the block path:
-    still bitwise each sample alone at its own step; tests/test_fused_update_ext.py checks
+    still bitwise each sample alone at its own step; tests/test_fused_update.py checks
     the values."""
     shape = (3, 20001)
     g = torch.Generator().manual_seed(2)
