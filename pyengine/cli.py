@@ -182,7 +182,7 @@ def cmd_bench(args) -> int:
 
     from .benchmark import run_kernel_bench, solver_bench, solver_bench_table
     from .models.load import parse_shape
-    from .output import atomic_write
+    from .output import atomic_write, check_writable
     from .render import progress
     from .solvers import list_solvers
 
@@ -197,6 +197,9 @@ def cmd_bench(args) -> int:
         from .plots import MATPLOTLIB_HINT, have_matplotlib
         if not have_matplotlib():
             raise UsageError(f"--plot needs matplotlib: {MATPLOTLIB_HINT}")
+        check_writable(args.plot, "--plot")
+    if args.output:
+        check_writable(args.output)                   # before any timing
     texts = []
     if args.suite in ("all", "solvers") and names:
         with progress(len(names), "timing solvers", args.quiet, unit="solver") as bar:

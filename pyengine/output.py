@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["KINDS", "check_output", "atomic_write", "save_samples"]
+__all__ = ["KINDS", "check_output", "check_writable", "atomic_write", "save_samples"]
 
 KINDS = (".pt", ".npy", ".png")
 
@@ -29,6 +29,13 @@ def check_output(path: str | None, option: str = "--output") -> str | None:
     kind = Path(path).suffix.lower()
     if kind not in KINDS:
         raise UsageError(f"{option} must end in .pt, .npy or .png, got {path!r}")
+    check_writable(path, option)
+    return kind
+
+
+def check_writable(path, option: str = "--output") -> None:
+    """UsageError naming ``option`` unless a file can be created in ``path``'s folder and
+    ``path`` is not a folder."""
     target = Path(path).expanduser()
     parent = target.resolve().parent
     if not parent.is_dir():
@@ -42,7 +49,6 @@ def check_output(path: str | None, option: str = "--output") -> str | None:
                          f"{e.strerror or e}") from None
     os.close(fd)
     os.unlink(probe)
-    return kind
 
 
 @contextlib.contextmanager

@@ -96,6 +96,7 @@ def test_demo_small(capsys):
     (["sample", "pyengine.noise:sample_seed"], "give --shape"),
     (["bench", "--solvers", "euler,nope"], "unknown solver 'nope'"),
     (["bench", "--shape", "0,3"], "--shape must be positive integers"),
+    (["bench", "--suite", "solvers", "-o", "/no/such/folder/b.md"], "does not exist"),
 ])
 def test_usage_errors_exit_2(capsys, argv, msg):
     code, out, err = run(capsys, *argv)
