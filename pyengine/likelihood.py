@@ -190,8 +190,8 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
     ``dtype`` (float64 default).
 
     The divergence needs autograd through the model: a model whose output has no graph back
-    to its input (numpy inside, ``detach``, its own ``no_grad``) raises ValueError, and so
-    does a call inside ``torch.inference_mode`` (there is no estimate without gradients).
+    to its input (numpy inside, ``detach``, its own ``no_grad``) raises ValueError, and a call
+    inside ``torch.inference_mode`` raises RuntimeError (no estimate without gradients).
     ``torch.no_grad`` around the call is fine: gradients are enabled inside.
     """
     if torch.is_inference_mode_enabled():
