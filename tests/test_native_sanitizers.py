@@ -56,7 +56,7 @@ def sanitized_binary(tmp_path_factory):
     sources = [(TEST_SOURCE, []), *[(s, []) for s in KERNEL_SOURCES]]
     if x86:
         flags.append("-DPYENGINE_HAVE_AVX2_KERNEL")
-        sources.append((AVX2_SOURCE, ["-mavx2", "-mfma", "-mf16c"]))
+        sources.append((AVX2_SOURCE, ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]))
 
     version = _try([cxx, "--version"], probe).stdout
     h = hashlib.sha256((version + " ".join(flags)).encode())

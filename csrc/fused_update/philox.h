@@ -5,13 +5,15 @@
 //
 //   key     (k0, k1)         = (seed & 0xffffffff, seed >> 32)      per-sample uint64 seed
 //   counter (c0, c1, c2, c3) = (q & 0xffffffff, q >> 32, step, 0)   q = element_index / 4
-//   u_k = float32(float32(w_k >> 8) + 0.5f) * 2^-24                 in (0, 1)
-//   r = sqrt(-2 log u0), theta = float32(2 pi) * u1 -> z[4q..4q+1] = (r cos theta, r sin theta)
-//   and the same with (u2, u3) for z[4q+2..4q+3], everything in float32.
+//   u_k = float32(float32(w_k >> 8) + 0.5f) * 2^-24                 in (0, 1]
+//   z[4q..4q+1] = (r cos 2 pi u1, r sin 2 pi u1) with r = sqrt(-2 log u0), and the same with
+//   (u2, u3) for z[4q+2..4q+3]: normal.h's float32 Box-Muller, the same bits everywhere.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "normal.h"
 
 // static: the CPU kernel is compiled once per instruction set and each copy keeps its own.
 #if defined(__CUDACC__)
@@ -79,16 +81,8 @@ PE_HOST_DEVICE float uniform24(uint32_t w) {
 
 // Box-Muller on the quad's four words: z[0..3] for elements 4q..4q+3.
 PE_HOST_DEVICE void box_muller4(const Words& w, float z[4]) {
-  const float two_pi = 6.28318548202514648f;  // float32(2 pi), as the reference rounds it
-  const float u0 = uniform24(w.w[0]), u1 = uniform24(w.w[1]);
-  const float u2 = uniform24(w.w[2]), u3 = uniform24(w.w[3]);
-  const float r01 = sqrtf(-2.0f * logf(u0));
-  const float r23 = sqrtf(-2.0f * logf(u2));
-  const float t01 = two_pi * u1, t23 = two_pi * u3;
-  z[0] = r01 * cosf(t01);
-  z[1] = r01 * sinf(t01);
-  z[2] = r23 * cosf(t23);
-  z[3] = r23 * sinf(t23);
+  normal::box_muller(uniform24(w.w[0]), uniform24(w.w[1]), z[0], z[1]);
+  normal::box_muller(uniform24(w.w[2]), uniform24(w.w[3]), z[2], z[3]);
 }
 
 }  // namespace philox
