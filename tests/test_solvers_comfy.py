@@ -449,6 +449,80 @@ def ref_lcm(m, x, sig, ns, flow, s_noise=1.0, s_noise_end=None):
     return x
 
 
+def _churn(x, sig, i, ns, s_churn, s_tmin, s_tmax, s_noise):
+    n = len(sig) - 1
+    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+    sh = sig[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + ns() * s_noise * (sh ** 2 - sig[i] ** 2) ** 0.5
+    return x, sh
+
+
+def ref_euler(m, x, sig, ns, flow, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    for i in range(len(sig) - 1):
+        x, sh = _churn(x, sig, i, ns, s_churn, s_tmin, s_tmax, s_noise)
+        x = x + (x - m(x, sh)) / sh * (sig[i + 1] - sh)
+    return x
+
+
+def ref_heun(m, x, sig, ns, flow, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    for i in range(len(sig) - 1):
+        x, sh = _churn(x, sig, i, ns, s_churn, s_tmin, s_tmax, s_noise)
+        d = (x - m(x, sh)) / sh
+        dt = sig[i + 1] - sh
+        if sig[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x2 = x + d * dt
+            d2 = (x2 - m(x2, sig[i + 1])) / sig[i + 1]
+            x = x + (d + d2) / 2 * dt
+    return x
+
+
+def ref_dpm_2(m, x, sig, ns, flow, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    for i in range(len(sig) - 1):
+        x, sh = _churn(x, sig, i, ns, s_churn, s_tmin, s_tmax, s_noise)
+        d = (x - m(x, sh)) / sh
+        if sig[i + 1] == 0:
+            x = x + d * (sig[i + 1] - sh)
+        else:
+            mid = math.exp((math.log(sh) + math.log(sig[i + 1])) / 2)
+            x2 = x + d * (mid - sh)
+            x = x + (x2 - m(x2, mid)) / mid * (sig[i + 1] - sh)
+    return x
+
+
+def ref_dpmpp_2m(m, x, sig, ns, flow):
+    old = None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        tn = math.inf if sig[i + 1] == 0 else -math.log(sig[i + 1])
+        t = -math.log(sig[i])
+        h = tn - t
+        if old is None or sig[i + 1] == 0:
+            x = (math.exp(-tn) / math.exp(-t)) * x - math.expm1(-h) * d0
+        else:
+            r = (t + math.log(sig[i - 1])) / h
+            x = (math.exp(-tn) / math.exp(-t)) * x \
+                - math.expm1(-h) * ((1 + 1 / (2 * r)) * d0 - (1 / (2 * r)) * old)
+        old = d0
+    return x
+
+
+def ref_ddpm(m, x, sig, ns, flow):
+    for i in range(len(sig) - 1):
+        s, sp_ = sig[i], sig[i + 1]
+        d0 = m(x, s)
+        ac, acp = 1 / (s * s + 1), 1 / (sp_ * sp_ + 1)
+        a = ac / acp
+        mu = (1 / a) ** 0.5 * (x / (1 + s * s) ** 0.5 - (1 - a) * ((x - d0) / s) / (1 - ac) ** 0.5)
+        if sp_ > 0:
+            mu = mu + ((1 - a) * (1 - acp) / (1 - ac)) ** 0.5 * ns()
+            mu = mu * (1 + sp_ * sp_) ** 0.5
+        x = mu
+    return x
+
+
 CASES = [
     ("euler_ancestral_comfy", {"eta": 1.0}, ref_euler_ancestral, {}),
     ("euler_ancestral_comfy", {"eta": 0.6, "s_noise": 0.8}, ref_euler_ancestral,
@@ -487,6 +561,15 @@ CASES = [
     ("exp_heun_2_x0", {"eta": 1.0}, ref_seeds, {"eta": 1.0, "rs": (1.0,),
                                                 "solver_type": "phi_2"}),
     ("lcm", {}, ref_lcm, {}),
+    ("euler_comfy", {}, ref_euler, {}),
+    ("euler_comfy", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 0.7, "s_noise": 1.1}, ref_euler,
+     {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 0.7, "s_noise": 1.1}),
+    ("heun_comfy", {}, ref_heun, {}),
+    ("heun_comfy", {"s_churn": 1.0, "s_tmax": 0.7}, ref_heun, {"s_churn": 1.0, "s_tmax": 0.7}),
+    ("dpm_2_comfy", {}, ref_dpm_2, {}),
+    ("dpm_2_comfy", {"s_churn": 1.5, "s_tmax": 0.7}, ref_dpm_2, {"s_churn": 1.5, "s_tmax": 0.7}),
+    ("dpmpp_2m_comfy", {}, ref_dpmpp_2m, {}),
+    ("ddpm_comfy", {}, ref_ddpm, {}),
     ("lcm", {"s_noise": 0.5, "s_noise_end": 1.5}, ref_lcm, {"s_noise": 0.5, "s_noise_end": 1.5}),
 ]
 
@@ -594,3 +677,64 @@ def test_comfy_names_resolve():
     ms = pe.schedules.ModelSampling.flow_shift(3.0)
     np.testing.assert_array_equal(C.scheduler_sigmas("simple", ms, 6, 0.5),
                                   pe.schedules.simple(ms, 12)[-7:])
+
+
+def ref_dpm_fast(m, x, c_levels, orders, ns, eta=0.0, s_noise=1.0):
+    """k-diffusion's DPMSolver.dpm_solver_fast over the given lambda-uniform levels."""
+    def eps(x, c):
+        return (x - m(x, c)) / c
+    t_end = -math.log(c_levels[-1])
+    for i, k in enumerate(orders):
+        t, tn = -math.log(c_levels[i]), -math.log(c_levels[i + 1])
+        if eta:
+            sd, _ = anc(math.exp(-t), math.exp(-tn), eta)
+            tn_ = min(t_end, -math.log(sd))
+            su = (math.exp(-2 * tn) - math.exp(-2 * tn_)) ** 0.5
+        else:
+            tn_, su = tn, 0.0
+        h = tn_ - t
+        e0 = eps(x, math.exp(-t))
+        if k == 1:
+            xn = x - math.exp(-tn_) * math.expm1(h) * e0
+        elif k == 2:
+            s1 = t + h / 2
+            u1 = x - math.exp(-s1) * math.expm1(h / 2) * e0
+            e1 = eps(u1, math.exp(-s1))
+            xn = x - math.exp(-tn_) * math.expm1(h) * e0 - math.exp(-tn_) * math.expm1(h) * (e1 - e0)
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = t + r1 * h, t + r2 * h
+            u1 = x - math.exp(-s1) * math.expm1(r1 * h) * e0
+            e1 = eps(u1, math.exp(-s1))
+            u2 = x - math.exp(-s2) * math.expm1(r2 * h) * e0 \
+                - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e0)
+            e2 = eps(u2, math.exp(-s2))
+            xn = x - math.exp(-tn_) * math.expm1(h) * e0 \
+                - math.exp(-tn_) / r2 * (math.expm1(h) / h - 1) * (e2 - e0)
+        x = xn + su * s_noise * ns() if eta else xn
+    return x
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("nfe", [1, 5, 6, 10])
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+def test_dpm_fast_matches_k_diffusion(gmm, kind, nfe, eta):
+    from pyengine.solvers.comfy import dpm_fast_orders, dpm_fast_sigmas
+    flow = kind == "flow"
+    proc = pe.processes.RectifiedFlow(shift=1.5) if flow else pe.processes.EDM()
+    c = dpm_fast_sigmas(0.04, 0.95 if flow else 12.0, nfe)
+    orders = dpm_fast_orders(nfe)
+    assert sum(orders) == nfe and len(orders) == c.size - 1
+    sig = c / (1 - c) if flow else c.copy()
+    g = torch.Generator().manual_seed(nfe)
+    Z = torch.randn(16, B, D, generator=g, dtype=torch.float64)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m(xc, cc):
+        return gmm.denoise(xc / (1 - cc), cc / (1 - cc)) if flow else gmm.denoise(xc, cc)
+    want = ref_dpm_fast(m, xc0, [float(v) for v in c], orders, Noise(Z), eta=eta)
+    plan = pe.build_plan(proc, "dpm_fast", sig, "sample", nfe=nfe, eta=eta)
+    assert plan.nfe == nfe
+    got = walk(plan, xc0.clone(), gmm.denoise, Z)
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err

@@ -23,6 +23,16 @@ Where ComfyUI differs from k-diffusion under the same name (ComfyUI is followed 
   model's half-log-SNR (log((1 - t)/t) on flow models, -log sigma otherwise) where
   k-diffusion always uses -log sigma;
 * the stochastic samplers multiply ``s_noise`` by the model sampling's ``noise_scale``;
+* euler (with churn), heun, dpm_2, dpmpp_2m, lms, ipndm(_v), heunpp2, res_multistep,
+  gradient_estimation, ddpm and dpm_fast integrate in ComfyUI's own (x, sigma), which for a
+  flow model is (x, t): hence the *_comfy registry entries where the registry's own solver
+  of that name works in (x / s, t / (1 - t)) (identical for eps models);
+* dpm_fast takes (sigma_min, sigma_max, n) instead of sigmas (ComfyUI's KSampler passes
+  n = len(sigmas) - 1, sigma_max = sigmas[0], sigma_min = the smallest positive level):
+  build the plan's grid with ``solvers.comfy.dpm_fast_sigmas`` and pass ``nfe=n``; churn noise of euler / heun / dpm_2
+  and the extra draws of res_multistep at eta = 0 come from torch.randn_like in ComfyUI;
+* uni_pc / uni_pc_bh2 map to the registry's unipc, whose parity with ComfyUI's
+  extra_samplers/uni_pc.py on flow models has not been checked.
 * dpmpp_3m_sde's phi_2 / phi_3 use h_eta = (1 + eta) h.
 """
 
@@ -37,16 +47,19 @@ _ANC = ("eta", "s_noise", "noise_sampler")
 
 #: ComfyUI sampler name -> (registry solver, fixed options, the function's own options)
 SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
-    "euler": ("euler", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "euler": ("euler_comfy", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "ddim": ("euler_comfy", {}, ()),
     "euler_ancestral": ("euler_ancestral_comfy", {}, _ANC),
-    "heun": ("heun", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
-    "dpm_2": ("dpm_2", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "heun": ("heun_comfy", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "dpm_2": ("dpm_2_comfy", {}, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
     "dpm_2_ancestral": ("dpm_2_ancestral", {}, _ANC),
     "lms": ("lms", {}, ("max_order",)),
     "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {}, _ANC),
     "dpmpp_sde": ("dpmpp_sde", {}, _ANC + ("r",)),
     "dpmpp_sde_gpu": ("dpmpp_sde", {}, _ANC + ("r",)),
-    "dpmpp_2m": ("dpmpp_2m", {"solver_type": "midpoint", "lower_order_final": False}, ()),
+    "dpmpp_2m": ("dpmpp_2m_comfy", {}, ()),
+    "dpm_fast": ("dpm_fast", {}, ("eta", "s_noise", "noise_sampler", "nfe")),
+    "ddpm": ("ddpm_comfy", {}, ("noise_sampler",)),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {"solver_type": "midpoint", "lower_order_final": False},
                      _ANC + ("solver_type",)),
     "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {"solver_type": "midpoint",
@@ -81,12 +94,8 @@ SNR_OFFSET = frozenset({"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_
 
 #: ComfyUI names without a registry solver, and why.
 NOT_PROVIDED: dict[str, str] = {
-    "dpm_fast": "DPM-Solver-fast places its own lambda-uniform steps between sigma_min and "
-                "sigma_max (orders 3, ..., 2, 1): expressible as a plan, not written yet",
     "dpm_adaptive": "adaptive steps: each step size depends on the error of the previous one "
                     "(a host sync per step); a precomputed plan cannot hold it",
-    "ddpm": "ComfyUI's DDPM step on the VP scaling: not written yet (the registry's ddpm "
-            "follows diffusers)",
     "deis": "ComfyUI's DEIS coefficients come from a 10^4-point Riemann sum on a fixed VP "
             "time map (sigma 0.002..80): expressible, not written yet",
     "sa_solver": "SA-Solver's stochastic Adams coefficients (tau interval, PECE): not written "

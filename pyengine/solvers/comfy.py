@@ -683,3 +683,223 @@ def lcm(b, s_noise, s_noise_end):
         frac = i / (n - 1) if n > 1 else 0.0
         b.assign("x", D, sig[i + 1], noise=(s_noise + (end - s_noise) * frac) * sig[i + 1],
                  noisy=True, kind="lcm")
+
+
+# ---------------------------------------------------------------------------------------
+# k-diffusion's ODE samplers in ComfyUI's space (they differ from the x_hat solvers of the
+# same math on flow models, where ComfyUI integrates in (x, t))
+# ---------------------------------------------------------------------------------------
+
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_CHURN_DEFAULTS = dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
+
+
+def _churned(sp, i, s_churn, s_tmin, s_tmax, s_noise):
+    """ComfyUI's Algorithm 2 churn in its own units: c_hat = c (1 + gamma), x += s_noise
+    sqrt(c_hat^2 - c^2) z; returns (pyengine sigma of c_hat, c_hat)."""
+    b, sig = sp.b, sp.b.sigmas
+    c = sp.c(sig[i])
+    gamma = min(s_churn / b.n_steps, math.sqrt(2.0) - 1.0) if s_tmin <= c <= s_tmax else 0.0
+    if gamma <= 0:
+        return sig[i], c
+    c_hat = c * (1.0 + gamma)
+    if sp.flow and c_hat >= 1.0:
+        raise ValueError(f"s_churn={s_churn!r} raises the flow time {c:.4g} to {c_hat:.4g} >= 1 "
+                         f"(beyond pure noise); lower s_churn or s_tmax")
+    s_hat = sp.sigma(c_hat)
+    sp.put("x", sp.x("x", sig[i]), s_hat, noise=s_noise * math.sqrt(c_hat ** 2 - c ** 2),
+           kind="churn")
+    return s_hat, c_hat
+
+
+@register("euler_comfy", order=1, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="Euler as ComfyUI's sample_euler: x' = x + (c' - c_hat)(x - D)/c_hat in "
+                  "ComfyUI's space (x, t for flow models; churn in those units)",
+          options=_CHURN, **_CHURN_DEFAULTS)
+def euler_comfy(b, s_churn, s_tmin, s_tmax, s_noise):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        s_hat, c_hat = _churned(sp, i, s_churn, s_tmin, s_tmax, s_noise)
+        x = sp.x("x", s_hat)
+        D, _ = b.evaluate("x", s_hat)
+        sp.put("x", x + (sp.c(sig[i + 1]) - c_hat) * _to_d(x, D, c_hat), sig[i + 1])
+
+
+@register("heun_comfy", order=2, nfe_per_step=2, stochastic=False, family="comfy",
+          summary="Heun as ComfyUI's sample_heun (Karras 2022 Alg. 2) in ComfyUI's space (x, t "
+                  "for flow models); Euler on the step to 0",
+          options=_CHURN, **_CHURN_DEFAULTS)
+def heun_comfy(b, s_churn, s_tmin, s_tmax, s_noise):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        s_hat, c_hat = _churned(sp, i, s_churn, s_tmin, s_tmax, s_noise)
+        cn = sp.c(sig[i + 1])
+        x = sp.x("x", s_hat)
+        D, _ = b.evaluate("x", s_hat, dst="o1")
+        d = _to_d(x, D, c_hat)
+        if cn == 0:
+            sp.put("x", x + (cn - c_hat) * d, sig[i + 1])
+            continue
+        sp.put("x2", x + (cn - c_hat) * d, sig[i + 1], kind="heun_predict")
+        x2 = sp.x("x2", sig[i + 1])
+        D2, _ = b.evaluate("x2", sig[i + 1], dst="o2")
+        sp.put("x", x + (0.5 * (cn - c_hat)) * (d + _to_d(x2, D2, cn)), sig[i + 1],
+               kind="heun_correct")
+
+
+@register("dpm_2_comfy", order=2, nfe_per_step=2, stochastic=False, family="comfy",
+          summary="DPM-2 as ComfyUI's sample_dpm_2: midpoint c_mid = sqrt(c_hat c') in "
+                  "ComfyUI's space (x, t for flow models); Euler on the step to 0",
+          options=_CHURN, **_CHURN_DEFAULTS)
+def dpm_2_comfy(b, s_churn, s_tmin, s_tmax, s_noise):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        s_hat, c_hat = _churned(sp, i, s_churn, s_tmin, s_tmax, s_noise)
+        cn = sp.c(sig[i + 1])
+        x = sp.x("x", s_hat)
+        D, _ = b.evaluate("x", s_hat, dst="o1")
+        d = _to_d(x, D, c_hat)
+        if cn == 0:
+            sp.put("x", x + (cn - c_hat) * d, sig[i + 1])
+            continue
+        mid = math.exp(0.5 * (math.log(c_hat) + math.log(cn)))
+        s_mid = sp.sigma(mid)
+        sp.put("x2", x + (mid - c_hat) * d, s_mid, kind="dpm2_mid")
+        x2 = sp.x("x2", s_mid)
+        D2, _ = b.evaluate("x2", s_mid, dst="o2")
+        sp.put("x", x + (cn - c_hat) * _to_d(x2, D2, mid), sig[i + 1])
+
+
+@register("dpmpp_2m_comfy", order=2, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="DPM-Solver++(2M) as ComfyUI's sample_dpmpp_2m: lambda = -log c in ComfyUI's "
+                  "space (x, t for flow models), x' = (c'/c) x - (e^-h - 1)((1 + 1/(2r)) D - "
+                  "D_-1/(2r)); first step and the step to 0 first order")
+def dpmpp_2m_comfy(b):
+    sp, sig = ComfySpace(b), b.sigmas
+    old = None                         # (slot of D_-1, h_-1)
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        if cn == 0:
+            sp.put("x", D, sig[i + 1], kind="denoise")
+            continue
+        h = _lam(cn) - _lam(c)
+        Dd = D
+        if old is not None:
+            r = old[1] / h
+            Dd = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * b.ref(old[0])
+        keep = (f"q{i % 2}", D) if i < b.n_steps - 1 else None
+        sp.put("x", (cn / c) * x - math.expm1(-h) * Dd, sig[i + 1], aux=keep, kind="dpmpp_2m")
+        old = (keep[0], h) if keep else None
+
+
+@register("ddpm_comfy", order=1, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="ComfyUI's sample_ddpm: the DDPM ancestral step with alpha_bar = 1/(c^2 + 1) "
+                  "on x / sqrt(1 + c^2), eps = (x - D)/c, in ComfyUI's space; mean on the step "
+                  "to 0")
+def ddpm_comfy(b):
+    sp, sig = ComfySpace(b), b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        x = sp.x("x", sig[i])
+        D, _ = b.evaluate("x", sig[i])
+        ac, acp = 1.0 / (c * c + 1.0), 1.0 / (cn * cn + 1.0)
+        a = ac / acp
+        eps = _to_d(x, D, c)
+        mu = math.sqrt(1.0 / a) * (math.sqrt(ac) * x - ((1 - a) / math.sqrt(1 - ac)) * eps)
+        if cn > 0:
+            std = math.sqrt((1 - a) * (1 - acp) / (1 - ac))
+            k = math.sqrt(1.0 + cn * cn)
+            sp.put("x", k * mu, sig[i + 1], noise=k * std, noisy=True, kind="ddpm")
+        else:
+            sp.put("x", mu, sig[i + 1], kind="ddpm_mean")
+
+
+def dpm_fast_sigmas(sigma_min: float, sigma_max: float, nfe: int):
+    """The grid of k-diffusion's DPM-Solver-fast: m = nfe // 3 + 1 steps uniform in
+    lambda = -log sigma from sigma_max to sigma_min (m + 1 levels, no final 0)."""
+    import numpy as np
+    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"n (model evaluations) must be a positive integer, got {nfe!r}")
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min!r}, "
+                         f"sigma_max={sigma_max!r}")
+    m = int(nfe) // 3 + 1
+    return np.exp(-np.linspace(-math.log(sigma_max), -math.log(sigma_min), m + 1))
+
+
+def dpm_fast_orders(nfe: int) -> list[int]:
+    """Per-step orders of DPM-Solver-fast (Lu et al. 2022 Sec. 3.4): 3, ..., 3 then 2, 1 when
+    3 divides nfe, else 3, ..., 3, nfe mod 3."""
+    m = int(nfe) // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+@register("dpm_fast", order=1, nfe_per_step=3, stochastic=True, family="comfy",
+          summary="DPM-Solver-fast (Lu et al. 2022 Sec. 3.4; k-diffusion / ComfyUI "
+                  "sample_dpm_fast): DPM-Solver-3 steps (2, 1 at the end) uniform in lambda "
+                  "over dpm_fast_sigmas(sigma_min, sigma_max, nfe), eps-form, in ComfyUI's "
+                  "space; ancestral noise with eta > 0",
+          options=("nfe", "eta", "s_noise"), nfe=0, eta=0.0, s_noise=1.0,
+          specs={"nfe": Option("int", lo=0)},
+          variants=(("dpm_fast", {}, 3, 3),))
+def dpm_fast(b, nfe, eta, s_noise):
+    """The plan's grid is :func:`dpm_fast_sigmas` (k-diffusion's; a final step to 0, not part
+    of it, returns D); ``nfe`` = 0 takes 3 evaluations per step (all third order), else the
+    per-step orders of :func:`dpm_fast_orders`."""
+    sp, sig = ComfySpace(b), b.sigmas
+    n = b.n_steps
+    orders = [3] * n if nfe == 0 else dpm_fast_orders(nfe)
+    if len(orders) != n:
+        raise ValueError(f"dpm_fast: nfe={nfe} needs {len(orders)} steps, the grid has {n} "
+                         f"(build it with dpm_fast_sigmas)")
+    for i in range(n):
+        b.step = i
+        c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
+        if cn == 0:
+            # not part of DPM-Solver-fast's grid: a step to 0 returns the denoised value
+            D0, _ = b.evaluate("x", sig[i], dst="o0")
+            sp.put("x", D0, sig[i + 1], kind="denoise")
+            continue
+        if eta:
+            sd, _ = _k_ancestral(c, cn, eta)[:2]
+            t_to = min(_lam(sd), _lam(sp.c(sig[-1]))) if sig[-1] > 0 else _lam(sd)
+            su = math.sqrt(max(cn ** 2 - math.exp(-2 * t_to), 0.0))
+        else:
+            t_to, su = _lam(cn), 0.0
+        t0 = _lam(c)
+        h = t_to - t0
+        x = sp.x("x", sig[i])
+        D0, _ = b.evaluate("x", sig[i], dst="o0")
+        e0 = _to_d(x, D0, c)
+        c_to = math.exp(-t_to)
+        k = orders[i]
+        xt = x - c_to * math.expm1(h) * e0
+        if k >= 2:
+            r1 = 0.5 if k == 2 else 1.0 / 3
+            c1 = math.exp(-(t0 + r1 * h))
+            s1 = sp.sigma(c1)
+            sp.put("u1", x - c1 * math.expm1(r1 * h) * e0, s1, kind="dpm_fast_u1")
+            u1 = sp.x("u1", s1)
+            D1, _ = b.evaluate("u1", s1, dst="o1")
+            e1 = _to_d(u1, D1, c1)
+            if k == 2:
+                xt = xt - (c_to / (2 * r1)) * math.expm1(h) * (e1 - e0)
+            else:
+                r2 = 2.0 / 3
+                c2 = math.exp(-(t0 + r2 * h))
+                s2 = sp.sigma(c2)
+                sp.put("u2", x - c2 * math.expm1(r2 * h) * e0
+                       - (c2 * r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e0), s2,
+                       kind="dpm_fast_u2")
+                u2 = sp.x("u2", s2)
+                D2, _ = b.evaluate("u2", s2, dst="o2")
+                e2 = _to_d(u2, D2, c2)
+                xt = xt - (c_to / r2) * (math.expm1(h) / h - 1) * (e2 - e0)
+        sp.put("x", xt, sig[i + 1], noise=su * s_noise, noisy=bool(eta), kind=f"dpm_fast{k}")
