@@ -41,7 +41,7 @@ from . import backends
 from .noise import sample_seed
 from .parameterization import Denoiser, ModelAdapter
 from .plan import K_MAX, Eval, Plan, Update
-from .runtime.transforms import KNOWN, KNOWN_NOISE, inpaint, inpaint_inputs
+from .runtime.transforms import KNOWN, KNOWN_NOISE, check_state_dtype, inpaint, inpaint_inputs
 from .runtime.walk import Program, Walker
 
 __all__ = ["Request", "RequestScheduler"]
@@ -241,6 +241,7 @@ class RequestScheduler:
             m, known, kn = inpaint_inputs(noise.to(device=self.device, dtype=self.dtype), mask,
                                           init, noise)
             inputs = {_MASK: m, KNOWN: known, KNOWN_NOISE: kn}
+        check_state_dtype(plan, self.dtype)
         segs = _segments(plan)                          # raises for custom ops
         # -- accepted: nothing above changed the scheduler --
         if self.sample_shape is None:

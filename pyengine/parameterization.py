@@ -102,9 +102,6 @@ class ModelAdapter:
     def __init__(self, model, extra_args: dict | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if extra_args is not None and not isinstance(extra_args, dict):
-            raise TypeError(f"extra_args must be a dict of model keyword arguments, got "
-                            f"{type(extra_args).__name__}")
         if extra_args is not None and not isinstance(extra_args, Mapping):
             raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got "
                             f"{type(extra_args).__name__}")

@@ -171,3 +171,17 @@ def test_pc_langevin_float16_stays_finite():
     x = _rand((2, 3, 16, 16), 3).half()
     out = smp.sample(lambda x, t: (x * 0.01).to(x.dtype), x, seed=1, backend="torch")
     assert torch.isfinite(out).all()
+
+
+def test_float16_state_that_would_overflow_is_refused_in_every_mode():
+    # Issue 13 #11: VE with sigma_max 2e4 in float16 gave NaN samples with no warning.
+    smp = pe.Sampler(pe.processes.VE(sigma_min=0.01, sigma_max=2e4), solver="euler", steps=4)
+    x = torch.randn(SHAPE).half()
+    with pytest.raises(ValueError, match="float16"):
+        smp.sample(lambda x, t: x * 0, x)
+    with pytest.raises(ValueError, match="float16"):
+        smp.compile(lambda x, t: x * 0, SHAPE, torch.float16)
+    with pytest.raises(ValueError, match="float16"):
+        pe.RequestScheduler(lambda x, t: x * 0, dtype=torch.float16).submit(smp, x)
+    ok = pe.Sampler(pe.processes.VE(sigma_min=0.01, sigma_max=80.0), solver="euler", steps=4)
+    assert torch.isfinite(ok.sample(lambda x, t: (x * 0).to(x.dtype), x)).all()

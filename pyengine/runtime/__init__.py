@@ -21,7 +21,7 @@ from ..noise import seeds_tensor
 from ..plan import Plan
 from .graph import CompiledLoop, GraphCache, compile_plan, graph_cache
 from .tables import DeviceTables, plan_signature
-from .transforms import KNOWN, KNOWN_NOISE, inpaint, inpaint_inputs
+from .transforms import KNOWN, KNOWN_NOISE, check_state_dtype, inpaint, inpaint_inputs
 from .walk import (GeneratorDraws, HostNumbers, PhiloxDraws, Program, SuppliedDraws,
                    Walker)
 
@@ -49,6 +49,7 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
     ``mask``, ``known`` and ``known_noise``: inpainting (the plan is rewritten by
     :func:`inpaint`).
     """
+    check_state_dtype(plan, x.dtype)
     inputs = {}
     if mask is not None:
         plan = inpaint(plan)

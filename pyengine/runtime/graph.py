@@ -27,7 +27,7 @@ from ..noise import seeds_tensor
 from ..parameterization import ModelAdapter
 from ..plan import Plan
 from .tables import DeviceTables, plan_signature
-from .transforms import KNOWN, KNOWN_NOISE
+from .transforms import KNOWN, KNOWN_NOISE, check_state_dtype
 from .walk import PhiloxDraws, Program, Walker
 
 __all__ = ["CompiledLoop", "GraphCache", "compile_plan", "graph_cache"]
@@ -283,6 +283,7 @@ class CompiledLoop:
             raise TypeError("extra_args must be a dict of keyword arguments for the model")
         if not math.isfinite(float(init_noise_scale)):
             raise ValueError(f"init_noise_scale must be finite, got {init_noise_scale!r}")
+        check_state_dtype(plan, dtype)
         self.plan, self.model = plan, model
         self.shape, self.dtype, self.device = shape, dtype, device
         self.init_noise_scale = float(init_noise_scale)

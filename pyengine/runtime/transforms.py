@@ -16,7 +16,8 @@ import torch
 
 from ..plan import K_MAX, Plan, Update
 
-__all__ = ["KNOWN", "KNOWN_NOISE", "img2img_state", "inpaint", "inpaint_inputs"]
+__all__ = ["KNOWN", "KNOWN_NOISE", "check_state_dtype", "img2img_state", "inpaint",
+           "inpaint_inputs"]
 
 #: Buffer names of the inpainting inputs: the known data x0 and the noise it is re-noised with.
 KNOWN, KNOWN_NOISE = "inpaint/known", "inpaint/noise"
@@ -74,3 +75,20 @@ def inpaint_inputs(x: torch.Tensor, mask, known, known_noise):
 def img2img_state(init: torch.Tensor, noise: torch.Tensor, sigma0: float, s0: float):
     """The initial state of a run started from data: s(sigma_0) (x0 + sigma_0 * noise)."""
     return (init.to(noise.dtype) + sigma0 * noise) * s0
+
+
+def check_state_dtype(plan: Plan, dtype: torch.dtype) -> None:
+    """Refuse a float16 state whose noise levels it cannot hold: the states of a plan reach
+    s * sigma * |eps| with |eps| up to about 6, and float16 overflows past 65504 (VE with
+    sigma_max 2e4, say, would give inf and then NaN samples with no other sign)."""
+    if dtype != torch.float16:
+        return
+    peak = 0.0
+    for op in plan.ops:
+        sigma, s = getattr(op, "sigma", math.nan), getattr(op, "s", getattr(op, "scale", 1.0))
+        if math.isfinite(sigma) and math.isfinite(s):
+            peak = max(peak, abs(s) * sigma)
+    if 6.0 * peak > float(torch.finfo(torch.float16).max):
+        raise ValueError(f"a float16 state cannot hold this plan's noise levels (s * sigma up "
+                         f"to {peak:.4g}; 6 standard deviations of that overflow float16's "
+                         f"65504): use bfloat16 or float32 for the state")
