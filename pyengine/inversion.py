@@ -35,7 +35,7 @@ import torch
 from . import backends
 from . import schedules as sched
 from .parameterization import Denoiser, check_prediction
-from .plan import Eval, Plan, PlanBuilder, Update
+from .plan import Custom, Plan, PlanBuilder
 from .processes import EDM, Process
 from .runtime import run_plan
 from .sampler import Sampler
@@ -54,7 +54,7 @@ def _noise_reason(info, process, sig_down, prediction, options) -> str | None:
     churn step built upward takes the square root of a negative variance."""
     b = PlanBuilder(process, sig_down, prediction, solver=info.name)
     info.build(b, **{**info.defaults, **options})
-    custom = [op for op in b.plan.ops if not isinstance(op, (Eval, Update))]
+    custom = [op for op in b.plan.ops if isinstance(op, Custom)]
     if b.plan.n_noise:
         return "its plan draws noise"
     if custom:
@@ -70,10 +70,8 @@ def inversion_plan(process: Process, solver: str, sigmas, prediction: str = "eps
     op (stochastic solvers, and deterministic ones configured with noise: eta > 0, s_churn > 0).
     """
     info = registry.get(solver)
-    unknown = sorted(set(options) - set(info.options))
-    if unknown:
-        accepted = ", ".join(info.options) or "none"
-        raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} (it accepts: {accepted})")
+    full = registry.check_options(info, options)     # names and values, in one place
+    options = {k: full[k] for k in options}
     sig = sched.validate(sigmas, increasing=True)
     if sig[0] <= 0:
         raise ValueError("sigmas for inversion must be positive: the step out of sigma 0 has "
