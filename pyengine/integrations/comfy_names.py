@@ -60,6 +60,7 @@ SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
     "dpmpp_2m": ("dpmpp_2m_comfy", {}, ()),
     "dpm_fast": ("dpm_fast", {}, ("eta", "s_noise", "noise_sampler", "nfe")),
     "ddpm": ("ddpm_comfy", {}, ("noise_sampler",)),
+    "deis": ("deis", {}, ("max_order",)),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {"solver_type": "midpoint", "lower_order_final": False},
                      _ANC + ("solver_type",)),
     "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {"solver_type": "midpoint",
@@ -96,8 +97,8 @@ SNR_OFFSET = frozenset({"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_
 NOT_PROVIDED: dict[str, str] = {
     "dpm_adaptive": "adaptive steps: each step size depends on the error of the previous one "
                     "(a host sync per step); a precomputed plan cannot hold it",
-    "deis": "ComfyUI's DEIS coefficients come from a 10^4-point Riemann sum on a fixed VP "
-            "time map (sigma 0.002..80): expressible, not written yet",
+    "deis[deis_mode=rhoab]": "ComfyUI's rhoab DEIS weights are Adams-Bashforth integrals in "
+                             "sigma (the lms weights); only the default 'tab' mode is mapped",
     "sa_solver": "SA-Solver's stochastic Adams coefficients (tau interval, PECE): not written "
                  "yet",
     "sa_solver_pece": "see sa_solver",
