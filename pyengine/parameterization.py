@@ -141,6 +141,9 @@ class ModelAdapter:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output must be a tensor of the input's shape "
                              f"{tuple(x.shape)}, got {got}")
+        if out.device != x.device or not out.is_floating_point():
+            raise ValueError(f"model output must be a floating tensor on the input's device "
+                             f"{x.device}, got {out.dtype} on {out.device}")
         return out
 
 

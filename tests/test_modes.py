@@ -185,3 +185,14 @@ def test_float16_state_that_would_overflow_is_refused_in_every_mode():
         pe.RequestScheduler(lambda x, t: x * 0, dtype=torch.float16).submit(smp, x)
     ok = pe.Sampler(pe.processes.VE(sigma_min=0.01, sigma_max=80.0), solver="euler", steps=4)
     assert torch.isfinite(ok.sample(lambda x, t: (x * 0).to(x.dtype), x)).all()
+
+
+def test_model_output_errors_name_the_model():
+    # Issue 13 #12: a bad model output is named as such, not as the kernel's bufs[1].
+    smp = pe.Sampler(PROC, solver="ddim", steps=3)
+    x = torch.randn(SHAPE)
+    for bad in (lambda x, t: x.to(torch.int32), lambda x, t: x.to("meta")):
+        for run in (lambda m: smp.sample(m, x),
+                    lambda m: smp.compile(m, SHAPE, cache=pe.runtime.GraphCache(1))(x)):
+            with pytest.raises(ValueError, match="model output"):
+                run(bad)
