@@ -58,6 +58,7 @@ import pyengine as pe  # noqa: E402
 from pyengine import backends  # noqa: E402
 from pyengine.noise import seeds_tensor  # noqa: E402
 from pyengine.plan import Update  # noqa: E402
+from pyengine.benchmark import Timer  # noqa: E402
 from pyengine.runtime import DeviceTables, PhiloxDraws, Program, Walker  # noqa: E402
 
 # -- what is benchmarked ------------------------------------------------------------------
@@ -161,27 +162,12 @@ def sync(device: str) -> None:
 
 
 def time_runs(fn, device: str, warmup: int, reps: int) -> tuple[float, float, float]:
-    """(median, p10, p90) in us of whole calls of fn (long ones: loops). CUDA events around
-    each call on the GPU (they span the host's enqueueing too when the host is the bottleneck),
-    time.perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(max(1, reps)):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    q = np.percentile(times, [10, 50, 90])
-    return float(q[1]), float(q[0]), float(q[2])
+    """(median, p10, p90) in us of ``reps`` whole calls of fn (long ones: loops), with the
+    project's one timer (:class:`pyengine.benchmark.Timer`: CUDA events on the GPU, which
+    span the host's enqueueing too when the host is the bottleneck; perf_counter on the
+    CPU)."""
+    reps = max(1, reps)
+    return Timer(device, min_reps=reps, min_seconds=0.0, warmup=warmup, max_reps=reps)(fn)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
