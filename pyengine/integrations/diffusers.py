@@ -60,7 +60,7 @@ from ..noise import seeds_tensor
 from ..parameterization import Denoiser, edm_scalings
 from ..parameterization import affine as param_affine
 from ..plan import Eval, Update
-from ..processes import EDM, Process, VPDiscrete
+from ..processes import EDM, Process, RectifiedFlow, VPDiscrete
 from ..runtime.walk import PhiloxDraws, Program, SuppliedDraws, Walker
 from ..sampler import Sampler
 
@@ -149,6 +149,7 @@ class _Recipe:
     model_wrapper: object = None
     orders: list | None = None         # the scheduler's order at every step (multistep solvers)
     dropped_final: bool = False        # a zero-length final step (the identity) was dropped
+    output_sign: float = 1.0           # -1: the model's output is minus the plan's prediction
 
     @property
     def last_order(self) -> int:
@@ -156,7 +157,7 @@ class _Recipe:
 
 
 _PREDICTIONS = {"epsilon": "epsilon", "sample": "sample", "original_sample": "sample",
-                "v_prediction": "v"}
+                "v_prediction": "v", "flow_prediction": "flow"}
 # Sampler keywords that would change the grid diffusers chose; not accepted as overrides.
 _GRID_KEYWORDS = ("steps", "sigmas", "schedule", "schedule_options", "to_zero", "timesteps")
 
@@ -181,6 +182,14 @@ def _s_vp(sigma: float) -> float:
 
 def _prediction(name: str, cfg, allowed=("epsilon", "sample", "v_prediction")) -> str:
     p = cfg.get("prediction_type", "epsilon")
+    if p == "flow_prediction" and "flow_prediction" not in allowed:
+        if cfg.get("use_flow_sigmas", False):
+            return "flow"
+        raise NotImplementedError(
+            f"{name}(prediction_type='flow_prediction', use_flow_sigmas=False): diffusers then "
+            f"takes x0 = x - sigma_VP * out on the VP process, which is no velocity of that "
+            f"process (x0 = x - t out holds on the flow x = (1 - t) x0 + t eps only); set "
+            f"use_flow_sigmas=True")
     if p not in allowed:
         raise NotImplementedError(
             f"{name}(prediction_type={p!r}) is not supported by from_diffusers for this "
@@ -223,10 +232,6 @@ def _reject_common(name: str, cfg) -> None:
         raise NotImplementedError(
             f"{name}(variance_type={cfg.get('variance_type')!r}): a learned variance is read "
             f"from the model output at sampling time, not a coefficient known in advance")
-    if cfg.get("use_flow_sigmas", False):
-        raise NotImplementedError(
-            f"{name}(use_flow_sigmas=True): flow-matching schedules are not mapped by "
-            f"from_diffusers yet; build pe.Sampler(pe.processes.RectifiedFlow(...), ...)")
 
 
 def _no_eta(name: str, eta: float) -> None:
@@ -236,8 +241,55 @@ def _no_eta(name: str, eta: float) -> None:
 
 
 def _multistep_state(sch):
-    """(grid, timesteps) of the schedulers that keep ``sigmas`` with one level per step."""
+    """(grid, timesteps) of the schedulers that keep ``sigmas`` with one level per step
+    (flow times converted to pyengine sigmas with ``use_flow_sigmas``)."""
+    if _is_flow(sch):
+        return _flow_grid(type(sch).__name__, _f64(sch.sigmas)), _f64(sch.timesteps)
     return _f64(sch.sigmas), _f64(sch.timesteps)
+
+
+# ---------------------------------------------------------------------------------------
+# Flow matching: diffusers keeps flow times t (x = (1 - t) x0 + t eps), pyengine the
+# RectifiedFlow process with sigma = t / (1 - t) and s = 1 - t, the same state x.
+# ---------------------------------------------------------------------------------------
+
+#: Flow time that stands for t = 1 (pure noise, sigma = inf, which no plan can hold) at the
+#: top of a grid. A first step from t = 1 - d instead of 1 changes its coefficients by O(d)
+#: and the float64 cancellation in x_hat = x / s costs O(1e-16 / d): d = 2^-27 (7.5e-9)
+#: keeps both below float32 rounding (6e-8), so the result is diffusers' to float32 rounding.
+FLOW_T_TOP = 1.0 - 2.0 ** -27
+
+
+def _is_flow(sch) -> bool:
+    return bool(sch.config.get("use_flow_sigmas", False)) or \
+        type(sch).__name__.startswith("FlowMatch")
+
+
+def _flow_grid(name: str, t: np.ndarray, where: str = "sigmas") -> np.ndarray:
+    """pyengine sigmas of diffusers' flow times ``t`` (a t of 1 at the top becomes
+    :data:`FLOW_T_TOP`)."""
+    t = np.array(t, dtype=np.float64)
+    if t.size and t[0] == 1.0:
+        t[0] = FLOW_T_TOP
+    bad = np.flatnonzero(~((t >= 0) & (t < 1)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{name}: its {where} (flow times) hold {t[i]!r} at entry {i}, outside [0, 1); a "
+            f"flow time of 1 below the top level (sigma = inf) or above 1 (alpha_t = 1 - t < "
+            f"0, e.g. Karras/exponential/beta sigmas of the VP table read as flow times) is "
+            f"no noise level of the flow x = (1 - t) x0 + t eps")
+    return t / (1.0 - t)
+
+
+def _flow_process(sch) -> RectifiedFlow:
+    """The rectified-flow process; the grid and the model's times are passed explicitly, so
+    it contributes s(sigma) = 1/(1 + sigma) = 1 - t only."""
+    return RectifiedFlow(time_scale=float(sch.config.get("num_train_timesteps", 1000)))
+
+
+def _process(name: str, sch) -> Process:
+    return _flow_process(sch) if _is_flow(sch) else _vp_process(name, sch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,7 +398,7 @@ def _dpm_multistep_orders(cfg, n: int, final_zero: bool) -> list[int]:
 def _dpm_multistep(name, sch, eta):
     cfg = sch.config
     _no_eta(name, eta)
-    proc = _vp_process(name, sch)
+    proc = _process(name, sch)
     grid, ts = _multistep_state(sch)
     pred = _prediction(name, cfg)
     alg, order, n = cfg.algorithm_type, int(cfg.solver_order), len(ts)
@@ -413,7 +465,7 @@ def _dpm_singlestep(name, sch, eta):
         raise NotImplementedError(
             f"{name}(algorithm_type={alg!r}) has no pyengine solver (dpmsolver++ and "
             f"dpmsolver are supported)")
-    proc = _vp_process(name, sch)
+    proc = _process(name, sch)
     grid, ts = _multistep_state(sch)
     # set_timesteps has settled the order of every step (and may have switched
     # lower_order_final on, for an uneven step count or a final step to sigma 0).
@@ -434,7 +486,7 @@ def _unipc(name, sch, eta):
     if sch.solver_p is not None:
         raise NotImplementedError(f"{name}(solver_p=...): a foreign predictor scheduler is not "
                                   f"supported")
-    proc = _vp_process(name, sch)
+    proc = _process(name, sch)
     grid, ts = _multistep_state(sch)
     order, n = int(cfg.solver_order), len(ts)
     variant = cfg.solver_type
@@ -476,6 +528,38 @@ def _edm_euler(name, sch, eta):
                    model_wrapper=wrapper)
 
 
+def _flow_match_euler(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    t = _f64(sch.sigmas)
+    ts = _f64(sch.timesteps)
+    sign = 1.0
+    if cfg.get("invert_sigmas", False):
+        # Mochi: the scheduler walks u = 1 - t upward (u' > u) with x' = x + (u' - u) out, the
+        # model called at u N: Euler on the flow in t with velocity -out.
+        t = 1.0 - t
+        sign = -1.0
+    grid = _flow_grid(name, t)
+    if cfg.get("stochastic_sampling", False):
+        # x' = (1 - t') (x - t out) + t' z: x_hat' = D + sigma' z, the renoising step; the
+        # noise is drawn in every step (the last one's, times t' = 0, is not drawn)
+        return _Recipe(_flow_process(sch), grid, ts, "lcm", "flow", 1.0, "x",
+                       dict(s_noise=1.0), output_sign=sign)
+    # x' = x + (t' - t) out is the first-order step, which is Euler in x_hat as well
+    return _Recipe(_flow_process(sch), grid, ts, "euler", "flow", 1.0, "x", output_sign=sign)
+
+
+def _flow_match_heun(name, sch, eta):
+    _no_eta(name, eta)
+    t, ts = _f64(sch.sigmas), _f64(sch.timesteps)
+    # set_timesteps repeats every inner level for the corrector call, as HeunDiscrete does
+    if t.size % 2 or not np.array_equal(t[1:-1:2], t[2:-1:2]):
+        raise RuntimeError(f"{name}: unexpected sigma layout {t}")
+    grid = _flow_grid(name, np.concatenate([t[0:-1:2], t[-1:]]))
+    # Heun in (x, t) with the velocity as derivative: heun_comfy's flow form
+    return _Recipe(_flow_process(sch), grid, ts[0::2], "heun_comfy", "flow", 1.0, "x")
+
+
 _BUILDERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
@@ -486,7 +570,12 @@ _BUILDERS = {
     "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "UniPCMultistepScheduler": _unipc,
     "EDMEulerScheduler": _edm_euler,
+    "FlowMatchEulerDiscreteScheduler": _flow_match_euler,
+    "FlowMatchHeunDiscreteScheduler": _flow_match_heun,
 }
+
+#: Classes whose set_timesteps repeats every inner level for a second (corrector) call.
+_HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 #: The diffusers scheduler classes :func:`from_diffusers` reads.
 SUPPORTED = tuple(_BUILDERS)
@@ -525,14 +614,17 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         r.options["order_list"] = r.orders
 
 
-def from_diffusers(scheduler, num_inference_steps: int, *, eta: float = 0.0,
+def from_diffusers(scheduler, num_inference_steps: int | None = None, *, eta: float = 0.0,
+                   mu: float | None = None, sigmas=None, timesteps=None,
                    **overrides) -> DiffusersSampler:
     """The pyengine Sampler that reproduces ``scheduler`` at ``num_inference_steps``.
 
     ``scheduler`` is a diffusers scheduler instance of a class in :data:`SUPPORTED`; it is not
     modified (a deep copy runs ``set_timesteps``). ``eta`` is DDIMScheduler.step()'s eta.
-    ``overrides`` are Sampler keywords (``backend=``) or solver options that replace the ones
-    read from the scheduler. Raises NotImplementedError (naming the config field) for
+    ``mu``, ``sigmas`` and ``timesteps`` are passed to the scheduler's ``set_timesteps`` (Flux's
+    dynamic shift, a custom schedule; ``num_inference_steps`` may then be None where the
+    scheduler allows it). ``overrides`` are Sampler keywords (``backend=``) or solver options
+    that replace the ones read from the scheduler. Raises NotImplementedError (naming the config field) for
     configurations that are not linear in the model output (``clip_sample``,
     ``thresholding``, learned variances) or have no pyengine solver, and ValueError for those
     no sigma grid reproduces (DDIM's uneven trailing/linspace spacings) or where diffusers
@@ -543,21 +635,40 @@ def from_diffusers(scheduler, num_inference_steps: int, *, eta: float = 0.0,
     if build is None:
         raise NotImplementedError(f"from_diffusers does not support {name}; supported: "
                                   f"{', '.join(SUPPORTED)}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps,
-                                                               (int, np.integer)):
-        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    custom = {k: v for k, v in (("mu", mu), ("sigmas", sigmas), ("timesteps", timesteps))
+              if v is not None}
+    if num_inference_steps is not None or not ({"sigmas", "timesteps"} & set(custom)):
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps,
+                                                                   (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        num_inference_steps = int(num_inference_steps)
     bad = sorted(set(overrides) & set(_GRID_KEYWORDS))
     if bad:
         raise ValueError(f"from_diffusers takes the grid from the scheduler; {bad[0]!r} cannot "
                          f"be overridden (build pe.Sampler directly for another grid)")
     _reject_common(name, scheduler.config)
     sch = copy.deepcopy(scheduler)
-    sch.set_timesteps(int(num_inference_steps))
+    _set_timesteps(sch, name, num_inference_steps, None, custom)
     r = _recipe(name, sch, float(eta))
     _settle_orders(r, name)
     return _sampler(r, name, overrides)
+
+
+def _set_timesteps(sch, name: str, n, device, custom: dict) -> None:
+    """``sch.set_timesteps(n, device, **custom)``; a keyword the class does not take is a
+    ValueError naming it."""
+    import inspect
+    params = inspect.signature(sch.set_timesteps).parameters
+    for key in custom:
+        if key not in params:
+            raise ValueError(f"{name}.set_timesteps() takes no {key}= (it takes: "
+                             f"{', '.join(k for k in params if k != 'self')})")
+    if n is not None:
+        sch.set_timesteps(n, device=device, **custom)
+    else:
+        sch.set_timesteps(device=device, **custom)
 
 
 def _recipe(name: str, sch, eta: float) -> _Recipe:
@@ -567,12 +678,36 @@ def _recipe(name: str, sch, eta: float) -> _Recipe:
     return r
 
 
+class _NegatedOutput:
+    """The model with its output negated (Mochi's inverted flow: the model's velocity is
+    x0 - eps where the plan's flow prediction is eps - x0)."""
+
+    def __init__(self, model):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+            out = out.sample
+        elif isinstance(out, tuple):
+            out = out[0]
+        return -out
+
+
 def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
     kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **r.options)
     kwargs.update(overrides)
+    wrapper = r.model_wrapper
+    if r.output_sign != 1.0:
+        inner = wrapper
+
+        def wrapper(model):
+            return _NegatedOutput(model if inner is None else inner(model))
     return DiffusersSampler(r.process, r.solver, sigmas=r.sigmas, timesteps=r.timesteps,
                             scheduler_name=name, state_space=r.state_space,
-                            model_wrapper=r.model_wrapper, **kwargs)
+                            model_wrapper=wrapper, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,6 +794,7 @@ class _Walk:
             raise NotImplementedError(f"FusedScheduler: the {sampler.solver} plan updates the "
                                       f"state before its first model call")
         self.x_hat = recipe.state_space == "x_hat"
+        self.sign = recipe.output_sign
         last = float(sampler.sigmas[-1])
         self.final_conv = float(sampler.process.s_of_sigma(last)) if self.x_hat else 1.0
         self.final_sigma = last
@@ -699,7 +835,8 @@ class _Walk:
 
 
 #: step() keywords of diffusers' Euler-type schedulers accepted at their no-op defaults.
-_STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+_STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0,
+                  "per_token_timesteps": None}
 
 
 class FusedScheduler:
@@ -802,18 +939,20 @@ class FusedScheduler:
         return f"FusedScheduler({self._name}, noise={self._noise!r})"
 
     # -- the protocol ----------------------------------------------------------------------
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
-        """Set the wrapped scheduler's timesteps (same arguments) and start a new run."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, *,
+                      sigmas=None, timesteps=None, mu: float | None = None, **kwargs):
+        """Set the wrapped scheduler's timesteps (same arguments: ``sigmas``, ``timesteps``
+        and ``mu`` where its class takes them) and start a new run."""
+        for key, val in (("sigmas", sigmas), ("timesteps", timesteps), ("mu", mu)):
+            if val is not None:
+                kwargs[key] = val
         if num_inference_steps is not None and (
                 isinstance(num_inference_steps, bool) or
                 not isinstance(num_inference_steps, (int, np.integer)) or
                 num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be a positive integer, got "
                              f"{num_inference_steps!r}")
-        if num_inference_steps is not None:
-            self._inner.set_timesteps(num_inference_steps, device=device, **kwargs)
-        else:
-            self._inner.set_timesteps(device=device, **kwargs)
+        _set_timesteps(self._inner, self._name, num_inference_steps, device, kwargs)
         self._begin_index = None
         if hasattr(self._inner, "_begin_index"):
             self._inner._begin_index = None
@@ -863,7 +1002,7 @@ class FusedScheduler:
         w = self._current(timestep, eta)
         if w.k >= w.n:
             ts = self._inner.timesteps
-            dup = len(torch.unique(ts)) < len(ts) and self._name != "HeunDiscreteScheduler"
+            dup = len(torch.unique(ts)) < len(ts) and self._name not in _HEUN_LAYOUT
             cause = (" The scheduler's timesteps repeat (this beta schedule maps several of its "
                      "sigmas to one discrete timestep, e.g. cosine betas with Karras sigmas), "
                      "so the timestep passed to the first step() was found at its second "
@@ -884,7 +1023,7 @@ class FusedScheduler:
         walker = w.walker
         be = walker.backend
         e = w.plan.ops[w.evals[w.k]]
-        out = model_output
+        out = model_output if w.sign == 1.0 else -model_output
         if self._edm is not None:
             out = _edm_denoised(be, sample, model_output, e.sigma, *self._edm)
         # the noise of this step's updates: pyengine's Philox, or drawn where and as the
@@ -1001,7 +1140,7 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
     if begin == 0:
         return r
     g = begin
-    if name == "HeunDiscreteScheduler":
+    if name in _HEUN_LAYOUT:
         if begin % 2:
             raise ValueError(f"{name}: begin_index {begin} is the second evaluation of a Heun "
                              f"step; a run starts at an even index")
