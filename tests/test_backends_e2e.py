@@ -21,6 +21,7 @@ import torch
 import pyengine as pe
 from pyengine.backends import dispatch
 from pyengine.models import GaussianMixture
+from pyengine.plan import Eval, Update
 
 D, B, STEPS = 16, 3, 8
 CUDA = torch.cuda.is_available()
@@ -34,6 +35,11 @@ def _backends():
     return out
 
 
+def _sampler(info, options):
+    return pe.Sampler(pe.processes.VP.discrete("linear"), solver=info.name, steps=STEPS,
+                      **options)
+
+
 def _cases():
     out = []
     for info in pe.list_solvers():
@@ -43,14 +49,23 @@ def _cases():
         if "s_churn" in info.options:
             configs.append((f"{info.name}[s_churn=2]", {"s_churn": 2.0}))
         for label, opts in configs:
+            try:
+                _sampler(info, opts)
+            except ValueError:               # an option value this solver refuses
+                continue
             out.append(pytest.param(info, opts, id=label))
     return out
 
 
 def _noisy(info, options):
-    """Draws noise: a stochastic solver unless its variant sets eta=0, or eta/s_churn on."""
-    return bool((info.stochastic and options.get("eta", 1) != 0) or options.get("eta", 0)
-                or options.get("s_churn", 0))
+    """Draws noise: a plan update with a noise term, or a stochastic custom op."""
+    for op in _sampler(info, options).plan.ops:
+        if isinstance(op, Update):
+            if op.noise_index >= 0 and op.noise != 0.0:
+                return True
+        elif not isinstance(op, Eval) and info.stochastic:
+            return True
+    return False
 
 
 def _run(info, options, dtype, backend, device="cpu", **sample_kw):

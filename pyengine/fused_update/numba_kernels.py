@@ -400,13 +400,21 @@ def _table(coef):
 
 
 def _threads(nt):
-    """Run numba's pool on ``nt`` threads without touching torch's: with the OpenMP threading
-    layer, launching numba's pool or resizing it sets the process's OpenMP thread count,
-    which is torch's (1 -> 2 on the first call), so it is put back."""
-    before = torch.get_num_threads()
-    if numba.get_num_threads() != nt:
+    """Run numba's pool on ``nt`` threads, leaving the caller's settings as they were: with
+    the OpenMP threading layer, launching numba's pool or resizing it sets the process's
+    OpenMP thread count, which is torch's (1 -> 2 on the first call). Returns what to put
+    back: (torch's thread count, this thread's numba thread count)."""
+    before = torch.get_num_threads(), numba.get_num_threads()
+    if before[1] != nt:
         numba.set_num_threads(nt)
     return before
+
+
+def _restore(before):
+    if numba.get_num_threads() != before[1]:
+        numba.set_num_threads(before[1])
+    if torch.get_num_threads() != before[0]:
+        torch.set_num_threads(before[0])
 
 
 def fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
@@ -476,8 +484,7 @@ def fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, no
             kern(_view(o), aview, a is not None, *views, ct, cs, act, acs, nct, ncs, mode, sd,
                  st, sts, nz, B, N)
     finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        _restore(before)
     for dst, src in copy_back:
         dst.copy_(src)
     return out
