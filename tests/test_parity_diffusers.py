@@ -373,8 +373,8 @@ UNSUPPORTED = [
     ("unipc", "predict_x0", lambda: D.UniPCMultistepScheduler(predict_x0=False)),
     ("ddim", "rescale_betas_zero_snr",
      lambda: D.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True)),
-    ("dpm", "use_flow_sigmas", lambda: D.DPMSolverMultistepScheduler(
-        use_flow_sigmas=True, prediction_type="flow_prediction")),
+    ("dpm flow_prediction on VP sigmas", "use_flow_sigmas", lambda: D.DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction")),
 ]
 
 
