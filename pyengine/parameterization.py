@@ -109,15 +109,17 @@ class ModelAdapter:
         self.is_denoiser = isinstance(model, Denoiser)
         self.extra_args = dict(extra_args or {})
 
-    def __call__(self, x: torch.Tensor, sigma: float, t: float, s: float) -> torch.Tensor:
-        tdtype = x.dtype if x.dtype == torch.float64 else torch.float32
-        B = x.shape[0]
+    def __call__(self, x: torch.Tensor, sigma: float, t: float, s: float,
+                 row: torch.Tensor | None = None) -> torch.Tensor:
+        """``row``: the [B] tensor of t (of sigma for a Denoiser) made by the caller."""
+        if row is None:
+            tdtype = x.dtype if x.dtype == torch.float64 else torch.float32
+            row = torch.full((x.shape[0],), sigma if self.is_denoiser else t, dtype=tdtype,
+                             device=x.device)
         if self.is_denoiser:
-            sig = torch.full((B,), sigma, dtype=tdtype, device=x.device)
-            out = self.model(x / s if s != 1.0 else x, sig, **self.extra_args)
+            out = self.model(x / s if s != 1.0 else x, row, **self.extra_args)
         else:
-            tt = torch.full((B,), t, dtype=tdtype, device=x.device)
-            out = self.model(x, tt, **self.extra_args)
+            out = self.model(x, row, **self.extra_args)
         return self._check(out, x)
 
     def call_rows(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,

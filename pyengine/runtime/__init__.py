@@ -55,7 +55,7 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
         plan = inpaint(plan)
         mask, known, known_noise = inpaint_inputs(x, mask, known, known_noise)
         inputs = {KNOWN: known, KNOWN_NOISE: known_noise}
-    program = Program(plan)
+    program = Program.of(plan)
     be = resolve_backend(backend, x)
     if noise is None:
         if generator is not None:

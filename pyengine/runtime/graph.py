@@ -40,7 +40,7 @@ class _Loop:
                  compute_dtype, start):
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         B = self.shape[0]
-        self.program = Program(plan)
+        self.program = Program.of(plan)
         self.tables = DeviceTables(plan, B, self.device, dtype)
         self.noise_in = torch.zeros(self.shape, dtype=dtype, device=self.device)
         # start: ("noise", None) -> x = noise * scale; ("init", (sigma0, s0)) -> img2img

@@ -98,6 +98,16 @@ class Program:
     def has_custom(self) -> bool:
         return bool(self.customs)
 
+    @classmethod
+    def of(cls, plan: Plan) -> Program:
+        """The plan's program, made once per plan (and with it, validation once per plan and
+        call structure across calls)."""
+        prog = plan.__dict__.get("_program")
+        if prog is None or prog.plan is not plan or len(prog.instructions) != len(plan.ops):
+            prog = cls(plan)
+            plan.__dict__["_program"] = prog
+        return prog
+
 
 class HostNumbers:
     """The plan's own float64 numbers, passed by value (eager sampling)."""
@@ -185,9 +195,12 @@ class Walker:
         self.recycle = recycle and callback is None
         self.slots: dict[str, torch.Tensor] = {}
         self._owned: dict[int, torch.Tensor] = {}
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._rows = None
         self._free: list[torch.Tensor] = []
         self.like: torch.Tensor | None = None
         self._trusted = _takes_trusted(backend)
+        self._kw_trusted = dict(self.kw, trusted=True)
         self._validated: set = set()
 
     # -- buffers ---------------------------------------------------------------------------
@@ -195,7 +208,7 @@ class Walker:
         """Bind the initial state ``x`` (copied unless ``own``) and read-only ``inputs``."""
         if not own:
             x = x.clone()
-        self._owned[id(x)] = x
+        self._own(x)
         self.slots = {"x": x}
         self.like = x
         for k, v in (inputs or {}).items():
@@ -215,18 +228,23 @@ class Walker:
         if self._free:
             return self._free.pop()
         t = torch.empty_like(self.like)
-        self._owned[id(t)] = t
+        self._own(t)
         return t
+
+    def _own(self, t: torch.Tensor) -> None:
+        self._owned[id(t)] = t
+        p = t.data_ptr()
+        self._spans[id(t)] = (p, p + t.numel() * t.element_size())
 
     def _pin_aliases(self, out: torch.Tensor) -> None:
         """A model output sharing memory with a tensor of the walk (a model returning its
         input, or a view of it): that tensor is never recycled in this walk."""
         if not self.recycle or id(out) in self._owned:
             return
-        p = out.untyped_storage().data_ptr()
-        for key, t in list(self._owned.items()):
-            if t.untyped_storage().data_ptr() == p:
-                del self._owned[key]
+        p = out.data_ptr()
+        for key, (lo, hi) in list(self._spans.items()):
+            if lo <= p < hi:
+                del self._owned[key], self._spans[key]
 
     def bind(self, name: str, t: torch.Tensor) -> None:
         old = self.slots.get(name)
@@ -238,12 +256,13 @@ class Walker:
             self._free.append(old)
 
     # -- the two calls ---------------------------------------------------------------------
-    def call_model(self, x: torch.Tensor, sigma, t, s) -> torch.Tensor:
-        """The model on ``x`` at host floats or per-row [B] tensors (sigma, t, s)."""
+    def call_model(self, x: torch.Tensor, sigma, t, s, row=None) -> torch.Tensor:
+        """The model on ``x`` at host floats or per-row [B] tensors (sigma, t, s); ``row``:
+        the [B] time (or sigma, for a Denoiser) tensor of host floats, made beforehand."""
         if isinstance(t, torch.Tensor):
             out = self.adapter.call_rows(x, t, sigma, s)
         else:
-            out = self.adapter(x, sigma, t, s)
+            out = self.adapter(x, sigma, t, s, row=row)
         self._pin_aliases(out)
         return out
 
@@ -272,7 +291,7 @@ class Walker:
                 _validate(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, noise=noise,
                           backend=self.backend, **kw)
                 validated.add(key)
-            kw = dict(kw, trusted=True)
+            kw = self._kw_trusted if kw is self.kw else dict(kw, trusted=True)
         self.backend.fused_update(out, ins, coef, noise_coef, seeds, step, aux, aux_coef,
                                   noise=noise, **kw)
         self.bind(dst, out)
@@ -299,9 +318,25 @@ class Walker:
                 self.bind(op.dst + "/u", out[:B])
                 self.bind(op.dst + "/c", out[B:])
             else:
-                self.bind(op.dst, self.call_model(src, sigma, t, s))
+                row = None
+                if not self.numbers.rows:
+                    row = self._time_row(i, src)
+                self.bind(op.dst, self.call_model(src, sigma, t, s, row))
         if self.callback is not None:
             self.callback(op.step, op.sigma, self.slots)
+
+    def _time_row(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation i's [B] model times (sigmas for a Denoiser), made for all evaluations
+        of the walk at once (one small tensor instead of one per model call)."""
+        rows = self._rows
+        B = x.shape[0]
+        if rows is None or rows.shape[1] != B or rows.device != x.device:
+            tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+            den = self.adapter.is_denoiser
+            vals = [op.sigma if den else op.t for op in self.program.evals]
+            rows = torch.tensor(vals, dtype=tdt).view(-1, 1).expand(-1, B).contiguous()
+            self._rows = rows = rows.to(x.device)
+        return rows[i]
 
     def update(self, op: Update, i: int) -> None:
         """Fused update ``i`` with the numbers source's coefficients."""
