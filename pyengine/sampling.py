@@ -59,6 +59,7 @@ from .plan import Eval, Plan
 from .processes import EDM
 from .runtime import SuppliedDraws, run_plan
 from .sampler import build_plan
+from .solvers._common import churn_gamma
 
 __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2",
@@ -337,8 +338,7 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
 
 def _churn_gammas(grid: np.ndarray, s_churn, s_tmin, s_tmax) -> list[float]:
     n = len(grid) - 1
-    return [min(s_churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= grid[i] <= s_tmax else 0.0
-            for i in range(n)]
+    return [churn_gamma(float(grid[i]), n, s_churn, s_tmin, s_tmax) for i in range(n)]
 
 
 def _churned(name, solver, model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin,

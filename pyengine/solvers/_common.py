@@ -23,13 +23,17 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return down, up
 
 
+def churn_gamma(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+    """EDM Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax]."""
+    return min(s_churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
+
+
 def churn(b, sigma: float, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
           slot: str = "x") -> float:
     """EDM Algorithm 2 lines 4-6: raise the noise level from sigma to sigma_hat = sigma (1 + gamma)
     with gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], adding fresh noise of
     std S_noise sqrt(sigma_hat^2 - sigma^2). Emits the noisy update only when gamma > 0."""
-    n = b.n_steps
-    gamma = min(s_churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
+    gamma = churn_gamma(sigma, b.n_steps, s_churn, s_tmin, s_tmax)
     if gamma <= 0:
         return sigma
     sigma_hat = sigma * (1.0 + gamma)
