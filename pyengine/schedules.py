@@ -392,14 +392,19 @@ class ModelSampling:
         return self._sigma(np.asarray(timestep, dtype=np.float64))
 
     def percent_to_sigma(self, percent: float) -> float:
-        """The level at fraction ``percent`` of the way from pure noise (0) to data (1)."""
+        """The level at fraction ``percent`` of the way from pure noise (0) to data (1), as
+        each ComfyUI model sampling defines it (flow: shift(1 - p); discrete: sigma((1 - p)
+        999); continuous: log-uniform between the end levels)."""
         if percent <= 0.0:
             return 1.0 if self.flow else 999999999.9
         if percent >= 1.0:
             return 0.0
         if self.flow:
             return float(self.sigma((1.0 - percent) * self._multiplier))
-        return float(self.sigma((1.0 - percent) * (self.sigmas.size - 1)))
+        if self.name == "continuous":
+            lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+            return math.exp((hi - lo) * (1.0 - percent) + lo)
+        return float(self.sigma((1.0 - percent) * 999.0))
 
     def to_sigma(self, levels) -> np.ndarray:
         """pyengine sigmas (of x / s) of levels in this table's units."""

@@ -786,3 +786,97 @@ def test_dpm_fast_matches_k_diffusion(gmm, kind, nfe, eta):
     got = walk(plan, xc0.clone(), gmm.denoise, Z)
     err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
     assert err < 1e-9, err
+
+
+def _sa_coeffs(alpha_t, lams, lam_s, lam_t, tau, simple, corrector):
+    """SA-Solver b coefficients as ComfyUI's sa_solver.py states them: exponential moments by
+    integration by parts, then the transposed Vandermonde system (or the simple order-2
+    weights), times alpha_t."""
+    k = 1 + tau * tau
+    h = lam_t - lam_s
+    if simple and len(lams) == 2:
+        if corrector:
+            b1 = alpha_t * 0.5 * k * h
+            return [alpha_t * -math.expm1(-h * k) - b1, b1]
+        b2 = alpha_t * 0.5 * k * h * h / (lams[-2] - lam_s)
+        return [b2, alpha_t * -math.expm1(-h * k) - b2]
+    N = len(lams)
+    moments = []
+    for p in range(N):
+        term = lam_t ** p - lam_s ** p * math.exp(-k * h)
+        moments.append(term - (p / k) * moments[-1] if p else term)
+    V = np.vander(np.array(lams), N, increasing=True).T
+    return list(alpha_t * np.linalg.solve(V, np.array(moments)))
+
+
+def ref_sa_solver(m, x, sig, ns, flow, ms, eta=1.0, s_noise=1.0, predictor_order=3,
+                  corrector_order=4, use_pece=False, simple_order_2=False):
+    lams = [lam_fn(s, flow) if s > 0 else math.inf for s in sig]
+    hi, lo = ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8)
+    n = len(sig) - 1
+    xp, h, tau, noise, preds = x, 0.0, 0.0, 0.0, []
+    to_end = sig[-1] == 0
+    for i in range(n):
+        d0 = m(xp, sig[i])
+        preds = (preds + [d0])[-max(predictor_order, corrector_order):]
+        po = min(predictor_order, len(preds))
+        co = 0 if i == 0 or (sig[i + 1] == 0 and not use_pece) else min(corrector_order,
+                                                                           len(preds))
+        if to_end:
+            po, co = min(po, n - 1 - i), min(co, n - i)
+        if co == 0:
+            x = xp
+        else:
+            bc = _sa_coeffs(sig[i] * math.exp(lams[i]), lams[i - co + 1:i + 1], lams[i - 1],
+                            lams[i], tau, simple_order_2, True)
+            x = sig[i] / sig[i - 1] * math.exp(-tau * tau * h) * x \
+                + sum(c * dk for c, dk in zip(bc, preds[-co:]))
+            if tau > 0 and s_noise > 0:
+                x = x + noise
+            if use_pece:
+                preds[-1] = m(x, sig[i])
+        if sig[i + 1] == 0:
+            xp = preds[-1]
+        else:
+            tau = eta if eta > 0 and hi >= sig[i + 1] >= lo else 0.0
+            bc = _sa_coeffs(sig[i + 1] * math.exp(lams[i + 1]), lams[i - po + 1:i + 1],
+                            lams[i], lams[i + 1], tau, simple_order_2, False)
+            h = lams[i + 1] - lams[i]
+            xp = sig[i + 1] / sig[i] * math.exp(-tau * tau * h) * x \
+                + sum(c * dk for c, dk in zip(bc, preds[-po:]))
+            if tau > 0 and s_noise > 0:
+                noise = ns() * sig[i + 1] * (-math.expm1(-2 * tau * tau * h)) ** 0.5 * s_noise
+                xp = xp + noise
+    return xp
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("n,to_zero", [(9, True), (6, False), (2, True)])
+@pytest.mark.parametrize("opts", [{}, {"use_pece": True}, {"eta": 0.0},
+                                  {"simple_order_2": True, "predictor_order": 2,
+                                   "corrector_order": 2},
+                                  {"predictor_order": 2, "corrector_order": 3, "s_noise": 0.7}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_sa_solver_matches_comfyui(gmm, kind, n, to_zero, opts):
+    flow = kind == "flow"
+    proc = pe.processes.RectifiedFlow(shift=2.0) if flow else \
+        pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = _grid(kind, n, to_zero)
+    sig = c / np.where(c < 1, 1 - c, 1.0) if flow else c.copy()
+    g = torch.Generator().manual_seed(n + 100 * to_zero)
+    Z = torch.randn(32, B, D, generator=g, dtype=torch.float64)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m(xc, cc):
+        return gmm.denoise(xc / (1 - cc), cc / (1 - cc)) if flow else gmm.denoise(xc, cc)
+    ms = pe.schedules.model_sampling_for(proc)
+    want = ref_sa_solver(m, xc0, [float(v) for v in c], Noise(Z), flow, ms, **opts)
+    plan = pe.build_plan(proc, "sa_solver", sig, "sample", **opts)
+    x0 = xc0 if flow else xc0 * float(proc.s_of_sigma(sig[0]))
+    got = walk(plan, x0, gmm.denoise, Z)
+    if not flow:
+        got = got / float(proc.s_of_sigma(sig[-1]))
+    if opts.get("eta", 1.0) > 0 and n > 2:
+        assert plan.n_noise > 0                 # the tau interval is on for some steps
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err

@@ -83,6 +83,11 @@ SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
     "seeds_3": ("seeds_3", {}, _ANC + ("r_1", "r_2")),
     "exp_heun_2_x0": ("exp_heun_2_x0", {"eta": 0.0, "s_noise": 0.0}, ("solver_type",)),
     "exp_heun_2_x0_sde": ("exp_heun_2_x0", {}, _ANC + ("solver_type",)),
+    "sa_solver": ("sa_solver", {}, ("s_noise", "noise_sampler", "predictor_order",
+                                    "corrector_order", "simple_order_2")),
+    "sa_solver_pece": ("sa_solver", {"use_pece": True}, ("s_noise", "noise_sampler",
+                                                         "predictor_order", "corrector_order",
+                                                         "simple_order_2")),
     "uni_pc": ("unipc", {"variant": "bh1"}, ()),
     "uni_pc_bh2": ("unipc", {"variant": "bh2"}, ()),
 }
@@ -99,9 +104,9 @@ NOT_PROVIDED: dict[str, str] = {
                     "(a host sync per step); a precomputed plan cannot hold it",
     "deis[deis_mode=rhoab]": "ComfyUI's rhoab DEIS weights are Adams-Bashforth integrals in "
                              "sigma (the lms weights); only the default 'tab' mode is mapped",
-    "sa_solver": "SA-Solver's stochastic Adams coefficients (tau interval, PECE): not written "
-                 "yet",
-    "sa_solver_pece": "see sa_solver",
+    "sa_solver[tau_func]": "a caller's tau_func (a Python function of sigma) is not mapped: "
+                           "the solver takes ComfyUI's default interval (eta inside "
+                           "percent 0.2..0.8, options eta / tau_start / tau_end)",
     "lcm[noise_clip_std>0]": "the clamp of the injected noise at N standard deviations depends "
                              "on the drawn noise's own std: a data-dependent op",
     "*_cfg_pp": "the CFG++ samplers read the unconditional denoised of each call (ComfyUI's "

@@ -977,3 +977,154 @@ def deis(b, max_order):
         if keep:
             hist.insert(0, keep[0])
             del hist[max_order - 1:]
+
+
+# ---------------------------------------------------------------------------------------
+# SA-Solver (stochastic Adams predictor-corrector), in x_hat
+# ---------------------------------------------------------------------------------------
+
+
+def sa_weights(lams, lam_s: float, lam_t: float, tau: float) -> list[float]:
+    """w_j = (1 + tau^2) int_{lam_s}^{lam_t} e^{-(1 + tau^2)(lam_t - l)} L_j(l) dl, L_j the
+    Lagrange basis on ``lams`` (Xue et al. 2023, SA-Solver eqs. 15 / 18, data prediction, in
+    x_hat), by 24-point Gauss-Legendre quadrature."""
+    import numpy as np
+    k = 1.0 + tau * tau
+    g, gw = np.polynomial.legendre.leggauss(24)
+    u = 0.5 * (lam_t - lam_s) * g + 0.5 * (lam_t + lam_s)
+    base = k * np.exp(-k * (lam_t - u)) * 0.5 * (lam_t - lam_s) * gw
+    out = []
+    for j in range(len(lams)):
+        p = np.ones_like(u)
+        for m in range(len(lams)):
+            if m != j:
+                p = p * (u - lams[m]) / (lams[j] - lams[m])
+        out.append(float(np.dot(base, p)))
+    return out
+
+
+def _sa_simple(lams, lam_s, lam_t, tau, corrector: bool) -> list[float]:
+    """SA-Solver's simple order-2 weights (its App. D), oldest first."""
+    k = 1.0 + tau * tau
+    h = lam_t - lam_s
+    total = -math.expm1(-h * k)
+    if corrector:
+        w_new = 0.5 * k * h
+        return [total - w_new, w_new]
+    w_old = 0.5 * k * h * h / (lams[-2] - lam_s)
+    return [w_old, total - w_old]
+
+
+@register("sa_solver", order=3, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="SA-Solver (Xue et al. 2023, arXiv:2309.05019; ComfyUI sample_sa_solver): "
+                  "stochastic Adams predictor x_p' = e^{-(1+tau^2) h} x + sum_j w_j D_j + "
+                  "sigma' sqrt(1 - e^{-2 tau^2 h}) z and corrector with the new D, the same "
+                  "noise; tau = eta inside [percent 0.2, 0.8] of the model's levels",
+          options=("eta", "s_noise", "predictor_order", "corrector_order", "use_pece",
+                   "simple_order_2", "tau_start", "tau_end"),
+          eta=1.0, s_noise=1.0, predictor_order=3, corrector_order=4, use_pece=False,
+          simple_order_2=False, tau_start=0.2, tau_end=0.8,
+          specs={"predictor_order": Option("int", lo=1, hi=6),
+                 "corrector_order": Option("int", lo=1, hi=6),
+                 "use_pece": Option("bool"), "simple_order_2": Option("bool"),
+                 "tau_start": Option("real", lo=0.0, hi=1.0),
+                 "tau_end": Option("real", lo=0.0, hi=1.0)},
+          variants=(("sa_solver[eta=0]", {"eta": 0.0}, 3, 1),
+                    ("sa_solver[eta=0,pece]", {"eta": 0.0, "use_pece": True}, 3, 2)))
+def sa_solver(b, eta, s_noise, predictor_order, corrector_order, use_pece, simple_order_2,
+              tau_start, tau_end):
+    """ComfyUI's sample_sa_solver (and _pece with ``use_pece``) in x_hat with lambda = -log
+    sigma. tau is ``eta`` where ComfyUI's tau interval function is on: model levels between
+    percent_to_sigma(tau_start) and percent_to_sigma(tau_end) of the process's ComfyUI model
+    sampling. The corrector re-adds the predictor's noise: it is recovered from the
+    predicted state's buffer (x_p - its mean), so no noise is stored. Lower orders near the
+    end when the grid ends at 0, as ComfyUI does."""
+    from ..schedules import model_sampling_for
+    sp, sig = ComfySpace(b), b.sigmas
+    n = b.n_steps
+    ms = model_sampling_for(b.process)
+    hi, lo = ms.percent_to_sigma(tau_start), ms.percent_to_sigma(tau_end)
+
+    def tau_of(sigma):
+        c = sp.c(sigma)
+        return eta if eta > 0 and hi >= c >= lo else 0.0
+
+    lams = [_lam(s) if s > 0 else math.inf for s in sig]
+    to_end = sig[-1] == 0
+    noisy = eta > 0 and s_noise > 0
+    ring = [f"d{k}" for k in range(max(predictor_order, corrector_order) + 1)]
+    Ds: list = []                 # (slot, lambda index) of kept D's, oldest first
+    cur, pred = "x", "x"          # slots of the corrected and the predicted state
+    last_pred = None              # (mean Lin of the previous prediction, its noise std)
+    tau_t, h = 0.0, 0.0
+    for i in range(n):
+        b.step = i
+        D, _ = b.evaluate(pred, sig[i])
+        # D's Lin reads the model output (and the predicted state): the first update of the
+        # step copies it into the ring
+        hist = [b.ref(slot) for slot, _ in Ds]
+        keep = (ring[i % len(ring)], D) if i < n - 1 else None
+        po = min(predictor_order, len(Ds) + 1)
+        co = 0 if i == 0 or (sig[i + 1] == 0 and not use_pece) else \
+            min(corrector_order, len(Ds) + 1)
+        if to_end:
+            po = min(po, n - 1 - i)
+            co = min(co, n - i)
+        aux_done = False
+        if co == 0:
+            cur = pred
+        else:
+            lam_pts = [lams[j] for j in range(i - co + 1, i + 1)]
+            w = (_sa_simple(lam_pts, lams[i - 1], lams[i], tau_t, True)
+                 if simple_order_2 and co == 2 else sa_weights(lam_pts, lams[i - 1], lams[i],
+                                                               tau_t))
+            terms = (hist + [D])[-co:]
+            lin = math.exp(-(1.0 + tau_t * tau_t) * h) * b.xhat(cur, sig[i - 1])
+            for wj, Dj in zip(w, terms):
+                lin = lin + wj * Dj
+            if last_pred is not None and last_pred[1] > 0:
+                lin = lin + (b.xhat(pred, sig[i]) - last_pred[0])
+            dst = cur if cur != pred else "x"
+            b.assign(dst, lin, sig[i], aux=keep, kind=f"sa_corrector{co}")
+            aux_done = keep is not None
+            cur = dst
+            if use_pece:
+                D, _ = b.evaluate(cur, sig[i])
+                keep = (keep[0], D) if keep else None
+                aux_done = False
+        if aux_done:
+            hist = [b.ref(slot) for slot, _ in Ds] + [b.ref(keep[0])]
+        else:
+            hist = hist + [D]
+        # predictor
+        last = i == n - 1
+        free = [s for s in ("x", "p0", "p1") if s not in (cur, pred)]
+        dst = "x" if last else free[0]
+        if sig[i + 1] == 0:
+            b.assign(dst, D if not aux_done else hist[-1], sig[i + 1],
+                     aux=None if aux_done or last else keep, kind="denoise")
+            last_pred = None
+        else:
+            tau_t = tau_of(sig[i + 1])
+            h = lams[i + 1] - lams[i]
+            lam_pts = [lams[j] for j in range(i - po + 1, i + 1)]
+            w = (_sa_simple(lam_pts, lams[i], lams[i + 1], tau_t, False)
+                 if simple_order_2 and po == 2 else sa_weights(lam_pts, lams[i], lams[i + 1],
+                                                               tau_t))
+            mean = math.exp(-(1.0 + tau_t * tau_t) * h) * b.xhat(cur, sig[i])
+            for wj, Dj in zip(w, hist[-po:]):
+                mean = mean + wj * Dj
+            std = sig[i + 1] * math.sqrt(-math.expm1(-2.0 * tau_t * tau_t * h)) * s_noise \
+                if noisy and tau_t > 0 else 0.0
+            copy = None if aux_done or last else keep
+            b.assign(dst, mean, sig[i + 1], noise=std, noisy=noisy and tau_t > 0, aux=copy,
+                     kind=f"sa_predictor{po}")
+            if copy is not None:
+                # the next corrector reads this mean again: the D written by this update's
+                # aux replaces the model-output Lin, which the next model call overwrites
+                mean = mean - w[-1] * hist[-1] + w[-1] * b.ref(copy[0])
+            last_pred = (mean, std)
+        if keep is not None:
+            Ds.append((keep[0], i))
+            del Ds[:-max(predictor_order, corrector_order)]
+        pred = dst
