@@ -249,15 +249,9 @@ class PlanBuilder:
     def evaluate(self, slot: str, sigma: float, dst: str = "out") -> tuple[Lin, Lin]:
         """Call the model on the state in ``slot`` at ``sigma``; return (D, eps) as Lins.
 
-        The output is bound to buffer ``dst`` (overwriting what was there): solvers that keep
-        several outputs alive give them distinct names, and reuse names so that buffers are
-        recycled instead of piling up.
-
-        With classifier-free guidance (``guidance_scale=w`` on the builder) the model runs once
-        on the doubled batch and its halves are bound to ``dst/u`` and ``dst/c``; the output
-        Lin is then (1 - w) * dst/u + w * dst/c, so D = D_u + w (D_c - D_u) and likewise eps
-        (both are affine in the output with the same state coefficient): the guidance costs
-        one more buffer in each update that reads the output, and nothing else."""
+        The output overwrites buffer ``dst``: give outputs kept alive distinct names. With
+        guidance w the halves go to ``dst/u``, ``dst/c`` and the output Lin is
+        (1 - w) dst/u + w dst/c (why this is exact: docs/solvers.md)."""
         sigma = float(sigma)
         if not sigma >= 0:
             raise ValueError(f"cannot evaluate the model at sigma={sigma}")

@@ -1,20 +1,11 @@
-"""DPM-Solver (Lu et al. 2022, arXiv:2206.00927) and DPM-Solver++ (Lu et al. 2022,
-arXiv:2211.01095), written in the scaled state x_hat = x / s.
-
-With alpha_t = s, sigma_t^DPM = s sigma and lambda = -log sigma, dividing the papers' updates
-x_t = ... by alpha_t leaves x_hat and the plain noise level sigma; over a step from sigma_s to
-sigma_t with h = lambda_t - lambda_s = log(sigma_s / sigma_t) the first-order updates read
+"""DPM-Solver (Lu et al. 2022a, arXiv:2206.00927) and DPM-Solver++ (Lu et al. 2022b,
+arXiv:2211.01095) in x_hat = x / s, h = log(sigma_s / sigma_t):
 
     noise prediction (DPM-Solver-1 = DDIM):  x_hat_t = x_hat_s - sigma_t (e^h - 1) eps
     data prediction (DPM-Solver++(1)):       x_hat_t = e^-h x_hat_s + (1 - e^-h) D
 
-and every higher-order update adds differences of earlier eps or D values with phi-function
-weights, computed here in float64 (e^h - 1 through expm1). A step to sigma 0 (lambda = inf)
-is always first order: both forms then give x_hat = D.
-
-Multistep solvers keep their history as model outputs already converted to D (or eps),
-copied into rotating slots ``d0, d1, d2`` by the update's aux output, so the history
-survives the state being overwritten whatever the model's prediction kind.
+plus phi-weighted differences of earlier outputs at higher order; the step to sigma 0 is
+x_hat = D. Derivation, history slots and measured orders: docs/solvers.md.
 """
 
 from __future__ import annotations
@@ -153,27 +144,15 @@ def dpmpp_2s(b):
 def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
                algorithm: str = "dpmsolver++", d2_weight: float = 1.0, eta: float = 0.0,
                s_noise: float = 1.0, noisy: bool = False, warmup_2s: bool = False) -> None:
-    """The multistep family in x_hat. Step sigma_s -> sigma_t, h = log(sigma_s / sigma_t),
-    m0 the new model output, m_-1, m_-2 those of the two previous steps (D for "dpmsolver++",
-    eps for "dpmsolver"), r0 = h_-1 / h, r1 = h_-2 / h and the differences
+    """Multistep DPM-Solver(++) (Lu 2022b Alg. 2 and its 3M form), he = (1 + eta) h:
 
-        D1_0 = (m0 - m_-1)/r0,  D1_1 = (m_-1 - m_-2)/r1,
-        D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),  D2 = d2_weight (D1_0 - D1_1)/(r0+r1).
+        x_hat' = e^-he x_hat + (1 - e^-he) m0 + w D1_0 [k=2] + phi2 D1 - phi3 D2 [k=3]
+                 + s_noise sigma_t sqrt(1 - e^{-2 eta h}) z          (dpmsolver++, m = D)
+        x_hat' = x_hat - sigma_t (e^h - 1) m0 - ...                   (dpmsolver, m = eps)
 
-    dpmsolver++ (with SDE noise when eta > 0; he = (1 + eta) h):
-        x_hat' = e^-he x_hat + (1 - e^-he) m0 + [order 2] w D1_0 + [order 3] phi2 D1 - phi3 D2
-                 + s_noise sigma_t sqrt(1 - e^{-2 eta h}) z
-        with w = (1 - e^-he)/2 (midpoint) or (1 - e^-he)/(-he) + 1 (heun);
-    dpmsolver:
-        x_hat' = x_hat - sigma_t (e^h - 1) m0 - [order 2] sigma_t w D1_0
-                 - [order 3] sigma_t ((e^h - 1)/h - 1) D1 - sigma_t ((e^h - 1 - h)/h^2 - 1/2) D2
-        with w = (e^h - 1)/2 (midpoint) or (e^h - 1)/h - 1 (heun).
-
-    The order is min(max_order, steps so far + 1); ``lower_order_final`` makes the last step
-    first order and the second-to-last at most second order. ``warmup_2s`` (dpmsolver++,
-    eta = 0) makes the first step DPM-Solver++(2S) instead of first order: one more model call.
-    The history is copied into rotating slots d0, d1, d2 through the update's aux output.
-    """
+    D1_0, D1, D2 are the divided differences of the history (docs/solvers.md), D2 scaled by
+    ``d2_weight``. Order k = min(max_order, steps so far + 1), lowered at the end by
+    ``lower_order_final``; ``warmup_2s`` makes the first step DPM-Solver++(2S)."""
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
     pp = algorithm == "dpmsolver++"
     sig = b.sigmas
@@ -245,9 +224,8 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
           variants=(("dpmpp_2m", {}, 2, 1),
                     ("dpmpp_2m[heun]", {"solver_type": "heun"}, 2, 1)))
 def dpmpp_2m(b, solver_type, lower_order_final):
-    """DPM-Solver++(2M). ``lower_order_final`` makes the last step first order (diffusers
-    applies its flag only below 15 steps: pass ``cfg.lower_order_final and steps < 15``;
-    k-diffusion's sample_dpmpp_2m never: pass False)."""
+    """DPM-Solver++(2M), Lu 2022b Alg. 2. ``lower_order_final``: last step first order
+    (diffusers: pass ``cfg.lower_order_final and steps < 15``; k-diffusion: False)."""
     _multistep(b, max_order=2, solver_type=solver_type, lower_order_final=lower_order_final)
 
 
@@ -263,19 +241,10 @@ _3M_SUMMARY = ("x_hat' = e^-h x_hat + (1 - e^-h) D0 + phi2 D1 - {w}phi3 D2 with 
           options=("solver_type", "lower_order_final"), solver_type="midpoint",
           lower_order_final=True)
 def dpmpp_3m(b, solver_type, lower_order_final):
-    """DPM-Solver++(3M) exactly as shipped. Warm-up: the first step is first order, the second
-    second order (``solver_type`` picks that step's formula: diffusers' default "midpoint";
-    k-diffusion's sample_dpmpp_3m_sde uses "heun"). ``lower_order_final``: last step first
-    order, second-to-last at most second order (diffusers applies it only below 15 steps;
-    k-diffusion never: pass False).
-
-    D2 = (D1_0 - D1_1)/(r0 + r1) approximates h^2 D''/2, but the exponential-integrator
-    expansion x_hat' = e^-h x_hat + (1 - e^-h) D + h phi2 D' - h^2 phi3 D'' + O(h^4) needs
-    h^2 D'' next to -phi3, so an O(h^3) local error remains and the method has order 2. The
-    constant is small (about h^3 D''/12 per step), so the order can show late: 1.90 on
-    tests/test_order.py's mixture (sigma 10 -> 0.2, 24..96 steps); on GaussianMixture.random
-    from sigma 80 to 0.05 the fitted slope is 2.6 over 8..64 steps and the local slope falls
-    2.5, 2.3, 2.1, 2.06 from 64 to 1024 steps."""
+    """DPM-Solver++(3M) as shipped (Lu 2022b; k-diffusion, diffusers). ``solver_type`` picks
+    the second (warm-up) step: diffusers "midpoint", k-diffusion "heun"; ``lower_order_final``:
+    last step order 1, the one before at most 2. D2 has half its Taylor weight: order 2
+    (docs/solvers.md)."""
     _multistep(b, max_order=3, solver_type=solver_type, lower_order_final=lower_order_final)
 
 
@@ -286,19 +255,9 @@ def dpmpp_3m(b, solver_type, lower_order_final):
           options=("solver_type", "lower_order_final"), solver_type="midpoint",
           lower_order_final=False)
 def dpmpp_3m_corrected(b, solver_type, lower_order_final):
-    """DPM-Solver++(3M) with D2 weighted 2 phi3, as the Taylor expansion requires.
-
-    Warm-up that keeps third order: the first step is DPM-Solver++(2S) (r = 1/2; one extra
-    model call per run, n + 1 NFE for n steps; ``nfe_per_step`` = 1 counts the steady state),
-    the second the second-order multistep update (``solver_type`` picks its form), then 3M.
-    A first-order first step leaves an O(h^2) local error that the PF-ODE carries to the end:
-    on tests/test_order.py's mixture (sigma 10 -> 0.2) it measured 1.84 at 192..768 steps
-    (errors 1.6e-6, 4.8e-7, 1.3e-7) against 3.12 with this warm-up. Where the first step is
-    taken at very high noise (80 -> 0.05 on GaussianMixture.random) the two agree within 0.02
-    in slope up to 1024 steps, because D barely moves there and the ODE contracts the error.
-    ``lower_order_final`` defaults to False for the same reason: a first-order last step costs
-    one order (the step to sigma 0, when the grid has one, is x_hat = D0 regardless).
-    Otherwise the plan is that of ``dpmpp_3m`` with the D2 weight doubled."""
+    """DPM-Solver++(3M) with D2 weighted 2 phi3 (the Taylor weight). The first step is
+    DPM-Solver++(2S), so n steps take n + 1 model calls; keep ``lower_order_final`` False
+    to keep order 3 (docs/solvers.md)."""
     _multistep(b, max_order=3, solver_type=solver_type, lower_order_final=lower_order_final,
                d2_weight=2.0, warmup_2s=True)
 
@@ -312,11 +271,8 @@ def dpmpp_3m_corrected(b, solver_type, lower_order_final):
           solver_type="midpoint", lower_order_final=True,
           variants=(("dpmpp_2m_sde[eta=0]", {"eta": 0.0}, 2, 1),))
 def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final):
-    """SDE-DPM-Solver++(2M). With eta > 0 every step is marked noisy, the step to sigma 0
-    too (diffusers draws noise in every ``step()`` of this algorithm; the generator parity
-    mode draws where the plan marks). Its result is then random and is not measured against
-    the ODE; order 1 is declared for it, as for euler_ancestral. eta = 0 draws nothing and
-    gives exactly the plan of dpmpp_2m (the variant, measured by the order test)."""
+    """SDE-DPM-Solver++(2M) (Lu 2022b). With eta > 0 every step draws noise, the step to
+    sigma 0 too (as diffusers); eta = 0 gives exactly the plan of dpmpp_2m."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     _multistep(b, max_order=2, solver_type=solver_type, lower_order_final=lower_order_final,
@@ -335,9 +291,8 @@ def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final):
                     ("dpm_multistep[order=2]", {"order": 2}, 2, 1),
                     ("dpm_multistep[order=3]", {"order": 3}, 2, 1)))
 def dpm_multistep(b, order, algorithm, solver_type, lower_order_final):
-    """diffusers' multistep DPM-Solver for ``algorithm`` "dpmsolver++" (= dpmpp_2m / dpmpp_3m)
-    or "dpmsolver" (noise prediction). Order 3 has the 3M second difference at half the Taylor
-    weight in both forms, so it measures order 2. ``lower_order_final`` as in dpmpp_3m."""
+    """diffusers' DPMSolverMultistepScheduler: ``algorithm`` "dpmsolver++" (= dpmpp_2m /
+    dpmpp_3m) or "dpmsolver" (noise prediction). Order 3 measures 2, as dpmpp_3m."""
     _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -352,12 +307,9 @@ def dpm_multistep(b, order, algorithm, solver_type, lower_order_final):
 
 def diffusers_order_list(steps: int, order: int, lower_order_final: bool,
                          final_zero: bool) -> list[int]:
-    """The per-step orders DPMSolverSinglestepScheduler uses for ``steps`` steps.
-
-    Blocks 1, 2, ..., order repeat; with ``lower_order_final`` the tail is cut into lower-order
-    blocks so the last block ends on the grid's end; a final step to sigma 0 is order 1.
-    Like the scheduler, ``lower_order_final`` is switched on when ``steps`` is not a multiple
-    of ``order`` or the grid ends at 0 (without it the list would not cover the grid)."""
+    """The per-step orders DPMSolverSinglestepScheduler uses for ``steps`` steps: blocks
+    1, 2, ..., order, with a lower-order tail under ``lower_order_final`` (forced on, as in the
+    scheduler, when ``steps % order`` or ``final_zero``); a final step to sigma 0 is order 1."""
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if steps < 1:
@@ -409,21 +361,10 @@ def _effective_orders(order_list, n: int, final_zero: bool) -> list[int]:
                     ("dpm_singlestep[order=2]", {"order": 2}, 2, 1),
                     ("dpm_singlestep[order=3]", {"order": 3}, 2, 1)))
 def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_list):
-    """diffusers' singlestep DPM-Solver, one model call per grid step.
-
-    A block of order k starts at grid level sigma_b with a first-order step to the next level
-    (keeping the start state), then each later step of the block evaluates the model at the
-    grid level it reached and redoes the update from the start state with all the block's
-    outputs m_b, ..., m_j: order 2 with r0 = (lambda_{b+1} - lambda_b)/h, order 3 with
-    r0, r1 from both intermediate levels (Lu 2022a/b singlestep updates with those r's).
-    ``algorithm`` "dpmsolver++" uses data predictions D, "dpmsolver" noise predictions eps;
-    ``solver_type`` picks the midpoint or heun form as the scheduler does. ``order_list``
-    gives the per-step orders (the scheduler's ``order_list``); None computes them with
-    :func:`diffusers_order_list`.
-
-    Measured order for order 1, 2, 3: 0.99, 1.94, 2.15 (tests/test_order.py, sigma
-    10 -> 0.2); 1.09, 1.77, 2.13 (sigma 80 -> 0.05, 8..64 steps). Order 3 measures 2: the
-    lower-order tail block (forced unless steps is a multiple of 3) costs the third."""
+    """diffusers' DPMSolverSinglestepScheduler (Lu 2022a/b singlestep updates), one model call
+    per grid step: a block of order k ends with x_hat' = e^-h x_hat_b + (1 - e^-h) m_b + ...
+    from the block's start state x_hat_b. ``order_list``: per-step orders (None:
+    :func:`diffusers_order_list`). Order 3 measures 2 (docs/solvers.md)."""
     _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
     sig = b.sigmas

@@ -1,19 +1,9 @@
-"""iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator",
-DEIS, the improved PNDM of Sec. 4): Adams-Bashforth in (x_hat, sigma) with the noise estimate
-eps = (x_hat - D) / sigma as the derivative d x_hat / d sigma,
+"""iPNDM (Zhang & Chen 2023, DEIS Sec. 4; k-diffusion-style ``sample_ipndm``):
 
     x_hat_{i+1} = x_hat_i + (sigma_{i+1} - sigma_i) sum_{j<q} a_{q,j} eps_{i-j}
 
-with the fixed Adams-Bashforth weights a_1 = (1), a_2 = (3, -1)/2, a_3 = (23, -16, 5)/12,
-a_4 = (55, -59, 37, -9)/24 and the lower-order warm-up q = min(order, i + 1) (the form of
-k-diffusion-style ``sample_ipndm``).
-
-Measured order (see ``_MEASURED``): 1 for order=1 and 2 for every order >= 2. Two things cap
-it, and a variable-step formulation removes only the first: the fixed weights are exact only
-on uniform steps, so on a grid whose step ratio drifts by O(h) they leave an O(h^3) local
-error at every step; and the Euler warm-up step has an O(h^2) local error. Variable-step
-Adams-Bashforth weights (``sample_ipndm_v``) still measure order 2 once the warm-up starts
-where the denoiser is nonlinear, so they are not offered.
+fixed Adams-Bashforth weights a_q (``_AB``), warm-up q = min(order, i + 1). Measured order 2
+for every order >= 2 (non-uniform grid, Euler warm-up): docs/solvers.md.
 """
 
 from __future__ import annotations
@@ -27,10 +17,8 @@ _AB = {
     4: (55.0 / 24, -59.0 / 24, 37.0 / 24, -9.0 / 24),
 }
 
-# Fitted log-error slopes, EDM process, exponential grids, no step to 0, float64:
-# sigma 2 -> 0.2 (the warm-up in the mixture's nonlinear range), 24..192 steps, tests'
-# mixture: order 1..4 -> 1.00, 1.99, 2.03, 2.07 (last doubling 1.00, 2.00, 2.01, 2.03);
-# sigma 10 -> 0.2 (tests/test_order.py's window): 1.00, 1.97, 1.80, 2.00.
+# Fitted log-error slopes for order 1..4: 1.00, 1.99, 2.03, 2.07 (sigma 2 -> 0.2; setup and
+# the sigma 10 -> 0.2 figures in docs/solvers.md).
 _MEASURED = {1: 1, 2: 2, 3: 2, 4: 2}
 
 

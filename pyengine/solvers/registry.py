@@ -1,11 +1,6 @@
-"""The one solver registry: every solver registers its name, order, model evaluations per
-step and whether it is stochastic. The CLI, the diffusers adapter and the tests read it.
-
-It also declares every scalar option's type and range (:data:`OPTION_SPECS`, per solver
-overrides in ``register(specs=...)``) and the plan-wide scalars (``steps`` up to
-:data:`MAX_STEPS`, ``init_noise_scale``, ``guidance_scale``, ``guidance_rescale``,
-``timesteps``): :func:`check_options` and :func:`check_scalar` are the one place they are
-validated, before anything is built, with the option's name in the message."""
+"""The one solver registry (name, order, model evaluations per step, stochastic), read by the
+CLI, the adapters and the tests; with every option's type and range (:data:`OPTION_SPECS`,
+:data:`PLAN_SCALARS`), validated only in :func:`check_options` / :func:`check_scalar`."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Reverse-SDE samplers of score_sde (Song et al. 2021, "Score-Based Generative Modeling through
-Stochastic Differential Equations"), in the scaled state x_hat = x / s:
-
-* ``euler_maruyama``: the reverse-diffusion predictor (Song 2021 App. E),
-  x_hat' = x_hat + (sigma^2 - sigma'^2) / sigma^2 (D - x_hat) + sqrt(sigma^2 - sigma'^2) z,
-  the mean D on the final step to sigma 0 (score_sde's denoising last step);
-* ``pc_langevin``: the predictor-corrector sampler (Alg. 4/5) with ``n_corrector`` Langevin
-  corrector steps before each predictor step.
-
-The Langevin step size depends on the data (eps = 2 alpha (snr ||z|| / ||score||)^2), so the
-corrector is a custom plan op (:class:`LangevinCorrector`) rather than a fixed coefficient table.
+"""Reverse-SDE samplers of score_sde (Song et al. 2021, "Score-Based Generative Modeling
+through Stochastic Differential Equations") in x_hat = x / s: ``euler_maruyama`` (App. E)
+and ``pc_langevin`` (Alg. 4/5). Derivations and caveats: docs/solvers.md.
 """
 
 from __future__ import annotations
@@ -38,24 +30,17 @@ def reverse_diffusion_step(b, i: int, slot: str = "x") -> None:
                   "sqrt(sigma^2 - sigma'^2) z, the mean D on the step to sigma 0 (reverse "
                   "diffusion, Song 2021 App. E)")
 def euler_maruyama(b):
-    """x_hat' = x_hat + (sigma^2 - sigma'^2)/sigma^2 (D - x_hat) + sqrt(sigma^2 - sigma'^2) z:
-    one Euler-Maruyama step per level of the reverse SDE of x_hat = x0 + sigma eps, whose
-    drift over the step is (sigma^2 - sigma'^2) score, score = (D - x_hat)/sigma^2, and whose
-    noise variance is sigma^2 - sigma'^2 (score_sde's ReverseDiffusionPredictor for VE,
-    written in x_hat for every process). Weak order 1."""
+    """x_hat' = x_hat + (sigma^2 - sigma'^2)/sigma^2 (D - x_hat) + sqrt(sigma^2 - sigma'^2) z,
+    D on the step to sigma 0 (Song 2021 App. E, ReverseDiffusionPredictor). Weak order 1."""
     for i in range(b.n_steps):
         b.step = i
         reverse_diffusion_step(b, i)
 
 
 class LangevinCorrector(Custom):
-    """One Langevin corrector step at a fixed noise level (Song 2021 Alg. 5),
-
-        score = sum_k c_k buf_k,   eps_b = 2 alpha (snr ||z_b|| / ||score_b||)^2,
-        x <- x + eps_b score + sqrt(2 eps_b) z
-
-    per sample b (norms over the sample). The step size depends on the data, so this is a
-    custom op; its tensor code is in :mod:`pyengine.runtime.custom`."""
+    """x <- x + eps_b score + sqrt(2 eps_b) z, score = sum_k c_k buf_k, eps_b = 2 alpha
+    (snr ||z_b|| / ||score_b||)^2 per sample b (Song 2021 Alg. 5): a custom op, as eps_b
+    depends on the data; tensor code in :mod:`pyengine.runtime.custom`."""
 
     writes_state = True
     draws = True
@@ -78,16 +63,10 @@ class LangevinCorrector(Custom):
                   "Euler-Maruyama predictor (score_sde, Song 2021 Alg. 4/5)",
           options=("snr", "n_corrector"), snr=0.16, n_corrector=1)
 def pc_langevin(b, snr, n_corrector):
-    """Per level sigma_i: ``n_corrector`` times x <- x + eps score + sqrt(2 eps) z with
-    eps = 2 alpha (snr ||z|| / ||score||)^2 and score = grad_x log p_sigma(x) = -eps_hat/(s sigma),
-    then the reverse-diffusion predictor (:func:`euler_maruyama`'s step); Song et al. 2021,
-    Algorithms 4 (VE) and 5 (VP).
-
-    alpha = 1 for every process (score_sde's VE convention; score_sde uses alpha_i = 1 - beta_i
-    for VP, 1 - O(1/N) there). The norms are per sample, where score_sde averages them over
-    the batch, so a sample never depends on its batch. In low dimension the per-sample ratio
-    ||z|| / ||score|| fluctuates a lot and the step size with it (variance inflated 2-3x at
-    d = 3, 4% at d = 256 on Gaussian data): the rule is meant for image-sized states."""
+    """Per level: ``n_corrector`` times x <- x + eps score + sqrt(2 eps) z, eps =
+    2 (snr ||z|| / ||score||)^2 per sample, score = -eps_hat/(s sigma); then the
+    :func:`euler_maruyama` step (Song 2021 Alg. 4/5, alpha = 1). Meant for image-sized
+    states: in low dimension the step size fluctuates (docs/solvers.md)."""
     if isinstance(n_corrector, bool) or int(n_corrector) != n_corrector or n_corrector < 0:
         raise ValueError(f"n_corrector must be a non-negative integer, got {n_corrector!r}")
     if not snr > 0:

@@ -5,24 +5,10 @@ of Diffusion Models", Algorithms 2-3, B(h) variants), data prediction, in x_hat 
     UniC-p  x_hat_i^c   = e^{-h'} x_hat_{i-1}^c - (e^{-h'} - 1) m_{i-1}
                           - B(h') (sum_{k<p} rho_k D'_k / r'_k + rho_p (m_i - m_{i-1}))
 
-with m_j = D(x_hat_j; sigma_j), lambda = -log sigma, h = lambda_{i+1} - lambda_i,
-r_k = (lambda_{i-k} - lambda_i) / h, D_k = m_{i-k} - m_i (the corrector the same one step
-back: h' = lambda_i - lambda_{i-1}, r'_k = (lambda_{i-1-k} - lambda_{i-1}) / h',
-D'_k = m_{i-1-k} - m_{i-1}), B(h) = -h (bh1) or e^{-h} - 1 (bh2). The rho solve
-R(r) rho = b with R_{mk} = r_k^m (r_p = 1) and b_k = k! (-h) phi_{k+1}(-h) / B(h); the
-predictor uses rho = 1/2 at p = 2 and the first p - 1 equations otherwise, the corrector
-rho = 1/2 at p = 1.
-
-The step semantics are those of diffusers' ``UniPCMultistepScheduler`` (predict_x0=True):
-the corrector at step i refines x_hat_i with the model output m_i already evaluated at the
-predicted state (no extra model call), the predictor then starts from the corrected state;
-the order warms up as min(order, i + 1) and, with ``lower_order_final``, falls as
-min(order, N - i) over the final steps (diffusers applies this whatever the step count);
-``disable_corrector`` lists the step indices whose predictor output is not corrected
-(diffusers' option: the corrector that would use m_{j+1} to refine the output of step j).
-No corrector follows the final step. A step to sigma = 0 is the order-1 limit x_hat = m_i:
-the higher-order UniP terms divide by r_k -> 0 there (diffusers returns inf on such a step
-when lower_order_final=False).
+with m_j = D(x_hat_j; sigma_j), h = lambda_{i+1} - lambda_i, r_k = (lambda_{i-k} - lambda_i)/h,
+D_k = m_{i-k} - m_i, B(h) = -h (bh1) or e^{-h} - 1 (bh2), rho from R(r) rho = b (the
+corrector likewise one step back). Step semantics of diffusers' UniPCMultistepScheduler
+(predict_x0=True); full notation, semantics and measured orders: docs/solvers.md.
 """
 
 from __future__ import annotations
@@ -38,10 +24,8 @@ _BH = ("bh1", "bh2")
 
 
 def _g(hh: float, k: int) -> float:
-    """g_k(hh) = (e^hh - sum_{j<=k} hh^j / j!) / hh^k = sum_{j>=1} hh^j / (j+k)!.
-
-    diffusers builds g_k by the recurrence g_k = g_{k-1} / hh - 1/k!, which cancels
-    catastrophically for small |hh|; the series is used there instead."""
+    """g_k(hh) = (e^hh - sum_{j<=k} hh^j / j!) / hh^k = sum_{j>=1} hh^j / (j+k)!; the series
+    for |hh| < 1, where diffusers' recurrence g_k = g_{k-1} / hh - 1/k! cancels."""
     if abs(hh) < 1.0:
         term, acc = 1.0 / math.factorial(k), 0.0
         for j in range(1, 40):
@@ -59,14 +43,9 @@ def _g(hh: float, k: int) -> float:
 
 
 def unipc_weights(lam_s: float, lam_t: float, lam_hist, variant: str, corrector: bool):
-    """Coefficients of one UniP (corrector=False) or UniC (corrector=True) update of order
-    p = len(lam_hist) + 1 from lambda_s to lambda_t, in x_hat space.
-
-    ``lam_hist`` holds lambda of the older model outputs m_{-1}, m_{-2}, ... (most recent
-    first). Returns (c_x, c_0, c_hist, c_new): x_hat_t = c_x x_hat_s + c_0 m_0
-    + sum_k c_hist[k] m_{-(k+1)} + c_new m_t, where m_t (corrector only) is the model output
-    at the predicted point; c_new is 0 for the predictor.
-    """
+    """(c_x, c_0, c_hist, c_new) of one UniP / UniC (``corrector``) update of order
+    p = len(lam_hist) + 1: x_hat_t = c_x x_hat_s + c_0 m_0 + sum_k c_hist[k] m_{-(k+1)}
+    + c_new m_t, ``lam_hist`` the lambdas of m_{-1}, m_{-2}, ...; c_new = 0 for UniP."""
     h = lam_t - lam_s
     hh = -h
     p = len(lam_hist) + 1
@@ -107,17 +86,8 @@ def _variants():
     return tuple(out)
 
 
-# Orders of the variants (lower_order_final=False): fitted log-error slopes, EDM process,
-# exponential grids with no step to 0, float64, 24..192 steps, tests/test_order.py's mixture.
-# With sigma 2 -> 0.2, where the warm-up steps already see a nonlinear denoiser (bh1 / bh2):
-#   p1 1.00 / 1.00   p1+C 2.01 / 2.00   p2 2.00 / 1.98   p2+C 3.02 / 2.99
-#   p3 2.02 / 2.04   p3+C 2.95 / 3.12 (last doublings 2.97 / 3.05)
-# UniC raises the order by one, but the warm-up caps it: the first step is UniP-1 (local
-# error O(h^2), so UniP-3 alone is order 2) and the first correction UniC-1 (local O(h^3), so
-# UniPC-3 is order 3). Starting at sigma 10 (test_order's window) the warm-up runs where the
-# denoiser is nearly affine and those terms take over late: p3 2.86 (last doubling 2.10),
-# p3+C 3.53-3.59 (last 3.80-3.92; bh2 still 3.99 at 768 steps). With lower_order_final=True
-# (the default) the last step is UniP-1 without correction: order 2 whatever the order option.
+# Measured orders of the variants (lower_order_final=False; slopes in docs/solvers.md): UniC
+# adds one, but the UniP-1 / UniC-1 warm-up caps UniP-3 at 2 and UniPC-3 at 3.
 _MEASURED = {
     ("bh1", 1, False): 1, ("bh1", 1, True): 2, ("bh1", 2, False): 2, ("bh1", 2, True): 3,
     ("bh1", 3, False): 2, ("bh1", 3, True): 3,
