@@ -3,14 +3,14 @@
 //   out = sum_k c_k * buf_k + c_z * z          aux = sum_k a_k * buf_k
 //   (with a mask m: out = m * out + (1 - m) * sum_k b_k * buf_k, see fused_update.h)
 //
-// The [batch, numel] arrays are walked in tiles of one sample's elements (the OpenMP work
-// items), each tile in blocks small enough for L1. The fast path (one storage dtype, K a
-// template parameter) computes each element in registers in one loop over all K inputs. The
-// general path folds a block of every buffer into a compute-type accumulator by one simple
-// loop per buffer (the compiler vectorizes each; the dtype switch runs once per block, not per
-// element, so buffers may mix storage dtypes). Either way the noise block is generated in L1
-// and every input element is read before its output element is written, so `out` (or `aux`)
-// may be the very array of an input. Large outputs leave in non-temporal stores.
+// The [batch, numel] arrays are walked in tiles of one sample's elements (the tasks that
+// thread_pool.h hands out), each tile in blocks small enough for L1. The fast path (one storage
+// dtype, K a template parameter) computes each element in registers in one loop over all K
+// inputs. The general path folds a block of every buffer into a compute-type accumulator by one
+// simple loop per buffer (the compiler vectorizes each; the dtype switch runs once per block,
+// not per element, so buffers may mix storage dtypes). Either way the noise block is generated
+// in L1 and every input element is read before its output element is written, so `out` (or
+// `aux`) may be the very array of an input. Large outputs leave in non-temporal stores.
 //
 // A masked (inpainting) update takes the block path, with base = sum_k b_k x_k folded from
 // the same read of each block and the blend done per block. A K=3 float32 16x4x128x128

@@ -10,6 +10,7 @@
 //     per-step and per-sample coefficients, every noise mode, per-sample draw numbers, the
 //     inpainting mask in every dtype, aux, in-place aliasing, sizes around the block and
 //     tile, 1 and 2 threads, each instruction-set build
+//   * the worker pool: 2-thread updates from several threads at once equal 1-thread ones
 //   * the launcher's validation
 #include <algorithm>
 #include <cmath>
@@ -19,6 +20,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fused_update/dtypes.h"
@@ -419,6 +421,76 @@ void test_kernel(const std::string& isa) {
   }
 }
 
+// ---- the worker pool ----------------------------------------------------------------------
+
+// Updates large enough to run on the pool (2 threads), issued from four threads at once: one
+// caller gets the pool, the others work alone; every result is bitwise the 1-thread result,
+// with and without noise, over many rounds (a worker that joins late, or not at all, leaves
+// nothing undone).
+void test_pool_concurrent_callers(const std::string& isa) {
+  const int64_t batch = 3, numel = 150001;  // 450K elements: above both parallel thresholds
+  std::vector<float> x(static_cast<size_t>(batch * numel)), y(x.size());
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd;
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = nd(rng);
+    y[i] = nd(rng);
+  }
+  const uint64_t seeds[batch] = {1, 2, 0xFFFFFFFFFFFFFFFFull};
+  auto args_for = [&](float* out, bool noisy) {
+    FusedUpdateArgs a;
+    a.out = out;
+    a.K = 2;
+    a.bufs[0] = x.data();
+    a.bufs[1] = y.data();
+    a.batch = batch;
+    a.numel = numel;
+    a.coef[0] = 0.75;
+    a.coef[1] = -0.5;
+    if (noisy) {
+      a.noise_mode = kPhiloxNoise;
+      a.noise_coef = 0.25;
+      a.seeds = seeds;
+      a.step = 9;
+    }
+    return a;
+  };
+  std::vector<float> want[2];
+  for (int noisy = 0; noisy < 2; ++noisy) {
+    want[noisy].resize(x.size());
+    fused_update_cpu(args_for(want[noisy].data(), noisy != 0), 1);
+  }
+  constexpr int kCallers = 4, kRounds = 12;
+  std::vector<std::vector<float>> outs(kCallers, std::vector<float>(x.size()));
+  std::vector<int> bad(kCallers, 0);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < kCallers; ++t) {
+    callers.emplace_back([&, t] {
+      for (int r = 0; r < kRounds; ++r) {
+        const int noisy = (t + r) & 1;
+        std::fill(outs[t].begin(), outs[t].end(), -1.0f);
+        fused_update_cpu(args_for(outs[t].data(), noisy != 0), 2);
+        if (std::memcmp(outs[t].data(), want[noisy].data(), x.size() * sizeof(float)) != 0) {
+          ++bad[t];
+        }
+      }
+    });
+  }
+  for (auto& c : callers) c.join();
+  for (int t = 0; t < kCallers; ++t) {
+    CHECK(bad[t] == 0, "%s caller %d: %d of %d rounds differ from one thread", isa.c_str(), t,
+          bad[t], kRounds);
+  }
+  // and from this thread alone, many small-task rounds in a row
+  std::vector<float> o(x.size());
+  int differ = 0;
+  for (int r = 0; r < 20; ++r) {
+    fused_update_cpu(args_for(o.data(), (r & 1) != 0), 2);
+    differ += std::memcmp(o.data(), want[r & 1].data(), x.size() * sizeof(float)) != 0;
+  }
+  CHECK(differ == 0, "%s: %d of 20 2-thread rounds differ from one thread", isa.c_str(), differ);
+}
+
 // ---- validation ----------------------------------------------------------------------------
 
 template <class F>
@@ -496,6 +568,7 @@ int main() {
     test_philox_words_vectorized(isa);
     test_normals(isa);
     test_kernel(isa);
+    test_pool_concurrent_callers(isa);
   }
   if (failures) {
     std::fprintf(stderr, "%d of %d checks failed\n", failures, checks);
