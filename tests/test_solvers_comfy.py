@@ -880,3 +880,184 @@ def test_sa_solver_matches_comfyui(gmm, kind, n, to_zero, opts):
         assert plan.n_noise > 0                 # the tau interval is on for some steps
     err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
     assert err < 1e-9, err
+
+
+# ---------------------------------------------------------------------------------------
+# CFG++ samplers: the model returns the guided D and ComfyUI's post-CFG hook the
+# unconditional D_u; in the plan, classifier-free guidance is folded in (guidance_scale)
+# ---------------------------------------------------------------------------------------
+
+
+def walk_guided(plan, x0, d_uncond, d_cond, Z):
+    slots = {"x": x0}
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            xh = slots[op.src] / op.s
+            slots[op.dst + "/u"] = d_uncond(xh, op.sigma)
+            slots[op.dst + "/c"] = d_cond(xh, op.sigma)
+        elif isinstance(op, Update):
+            val = sum(c * slots[b] for c, b in zip(op.coefs, op.bufs))
+            aux = None if op.aux_dst is None else \
+                sum(c * slots[b] for c, b in zip(op.aux_coefs, op.bufs))
+            if op.noise_index >= 0:
+                val = val + op.noise * Z[op.noise_index]
+            slots[op.dst] = val
+            if aux is not None:
+                slots[op.aux_dst] = aux
+        else:
+            raise AssertionError(f"unexpected custom op {op!r}")
+    return slots[plan.output]
+
+
+def ref_euler_ancestral_cfg_pp(m2, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, sig[i])
+        if sig[i + 1] == 0:
+            x = d0
+            continue
+        a_s = sig[i] * math.exp(lam_fn(sig[i], flow))
+        a_t = sig[i + 1] * math.exp(lam_fn(sig[i + 1], flow))
+        d = (x - a_s * du) / sig[i]
+        down, up = anc(sig[i] / a_s, sig[i + 1] / a_t, eta)
+        x = a_t * d0 + a_t * down * d
+        if eta > 0 and s_noise > 0:
+            x = x + a_t * ns() * s_noise * up
+    return x
+
+
+def ref_dpmpp_2s_ancestral_cfg_pp(m2, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, sig[i])
+        guide = d0 - du
+        if flow:
+            down, renoise, f = rf_anc(sig[i], sig[i + 1], eta)
+            if sig[i + 1] == 0:
+                x = x + (x - du) / sig[i] * (down - sig[i])
+            else:
+                lm = (lam_fn(sig[i], True) + lam_fn(down, True)) / 2
+                s = sig_fn(lm, True)
+                u = (s / sig[i]) * x + (1 - s / sig[i]) * du
+                _, du2 = m2(u, s)
+                x = (down / sig[i]) * x + (1 - down / sig[i]) * du2
+            if sig[i + 1] > 0 and eta > 0:
+                x = f * x + ns() * s_noise * renoise
+            x = x + (1 - sig[i + 1]) * guide
+        else:
+            down, up = anc(sig[i], sig[i + 1], eta)
+            if down == 0:
+                x = x + (x - du) / sig[i] * (down - sig[i])
+            else:
+                t, tn = -math.log(sig[i]), -math.log(down)
+                h = tn - t
+                s = math.exp(-(t + h / 2))
+                x2 = (s / sig[i]) * x - math.expm1(-h / 2) * du
+                _, du2 = m2(x2, s)
+                x = (down / sig[i]) * x - math.expm1(-h) * du2
+            if sig[i + 1] > 0:
+                x = x + ns() * s_noise * up
+            x = x + guide
+    return x
+
+
+def ref_dpmpp_2m_cfg_pp(m2, x, sig, ns, flow):
+    old_u = None
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, sig[i])
+        t = -math.log(sig[i])
+        tn = math.inf if sig[i + 1] == 0 else -math.log(sig[i + 1])
+        h = tn - t
+        if old_u is None or sig[i + 1] == 0:
+            mix = -math.exp(-h) * du
+        else:
+            r = (t + math.log(sig[i - 1])) / h
+            mix = -math.exp(-h) * du - math.expm1(-h) * (1 / (2 * r)) * (d0 - old_u)
+        x = d0 + mix + math.exp(-h) * x
+        old_u = du
+    return x
+
+
+def ref_res_multistep_cfg_pp(m2, x, sig, ns, flow, eta=0.0, s_noise=1.0):
+    old_d = old_down = None
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, sig[i])
+        down, up = anc(sig[i], sig[i + 1], eta) if sig[i + 1] > 0 else (0.0, 0.0)
+        if down == 0 or old_d is None:
+            x = d0 + (x - du) / sig[i] * down
+        else:
+            t, t_old, t_next, t_prev = (-math.log(v) for v in (sig[i], old_down, down,
+                                                                 sig[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            p1 = math.expm1(-h) / -h
+            p2 = (p1 - 1) / -h
+            x = x + (d0 - du)
+            x = math.exp(-h) * x + h * ((p1 - p2 / c2) * du + p2 / c2 * old_d)
+        if sig[i + 1] > 0 and eta > 0:
+            x = x + ns() * s_noise * up
+        old_d, old_down = du, down
+    return x
+
+
+def ref_gradient_estimation_cfg_pp(m2, x, sig, ns, flow, ge_gamma=2.0):
+    old = None
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, sig[i])
+        d = (x - du) / sig[i]
+        dt = sig[i + 1] - sig[i]
+        if sig[i + 1] == 0:
+            x = d0
+        else:
+            x = d0 + d * sig[i + 1]
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old) * dt
+        old = d
+    return x
+
+
+CFG_CASES = [
+    ("euler_ancestral_cfg_pp", {}, ref_euler_ancestral_cfg_pp, {}),
+    ("euler_ancestral_cfg_pp", {"eta": 0.0}, ref_euler_ancestral_cfg_pp, {"eta": 0.0}),
+    ("dpmpp_2s_ancestral", {"cfg_pp": True}, ref_dpmpp_2s_ancestral_cfg_pp, {}),
+    ("dpmpp_2s_ancestral", {"cfg_pp": True, "eta": 0.5}, ref_dpmpp_2s_ancestral_cfg_pp,
+     {"eta": 0.5}),
+    ("dpmpp_2m_comfy", {"cfg_pp": True}, ref_dpmpp_2m_cfg_pp, {}),
+    ("res_multistep", {"cfg_pp": True}, ref_res_multistep_cfg_pp, {}),
+    ("res_multistep", {"cfg_pp": True, "eta": 1.0}, ref_res_multistep_cfg_pp, {"eta": 1.0}),
+    ("gradient_estimation", {"cfg_pp": True}, ref_gradient_estimation_cfg_pp, {}),
+]
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("n,to_zero", [(6, True), (4, False), (1, True)])
+@pytest.mark.parametrize("name,opts,ref,ref_kw", CFG_CASES,
+                         ids=[f"{c[0]}{c[1]}" for c in CFG_CASES])
+def test_cfg_pp_matches_comfyui(gmm, kind, n, to_zero, name, opts, ref, ref_kw):
+    flow = kind == "flow"
+    w = 3.5
+    uncond = GaussianMixture.random(d=D, M=2, seed=9)
+    proc = pe.processes.RectifiedFlow(shift=2.0) if flow else \
+        pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = _grid(kind, n, to_zero)
+    sig = c / np.where(c < 1, 1 - c, 1.0) if flow else c.copy()
+    g = torch.Generator().manual_seed(n + 7)
+    Z = torch.randn(16, B, D, generator=g, dtype=torch.float64)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m2(xc, cc):                       # ComfyUI's (guided D, unconditional D)
+        xh, se = (xc / (1 - cc), cc / (1 - cc)) if flow else (xc, cc)
+        du, dc = uncond.denoise(xh, se), gmm.denoise(xh, se)
+        return du + w * (dc - du), du
+    want = ref(m2, xc0, [float(v) for v in c], Noise(Z), flow, **ref_kw)
+    plan = pe.build_plan(proc, name, sig, "sample", guidance_scale=w, **opts)
+    x0 = xc0 if flow else xc0 * float(proc.s_of_sigma(sig[0]))
+    got = walk_guided(plan, x0, uncond.denoise, gmm.denoise, Z)
+    if not flow:
+        got = got / float(proc.s_of_sigma(sig[-1]))
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err
+
+
+def test_cfg_pp_needs_plan_guidance():
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pe.build_plan(pe.processes.EDM(), "res_multistep", np.array([3.0, 1.0, 0.0]), "sample",
+                      cfg_pp=True)

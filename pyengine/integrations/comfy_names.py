@@ -31,6 +31,10 @@ Where ComfyUI differs from k-diffusion under the same name (ComfyUI is followed 
   n = len(sigmas) - 1, sigma_max = sigmas[0], sigma_min = the smallest positive level):
   build the plan's grid with ``solvers.comfy.dpm_fast_sigmas`` and pass ``nfe=n``; churn noise of euler / heun / dpm_2
   and the extra draws of res_multistep at eta = 0 come from torch.randn_like in ComfyUI;
+* the *_cfg_pp samplers read the unconditional denoised of every model call: their plans
+  must be built with ``guidance_scale`` (classifier-free guidance folded into the plan, the
+  model called on [uncond, cond]); the caller gives the unconditional model through the
+  plan's guided call, not through ComfyUI's post-CFG hook;
 * uni_pc / uni_pc_bh2 map to the registry's unipc, whose parity with ComfyUI's
   extra_samplers/uni_pc.py on flow models has not been checked.
 * dpmpp_3m_sde's phi_2 / phi_3 use h_eta = (1 + eta) h.
@@ -88,6 +92,14 @@ SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
     "sa_solver_pece": ("sa_solver", {"use_pece": True}, ("s_noise", "noise_sampler",
                                                          "predictor_order", "corrector_order",
                                                          "simple_order_2")),
+    "euler_cfg_pp": ("euler_ancestral_cfg_pp", {"eta": 0.0, "s_noise": 0.0}, ()),
+    "euler_ancestral_cfg_pp": ("euler_ancestral_cfg_pp", {}, _ANC),
+    "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s_ancestral", {"cfg_pp": True}, _ANC),
+    "dpmpp_2m_cfg_pp": ("dpmpp_2m_comfy", {"cfg_pp": True}, ()),
+    "res_multistep_cfg_pp": ("res_multistep", {"eta": 0.0, "cfg_pp": True},
+                             ("s_noise", "noise_sampler")),
+    "res_multistep_ancestral_cfg_pp": ("res_multistep", {"cfg_pp": True}, _ANC),
+    "gradient_estimation_cfg_pp": ("gradient_estimation", {"cfg_pp": True}, ("ge_gamma",)),
     "uni_pc": ("unipc", {"variant": "bh1"}, ()),
     "uni_pc_bh2": ("unipc", {"variant": "bh2"}, ()),
 }
@@ -109,9 +121,6 @@ NOT_PROVIDED: dict[str, str] = {
                            "percent 0.2..0.8, options eta / tau_start / tau_end)",
     "lcm[noise_clip_std>0]": "the clamp of the injected noise at N standard deviations depends "
                              "on the drawn noise's own std: a data-dependent op",
-    "*_cfg_pp": "the CFG++ samplers read the unconditional denoised of each call (ComfyUI's "
-                "post-CFG hook); the plan's guided model call would have to expose D_u to the "
-                "update: not wired yet",
     "heunpp2[s_churn>0]": "ComfyUI draws heunpp2's churn noise at every step: refused",
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from .. import parameterization as _param
 from .registry import Option, register
 
 __all__ = ["ComfySpace", "ancestral_split", "lagrange_weights"]
@@ -86,6 +87,23 @@ def _lam(sigma: float) -> float:
     return -math.log(sigma)
 
 
+def _evaluate_cfg(b, slot: str, sigma: float, dst: str = "out", cfg_pp: bool = False):
+    """(D, D_u): the guided denoised and, for CFG++ (``cfg_pp``), the unconditional one,
+    read from the unconditional half of the guided model call (plan guidance must be on)."""
+    if cfg_pp and b.guidance_scale is None:
+        raise ValueError("cfg_pp samplers read the unconditional denoised: build the plan with "
+                         "guidance_scale (classifier-free guidance in the plan)")
+    D, _ = b.evaluate(slot, sigma, dst=dst)
+    if not cfg_pp:
+        return D, D
+    s = b.s(sigma)
+    (dx, do), _ = _param.affine(b.prediction, s, s * sigma)
+    return D, b.ref(slot) * dx + b.ref(dst + "/u") * do
+
+
+_CFG_PP = {"cfg_pp": Option("bool")}
+
+
 def _noisy(eta, s_noise) -> bool:
     return eta > 0 and s_noise > 0
 
@@ -104,29 +122,31 @@ def _to_d(x, D, c):
                   "x' = e^-h x + h (b1 D + b2 D_-1), b1 = phi1(-h) - phi2(-h)/c2, b2 = "
                   "phi2(-h)/c2, c2 = (lambda_-1 - lambda_down,-1)/h, lambda = -log sigma_c, "
                   "to sigma_down with ancestral noise s_noise sigma_up z; Euler first step",
-          options=("eta", "s_noise"), eta=0.0, s_noise=1.0,
-          variants=(("res_multistep", {}, 2, 1),))
-def res_multistep(b, eta, s_noise):
-    """ComfyUI's ``res_multistep`` (eta = 0) and ``res_multistep_ancestral`` (eta = 1) in
-    ComfyUI's space; the first step and a step to sigma_down = 0 are Euler steps."""
+          options=("eta", "s_noise", "cfg_pp"), eta=0.0, s_noise=1.0, cfg_pp=False,
+          specs=_CFG_PP, variants=(("res_multistep", {}, 2, 1),))
+def res_multistep(b, eta, s_noise, cfg_pp):
+    """ComfyUI's ``res_multistep`` (eta = 0), ``res_multistep_ancestral`` (eta = 1) and their
+    ``_cfg_pp`` forms (D_u in the exponential update and the Euler steps, x moved by D - D_u
+    first) in ComfyUI's space; the first step and a step to sigma_down = 0 are Euler steps."""
     sp, sig = ComfySpace(b), b.sigmas
     old = None                      # (slot of D_-1, lambda_-1 of sigma_{i-1}, old sigma_down)
     for i in range(b.n_steps):
         b.step = i
         c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
         x = sp.x("x", sig[i])
-        D, _ = b.evaluate("x", sig[i])
+        D, Du = _evaluate_cfg(b, "x", sig[i], cfg_pp=cfg_pp)
         down, up, _ = _k_ancestral(c, cn, eta)
         if down == 0 or old is None:
-            xn = x + (down - c) * _to_d(x, D, c)
+            xn = D + down * _to_d(x, Du, c) if cfg_pp else x + (down - c) * _to_d(x, D, c)
         else:
             h = _lam(down) - _lam(c)
             c2 = (old[1] - _lam(old[2])) / h
             phi1 = math.expm1(-h) / -h
             phi2 = (phi1 - 1.0) / -h
             b1, b2 = (phi1 - phi2 / c2, phi2 / c2) if c2 != 0 else (phi1, 0.0)
-            xn = math.exp(-h) * x + (h * b1) * D + (h * b2) * b.ref(old[0])
-        keep = (f"h{i % 2}", D) if i < b.n_steps - 1 else None
+            base = x + (D - Du) if cfg_pp else x
+            xn = math.exp(-h) * base + (h * b1) * Du + (h * b2) * b.ref(old[0])
+        keep = (f"h{i % 2}", Du) if i < b.n_steps - 1 else None
         noise = s_noise * up if cn > 0 else 0.0
         sp.put("x", xn, sig[i + 1], noise=noise, aux=keep, kind="res_multistep")
         old = (keep[0], _lam(c), down) if keep else None
@@ -144,20 +164,22 @@ def _k_ancestral(c, cn, eta):
           summary="Gradient estimation (Permenter & Yuan 2024; ComfyUI gradient_estimation): "
                   "d = (x - D)/sigma, x' = x + (sigma' - sigma)(d + (gamma - 1)(d - d_-1)) "
                   "(first step Euler), x' = D on the step to 0",
-          options=("ge_gamma",), ge_gamma=2.0, specs={"ge_gamma": Option("real")})
-def gradient_estimation(b, ge_gamma):
+          options=("ge_gamma", "cfg_pp"), ge_gamma=2.0, cfg_pp=False,
+          specs={"ge_gamma": Option("real"), **_CFG_PP})
+def gradient_estimation(b, ge_gamma, cfg_pp):
+    """``cfg_pp``: d from D_u and the Euler part x' = D + sigma' d (ComfyUI's _cfg_pp)."""
     sp, sig = ComfySpace(b), b.sigmas
     d_old = None
     for i in range(b.n_steps):
         b.step = i
         c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
         x = sp.x("x", sig[i])
-        D, _ = b.evaluate("x", sig[i])
+        D, Du = _evaluate_cfg(b, "x", sig[i], cfg_pp=cfg_pp)
         if cn == 0:
             sp.put("x", D, sig[i + 1], kind="denoise")
             continue
-        d = _to_d(x, D, c)
-        xn = x + (cn - c) * d
+        d = _to_d(x, Du, c)
+        xn = D + cn * d if cfg_pp else x + (cn - c) * d
         if d_old is not None:
             xn = xn + ((ge_gamma - 1.0) * (cn - c)) * (d - d_old)
         keep = (f"g{i % 2}", d) if i < b.n_steps - 1 else None
@@ -398,19 +420,24 @@ def dpm_2_ancestral(b, eta, s_noise):
                   "_RF for flow): u = (sigma_s/sigma) x + (1 - sigma_s/sigma) D at the lambda "
                   "midpoint to sigma_down, x' = (sigma_down/sigma) x + (1 - sigma_down/sigma) "
                   "D(u), then ancestral noise; Euler when sigma_down = 0",
-          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
-          variants=(("dpmpp_2s_ancestral[eta=0]", {"eta": 0.0}, 2, 2),))
-def dpmpp_2s_ancestral(b, eta, s_noise):
+          options=("eta", "s_noise", "cfg_pp"), eta=1.0, s_noise=1.0, cfg_pp=False,
+          specs=_CFG_PP, variants=(("dpmpp_2s_ancestral[eta=0]", {"eta": 0.0}, 2, 2),))
+def dpmpp_2s_ancestral(b, eta, s_noise, cfg_pp):
+    """``cfg_pp`` (ComfyUI's _cfg_pp): the steps use the unconditional D_u (the midpoint
+    call's D_u for the full step), then x += alpha' (D - D_u) of the first call (alpha' =
+    1 - t' for flow models, 1 otherwise)."""
     sp, sig = ComfySpace(b), b.sigmas
     for i in range(b.n_steps):
         b.step = i
         c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
         x = sp.x("x", sig[i])
-        D, _ = b.evaluate("x", sig[i], dst="o1")
+        D, Du = _evaluate_cfg(b, "x", sig[i], dst="o1", cfg_pp=cfg_pp)
+        guide = (1.0 - cn if sp.flow else 1.0) * (D - Du) if cfg_pp else None
         down, std, f = ancestral_split(sp, c, cn, eta)
         if cn == 0 or (down == 0 and not sp.flow):
             # Euler to sigma_down; eps models still add the noise when sigma' > 0 (eta > 1)
-            sp.put("x", x + (down - c) * _to_d(x, D, c), sig[i + 1],
+            xn = x + (down - c) * _to_d(x, Du, c)
+            sp.put("x", xn if guide is None else xn + guide, sig[i + 1],
                    noise=s_noise * std if cn > 0 else 0.0, noisy=cn > 0 and eta > 0,
                    kind="euler")
             continue
@@ -424,11 +451,11 @@ def dpmpp_2s_ancestral(b, eta, s_noise):
         else:
             mid = math.exp(0.5 * (math.log(c) + math.log(down)))
         s_mid = sp.sigma(mid)
-        sp.put("u", (mid / c) * x + (1 - mid / c) * D, s_mid, kind="dpmpp2s_mid")
-        D2, _ = b.evaluate("u", s_mid, dst="o2")
-        xn = f * ((down / c) * x + (1 - down / c) * D2)
-        sp.put("x", xn, sig[i + 1], noise=s_noise * std, noisy=eta > 0,
-               kind="dpmpp2s_ancestral")
+        sp.put("u", (mid / c) * x + (1 - mid / c) * Du, s_mid, kind="dpmpp2s_mid")
+        D2, Du2 = _evaluate_cfg(b, "u", s_mid, dst="o2", cfg_pp=cfg_pp)
+        xn = f * ((down / c) * x + (1 - down / c) * (Du2 if cfg_pp else D2))
+        sp.put("x", xn if guide is None else xn + guide, sig[i + 1], noise=s_noise * std,
+               noisy=eta > 0, kind="dpmpp2s_ancestral")
 
 
 # ---------------------------------------------------------------------------------------
@@ -776,25 +803,34 @@ def dpm_2_comfy(b, s_churn, s_tmin, s_tmax, s_noise):
 @register("dpmpp_2m_comfy", order=2, nfe_per_step=1, stochastic=False, family="comfy",
           summary="DPM-Solver++(2M) as ComfyUI's sample_dpmpp_2m: lambda = -log c in ComfyUI's "
                   "space (x, t for flow models), x' = (c'/c) x - (e^-h - 1)((1 + 1/(2r)) D - "
-                  "D_-1/(2r)); first step and the step to 0 first order")
-def dpmpp_2m_comfy(b):
+                  "D_-1/(2r)); first step and the step to 0 first order",
+          options=("cfg_pp",), cfg_pp=False, specs=_CFG_PP)
+def dpmpp_2m_comfy(b, cfg_pp):
+    """``cfg_pp`` (ComfyUI's sample_dpmpp_2m_cfg_pp): x' = D + e^-h (x - D_u) - (e^-h - 1)
+    (D - D_u,-1)/(2r) (the correction from the second step on)."""
     sp, sig = ComfySpace(b), b.sigmas
-    old = None                         # (slot of D_-1, h_-1)
+    old = None                         # (slot of D_-1 (D_u,-1 for cfg_pp), h_-1)
     for i in range(b.n_steps):
         b.step = i
         c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
         x = sp.x("x", sig[i])
-        D, _ = b.evaluate("x", sig[i])
+        D, Du = _evaluate_cfg(b, "x", sig[i], cfg_pp=cfg_pp)
         if cn == 0:
             sp.put("x", D, sig[i + 1], kind="denoise")
             continue
         h = _lam(cn) - _lam(c)
-        Dd = D
-        if old is not None:
-            r = old[1] / h
-            Dd = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * b.ref(old[0])
-        keep = (f"q{i % 2}", D) if i < b.n_steps - 1 else None
-        sp.put("x", (cn / c) * x - math.expm1(-h) * Dd, sig[i + 1], aux=keep, kind="dpmpp_2m")
+        if cfg_pp:
+            xn = D + math.exp(-h) * (x - Du)
+            if old is not None:
+                xn = xn - (math.expm1(-h) / (2 * (old[1] / h))) * (D - b.ref(old[0]))
+        else:
+            Dd = D
+            if old is not None:
+                r = old[1] / h
+                Dd = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * b.ref(old[0])
+            xn = (cn / c) * x - math.expm1(-h) * Dd
+        keep = (f"q{i % 2}", Du) if i < b.n_steps - 1 else None
+        sp.put("x", xn, sig[i + 1], aux=keep, kind="dpmpp_2m")
         old = (keep[0], h) if keep else None
 
 
@@ -1128,3 +1164,28 @@ def sa_solver(b, eta, s_noise, predictor_order, corrector_order, use_pece, simpl
             Ds.append((keep[0], i))
             del Ds[:-max(predictor_order, corrector_order)]
         pred = dst
+
+
+@register("euler_ancestral_cfg_pp", order=1, nfe_per_step=1, stochastic=True, family="comfy",
+          summary="CFG++ Euler ancestral (Chung et al. 2024; ComfyUI "
+                  "sample_euler_ancestral_cfg_pp), in x_hat: x_hat' = D + sigma_down (x_hat - "
+                  "D_u)/sigma + s_noise sigma_up z with the ancestral split of (sigma, sigma'); "
+                  "x' = D on the step to 0; eta = 0 is euler_cfg_pp",
+          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
+          variants=(("euler_ancestral_cfg_pp[eta=0]", {"eta": 0.0}, 1, 1),))
+def euler_ancestral_cfg_pp(b, eta, s_noise):
+    """Needs plan guidance (the unconditional D_u); without it D_u = D and the update is
+    euler_ancestral (the order test runs it that way)."""
+    sig = b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D, Du = _evaluate_cfg(b, "x", s, cfg_pp=b.guidance_scale is not None)
+        if t == 0:
+            b.assign("x", D, t, kind="denoise")
+            continue
+        down, up, _ = _k_ancestral(s, t, eta)
+        noisy = eta > 0 and s_noise > 0
+        b.assign("x", D + (down / s) * (x - Du), t, noise=s_noise * up if noisy else 0.0,
+                 noisy=noisy, kind="euler_ancestral_cfg_pp")
