@@ -18,7 +18,7 @@ __all__ = ["validate", "karras", "exponential", "logsnr_uniform", "time_uniform"
            "polyexponential", "vp_timesteps", "vp_discrete", "from_list", "get_sigmas",
            "SCHEDULES", "FLOW_SHIFTS", "time_snr_shift", "time_shift_exponential",
            "time_shift_linear", "stretch_to_terminal", "flow_mu", "flux2_mu",
-           "flow_match_sigmas", "flow_to_sigma", "sigma_to_flow", "ModelSampling",
+           "flow_match_sigmas", "flow_sigmas_multistep", "flow_to_sigma", "sigma_to_flow", "ModelSampling",
            "model_sampling_for", "simple", "ddim_uniform", "normal", "sgm_uniform", "beta",
            "linear_quadratic", "kl_optimal", "AYS_LEVELS", "loglinear_interp",
            "align_your_steps", "COMFY_SCHEDULERS", "split_at", "split_denoise",
@@ -335,6 +335,47 @@ def flow_match_sigmas(n: int | None = None, *, shift: float = 1.0, mu: float | N
     if append_zero:
         t = np.concatenate([t, [1.0 if invert else 0.0]])
     return t
+
+
+def flow_sigmas_multistep(n: int, flow_shift: float = 1.0, num_train_timesteps: int = 1000,
+                          style: str = "dpm", mu: float | None = None,
+                          time_shift_type: str = "exponential",
+                          shift_terminal: float | None = None, final: str = "zero") -> np.ndarray:
+    """Flow times of diffusers' multistep schedulers with ``use_flow_sigmas`` (Wan, SANA).
+
+    ``style="dpm"`` (DPMSolverMultistepScheduler): u = 1 - linspace(1, 1/N, n + 1) shifted by
+    ``flow_shift``, reversed, the last (t = 0) dropped. ``style="unipc"``
+    (UniPCMultistepScheduler): linspace(1, 1/N, n + 1) without its last entry, shifted
+    (``mu``: the dynamic shift of :func:`flow_match_sigmas`), stretched to ``shift_terminal``,
+    and a first level within 1e-6 of 1 lowered by 1e-6. ``final``: "zero" appends 0;
+    "sigma_min" appends the last level again for unipc (a repeated level: a zero-length last
+    step) and the VP table's smallest level is the caller's business for dpm."""
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
+    N = int(num_train_timesteps)
+    if N < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps!r}")
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
+    if style == "dpm":
+        u = 1.0 - np.linspace(1.0, 1.0 / N, int(n) + 1)
+        t = time_snr_shift(u, flow_shift)[::-1][:-1].copy()
+    elif style == "unipc":
+        t = np.linspace(1.0, 1.0 / N, int(n) + 1)[:-1]
+        if mu is not None:
+            t = (time_shift_exponential(t, mu) if time_shift_type == "exponential"
+                 else time_shift_linear(t, mu))
+        else:
+            t = time_snr_shift(t, flow_shift)
+        if shift_terminal:
+            t = stretch_to_terminal(t, shift_terminal)
+        if abs(t[0] - 1.0) < 1e-6:
+            t[0] -= 1e-6
+    else:
+        raise ValueError(f"style must be 'dpm' or 'unipc', got {style!r}")
+    if final == "zero":
+        return np.concatenate([t, [0.0]])
+    return np.concatenate([t, [t[-1]]]) if style == "unipc" else t
 
 
 def _beta_between(n: int, lo: float, hi: float, alpha: float = 0.6, beta: float = 0.6):

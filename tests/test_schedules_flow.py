@@ -340,3 +340,49 @@ def test_karras_rho_and_sigma_list_errors():
     with pytest.raises(ValueError, match="my_sigmas"):
         S.validate(torch.empty(5, device="meta"), name="my_sigmas")
     np.testing.assert_array_equal(S.validate(torch.tensor([2.0, 1.0, 0.0])), [2.0, 1.0, 0.0])
+
+
+MS_CONFIGS = [
+    ("dpm", {"flow_shift": 1.0}), ("dpm", {"flow_shift": 3.0}), ("dpm", {"flow_shift": 5.0}),
+    ("unipc", {"flow_shift": 1.0}), ("unipc", {"flow_shift": 3.0}),
+    ("unipc", {"flow_shift": 5.0, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"use_dynamic_shifting": True, "mu": 0.9}),
+    ("unipc", {"flow_shift": 3.0, "shift_terminal": 0.05}),
+]
+
+
+@pytest.mark.parametrize("n", [2, 5, 20])
+@pytest.mark.parametrize("style,cfg", MS_CONFIGS, ids=[f"{s}-{c}" for s, c in MS_CONFIGS])
+def test_flow_sigmas_multistep_match_diffusers(n, style, cfg):
+    """diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler set_timesteps with
+    use_flow_sigmas (read, not copied)."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = {"dpm": diffusers.DPMSolverMultistepScheduler,
+           "unipc": diffusers.UniPCMultistepScheduler}[style]
+    c = dict(cfg)
+    mu = c.pop("mu", None)
+    sch = cls(use_flow_sigmas=True, prediction_type="flow_prediction", **c)
+    sch.set_timesteps(n, **({"mu": mu} if mu is not None else {}))
+    want = sch.sigmas.double().numpy()
+    got = S.flow_sigmas_multistep(n, cfg.get("flow_shift", 1.0), style=style, mu=mu,
+                                  shift_terminal=cfg.get("shift_terminal"),
+                                  final=cfg.get("final_sigmas_type", "zero"))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-7)
+
+
+def test_flow_sigmas_multistep_closed_form():
+    n, a, N = 9, 3.0, 1000
+    got = S.flow_sigmas_multistep(n, a)
+    for i in range(n):       # reversed shifted 1 - linspace(1, 1/N, n + 1), t = 0 dropped
+        u = 1 - (1 + (n - i) * (1 / N - 1) / n)
+        assert got[i] == pytest.approx(_shift(u, a), rel=1e-13)
+    got = S.flow_sigmas_multistep(n, a, style="unipc")
+    for i in range(n):
+        u = 1 + i * (1 / N - 1) / n
+        want = _shift(u, a) - (1e-6 if i == 0 else 0.0)
+        assert got[i] == pytest.approx(want, rel=1e-13)
+    with pytest.raises(ValueError, match="style"):
+        S.flow_sigmas_multistep(4, style="euler")
+    with pytest.raises(ValueError, match="final"):
+        S.flow_sigmas_multistep(4, final="none")
