@@ -59,7 +59,7 @@ from .. import backends
 from ..noise import seeds_tensor
 from ..parameterization import Denoiser, edm_scalings
 from ..parameterization import affine as param_affine
-from ..plan import Eval, Update
+from ..plan import Custom, Eval, Update
 from ..processes import EDM, Process, RectifiedFlow, VPDiscrete
 from ..runtime.walk import PhiloxDraws, Program, SuppliedDraws, Walker
 from ..sampler import Sampler
@@ -150,6 +150,7 @@ class _Recipe:
     orders: list | None = None         # the scheduler's order at every step (multistep solvers)
     dropped_final: bool = False        # a zero-length final step (the identity) was dropped
     output_sign: float = 1.0           # -1: the model's output is minus the plan's prediction
+    x0: dict | None = None             # clip_x0 options (clip_sample / thresholding)
 
     @property
     def last_order(self) -> int:
@@ -218,16 +219,6 @@ def _vp_process(name: str, sch) -> VPDiscrete:
 
 
 def _reject_common(name: str, cfg) -> None:
-    if cfg.get("thresholding", False):
-        raise NotImplementedError(
-            f"{name}(thresholding=True): dynamic thresholding clips x0_hat at a per-sample "
-            f"quantile of |x0_hat|, which is not affine in (x, model output) and cannot be "
-            f"folded into a coefficient plan; construct the scheduler with thresholding=False")
-    if cfg.get("clip_sample", False):
-        raise NotImplementedError(
-            f"{name}(clip_sample=True): clamping x0_hat to [-clip_sample_range, "
-            f"clip_sample_range] is not affine in (x, model output) and cannot be folded into "
-            f"a coefficient plan; construct the scheduler with clip_sample=False")
     if cfg.get("variance_type") in ("learned", "learned_range"):
         raise NotImplementedError(
             f"{name}(variance_type={cfg.get('variance_type')!r}): a learned variance is read "
@@ -348,6 +339,10 @@ def _euler(name, sch, eta):
     _no_eta(name, eta)
     proc = _vp_process(name, sch)
     grid, ts = _multistep_state(sch)
+    if grid.size == ts.size + 2:
+        # interpolation_type="log_linear": n + 1 log-uniform levels and a final 0, but n
+        # timesteps, so the n steps end at the last positive level (the 0 is never reached)
+        grid = grid[:-1]
     init = float(sch.init_noise_sigma) * _s_vp(grid[0])
     pred = _prediction(name, cfg, allowed=("epsilon", "sample", "original_sample",
                                            "v_prediction"))
@@ -560,6 +555,63 @@ def _flow_match_heun(name, sch, eta):
     return _Recipe(_flow_process(sch), grid, ts[0::2], "heun_comfy", "flow", 1.0, "x")
 
 
+def _lcm(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    abar = _f64(sch.alphas_cumprod)
+    ts = sch.timesteps.cpu().numpy().astype(np.int64)
+    # every step re-noises to the next timestep's level; the last returns the consistency
+    # estimate itself (sigma 0), whatever set_alpha_to_one says
+    grid = np.concatenate([_sigma_of_abar(abar[ts]), [0.0]])
+    return _Recipe(proc, grid, ts.astype(np.float64), "lcm_boundary", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x",
+                   dict(timestep_scaling=float(cfg.timestep_scaling), sigma_data=0.5))
+
+
+def _tcd(name, sch, eta):
+    cfg = sch.config
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{name}: eta (gamma) must lie in [0, 1], got {eta}")
+    proc = _vp_process(name, sch)
+    abar = _f64(sch.alphas_cumprod)
+    ts = sch.timesteps.cpu().numpy().astype(np.int64)
+    # the last step ends at timestep floor((1 - gamma) 0) = 0: the table's first level
+    grid = np.concatenate([_sigma_of_abar(abar[ts]), _sigma_of_abar(abar[:1])])
+    return _Recipe(proc, grid, ts.astype(np.float64), "tcd", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x", dict(gamma=float(eta)))
+
+
+def _pndm(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    if not cfg.skip_prk_steps:
+        raise NotImplementedError(
+            f"{name}(skip_prk_steps=False): the pseudo Runge-Kutta warm-up (12 model calls "
+            f"over the first 3 steps) has no pyengine solver; skip_prk_steps=True (PLMS, "
+            f"Stable Diffusion's configuration) is supported")
+    pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
+    proc = _vp_process(name, sch)
+    abar = _f64(sch.alphas_cumprod)
+    T = np.asarray(sch._timesteps, dtype=np.int64)[::-1]          # descending, one per step
+    ratio = cfg.num_train_timesteps // sch.num_inference_steps
+    # step() moves from t to t - N // n (and the pseudo-Heun step starts at t_1 + N // n):
+    # the next model call must be there
+    for i in range(len(T) - 1):
+        if int(T[i]) - ratio != int(T[i + 1]):
+            raise ValueError(
+                f"{name}(timestep_spacing={cfg.timestep_spacing!r}) with num_inference_steps="
+                f"{sch.num_inference_steps}: step() moves the state from timestep {int(T[i])} "
+                f"to t - num_train_timesteps // num_inference_steps = {int(T[i]) - ratio}, but "
+                f"the next model call is at timestep {int(T[i + 1])}; no sigma grid "
+                f"reproduces that. Use timestep_spacing='leading'")
+    prev = int(T[-1]) - ratio
+    a_last = abar[prev] if prev >= 0 else float(sch.final_alpha_cumprod)
+    grid = np.concatenate([_sigma_of_abar(abar[T]), _sigma_of_abar([a_last])])
+    return _Recipe(proc, grid, T.astype(np.float64), "pndm_plms", pred,
+                   float(sch.init_noise_sigma), "x")
+
+
 _BUILDERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
@@ -572,7 +624,13 @@ _BUILDERS = {
     "EDMEulerScheduler": _edm_euler,
     "FlowMatchEulerDiscreteScheduler": _flow_match_euler,
     "FlowMatchHeunDiscreteScheduler": _flow_match_heun,
+    "LCMScheduler": _lcm,
+    "TCDScheduler": _tcd,
+    "PNDMScheduler": _pndm,
 }
+
+#: step()'s default eta where it is not 0 (TCD's gamma).
+_DEFAULT_ETA = {"TCDScheduler": 0.3}
 
 #: Classes whose set_timesteps repeats every inner level for a second (corrector) call.
 _HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -587,6 +645,10 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     diffusers then takes a final step of length 0. Where that step leaves the state exactly
     as it is, it is dropped (a sigma grid must decrease strictly); elsewhere it is an error."""
     g = r.sigmas
+    if g.size == 2 and g[0] == g[1]:
+        raise ValueError(f"{name}: the run's only step has length 0 (sigma {g[0]:.6g} twice): "
+                         f"diffusers returns its input unchanged; there is nothing to sample "
+                         f"(use 2 or more steps, or set_alpha_to_one=True)")
     if not (g.size >= 3 and g[-1] == g[-2]):
         return
     where = (f"{name}: the grid ends with a step of length 0 (sigma {g[-1]:.6g} twice, "
@@ -614,7 +676,8 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         r.options["order_list"] = r.orders
 
 
-def from_diffusers(scheduler, num_inference_steps: int | None = None, *, eta: float = 0.0,
+def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
+                   eta: float | None = None, use_clipped_model_output: bool = False,
                    mu: float | None = None, sigmas=None, timesteps=None,
                    **overrides) -> DiffusersSampler:
     """The pyengine Sampler that reproduces ``scheduler`` at ``num_inference_steps``.
@@ -651,7 +714,9 @@ def from_diffusers(scheduler, num_inference_steps: int | None = None, *, eta: fl
     _reject_common(name, scheduler.config)
     sch = copy.deepcopy(scheduler)
     _set_timesteps(sch, name, num_inference_steps, None, custom)
-    r = _recipe(name, sch, float(eta))
+    if eta is None:
+        eta = _DEFAULT_ETA.get(name, 0.0)
+    r = _recipe(name, sch, float(eta), bool(use_clipped_model_output))
     _settle_orders(r, name)
     return _sampler(r, name, overrides)
 
@@ -671,11 +736,43 @@ def _set_timesteps(sch, name: str, n, device, custom: dict) -> None:
         sch.set_timesteps(device=device, **custom)
 
 
-def _recipe(name: str, sch, eta: float) -> _Recipe:
+def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
     """The recipe of a scheduler whose ``set_timesteps`` has run (orders not yet settled)."""
     r = _BUILDERS[name](name, sch, eta)
     _drop_zero_length_final_step(r, name)
+    r.x0 = _x0_processing(name, sch.config, r, clipped_eps)
     return r
+
+
+#: diffusers classes whose step reads ``thresholding`` / ``clip_sample`` (thresholding wins
+#: where both are set); the others ignore those config fields (TCD has them but never
+#: reads them).
+_THRESHOLDING = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                 "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+                 "DEISMultistepScheduler")
+_CLIP_SAMPLE = ("DDIMScheduler", "DDPMScheduler", "HeunDiscreteScheduler", "LCMScheduler")
+
+
+def _x0_processing(name: str, cfg, r: _Recipe, clipped_eps: bool) -> dict | None:
+    """clip_x0's options for the scheduler's clip_sample / thresholding, or None.
+
+    The noise estimate after the clip: DDIM keeps the model's own unless
+    ``use_clipped_model_output``; Heun and DPM-Solver's noise-prediction form derive it from
+    the clipped x0; the other steps read x0 only."""
+    thr = bool(cfg.get("thresholding", False)) and name in _THRESHOLDING
+    clip = bool(cfg.get("clip_sample", False)) and name in _CLIP_SAMPLE
+    if not (thr or clip):
+        return None
+    eps_clipped = (name == "HeunDiscreteScheduler" or clipped_eps
+                   or r.options.get("algorithm") == "dpmsolver"
+                   or cfg.get("algorithm_type") == "dpmsolver")
+    if thr:
+        return dict(thresholding=True, clip_sample_range=math.inf,
+                    dynamic_thresholding_ratio=float(cfg.dynamic_thresholding_ratio),
+                    sample_max_value=float(cfg.sample_max_value),
+                    eps_from_clipped=bool(eps_clipped))
+    return dict(thresholding=False, clip_sample_range=float(cfg.clip_sample_range),
+                eps_from_clipped=bool(eps_clipped))
 
 
 class _NegatedOutput:
@@ -697,7 +794,10 @@ class _NegatedOutput:
 
 
 def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
-    kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **r.options)
+    solver, options = r.solver, r.options
+    if r.x0 is not None:
+        solver, options = "clip_x0", dict(base=r.solver, base_options=dict(r.options), **r.x0)
+    kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **options)
     kwargs.update(overrides)
     wrapper = r.model_wrapper
     if r.output_sign != 1.0:
@@ -705,7 +805,7 @@ def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
 
         def wrapper(model):
             return _NegatedOutput(model if inner is None else inner(model))
-    return DiffusersSampler(r.process, r.solver, sigmas=r.sigmas, timesteps=r.timesteps,
+    return DiffusersSampler(r.process, solver, sigmas=r.sigmas, timesteps=r.timesteps,
                             scheduler_name=name, state_space=r.state_space,
                             model_wrapper=wrapper, **kwargs)
 
@@ -762,6 +862,9 @@ def _scheduler_space(plan, convs: list[float], final_conv: float, output: str):
         target_conv = convs[k1] if k1 < len(evals) else final_conv
         for j in range(j0 + 1, end):
             op = ops[j]
+            if isinstance(op, Custom):
+                new_ops[j] = _custom_in_space(op, scale)
+                continue
             out_scale = target_conv if (j == end - 1 and op.dst == target) else 1.0
             in_scale = np.array([scale[b] for b in op.bufs])
             new_ops[j] = dataclasses.replace(
@@ -772,6 +875,23 @@ def _scheduler_space(plan, convs: list[float], final_conv: float, output: str):
                 scale[op.aux_dst] = 1.0
         tails.append((target, scale[target] / target_conv))
     return dataclasses.replace(plan, ops=new_ops), tails
+
+
+def _custom_in_space(op, scale: dict):
+    """A custom op of a plan rewritten by :func:`_scheduler_space`: one that reads a linear
+    combination (``bufs``, ``coefs``: ProcessX0) gets the factors of its inputs folded in;
+    any other must read true values. What it writes holds true values."""
+    factors = [scale.get(b, 1.0) for b in op.reads]
+    if hasattr(op, "bufs") and hasattr(op, "coefs"):
+        op = copy.copy(op)
+        op.coefs = np.asarray(op.coefs, dtype=np.float64) * np.array(
+            [scale.get(b, 1.0) for b in op.bufs])
+    elif any(f != 1.0 for f in factors):
+        raise NotImplementedError(f"FusedScheduler: the custom op {op!r} reads the state in "
+                                  f"the scheduler's scaled space")
+    for d in op.writes:
+        scale[d] = 1.0
+    return op
 
 
 class _Walk:
@@ -785,16 +905,13 @@ class _Walk:
                  n_entries: int):
         self.plan, self.sampler, self.begin, self.eta = sampler.plan, sampler, begin, eta
         ops = self.plan.ops
-        for op in ops:
-            if not isinstance(op, (Eval, Update)):
-                raise NotImplementedError(f"FusedScheduler: the {sampler.solver} plan has a "
-                                          f"custom op ({op!r}); step() runs fused updates only")
         self.evals = [j for j, op in enumerate(ops) if isinstance(op, Eval)]
         if not self.evals or self.evals[0] != 0:
             raise NotImplementedError(f"FusedScheduler: the {sampler.solver} plan updates the "
                                       f"state before its first model call")
         self.x_hat = recipe.state_space == "x_hat"
         self.sign = recipe.output_sign
+        self.clips = recipe.x0 is not None
         last = float(sampler.sigmas[-1])
         self.final_conv = float(sampler.process.s_of_sigma(last)) if self.x_hat else 1.0
         self.final_sigma = last
@@ -957,7 +1074,7 @@ class FusedScheduler:
         if hasattr(self._inner, "_begin_index"):
             self._inner._begin_index = None
         self._walk, self._plans, self._ready = None, {}, True
-        self._start(0, 0.0)        # builds the plan now: unsupported configurations raise here
+        self._start(0, self._default_opts())   # builds the plan now: unsupported ones raise
         self._walk = None
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -984,7 +1101,8 @@ class FusedScheduler:
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True, eta: float = 0.0, use_clipped_model_output: bool = False,
+             return_dict: bool = True, eta: float | None = None,
+             use_clipped_model_output: bool = False,
              variance_noise: torch.Tensor | None = None, **kwargs):
         """One model output in, the fused update(s) up to the next model call, the next state
         out (in the wrapped scheduler's space)."""
@@ -993,13 +1111,15 @@ class FusedScheduler:
                 continue            # EulerDiscreteScheduler.step's defaults: no churn
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
+        if eta is None:
+            eta = _DEFAULT_ETA.get(self._name, 0.0)
         try:
             eta = float(eta)
         except (TypeError, ValueError):
             raise ValueError(f"eta must be a number, got {eta!r}") from None
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        w = self._current(timestep, eta)
+        w = self._current(timestep, (eta, bool(use_clipped_model_output)))
         if w.k >= w.n:
             ts = self._inner.timesteps
             dup = len(torch.unique(ts)) < len(ts) and self._name not in _HEUN_LAYOUT
@@ -1055,6 +1175,9 @@ class FusedScheduler:
         if f != 1.0:
             prev = prev * f
         x0 = self._x0_fn(be, e, sample, w.conv(w.k), out, w.sampler.prediction)
+        clipped = walker.slots.get(e.dst + "_x0") if w.clips else None
+        if clipped is not None:
+            x0 = clipped                    # the clipped / thresholded x0 the step used
         self._advance(w)
         return self._output(prev, x0, return_dict)
 
@@ -1092,7 +1215,9 @@ class FusedScheduler:
         return randn_tensor(model_output.shape, generator=generator,
                             device=model_output.device, dtype=dtype)
 
-    def _current(self, timestep, eta) -> _Walk:
+    def _current(self, timestep, opts) -> _Walk:
+        """The run in progress; ``opts`` = (eta, use_clipped_model_output) of a step() call
+        (None: scale_model_input, which keeps the run's)."""
         if not self._ready:
             raise RuntimeError(f"FusedScheduler({self._name}): call set_timesteps() first")
         w = self._walk
@@ -1100,14 +1225,18 @@ class FusedScheduler:
             begin = self._begin_index
             if begin is None:
                 begin = self._lookup(timestep)
-            self._walk = w = self._start(begin, 0.0 if eta is None else eta)
+            self._walk = w = self._start(begin, self._default_opts() if opts is None else opts)
             self._sync_step_index(w)
-        elif eta is not None and eta != w.eta:
+        elif opts is not None and opts != w.eta:
             if w.k != 0:
-                raise ValueError(f"FusedScheduler({self._name}): eta changed from {w.eta} to "
-                                 f"{eta} in the middle of a run")
-            self._walk = w = self._start(w.begin, eta)
+                raise ValueError(f"FusedScheduler({self._name}): the step arguments (eta, "
+                                 f"use_clipped_model_output) changed from {w.eta} to {opts} "
+                                 f"in the middle of a run")
+            self._walk = w = self._start(w.begin, opts)
         return w
+
+    def _default_opts(self) -> tuple:
+        return (_DEFAULT_ETA.get(self._name, 0.0), False)
 
     def _lookup(self, timestep) -> int:
         """Where a run starts when set_begin_index was not called (diffusers' rule: the
@@ -1122,10 +1251,11 @@ class FusedScheduler:
                              f"of the scheduler's timesteps")
         return int(hits[1 if len(hits) > 1 else 0])
 
-    def _start(self, begin: int, eta: float) -> _Walk:
-        key = (begin, eta)
+    def _start(self, begin: int, opts: tuple) -> _Walk:
+        key = (begin, opts)
+        eta = opts
         if key not in self._plans:
-            r = _recipe(self._name, self._inner, eta)
+            r = _recipe(self._name, self._inner, *opts)
             r = _slice_recipe(r, begin, self._name)
             _settle_orders(r, self._name)
             self._plans[key] = (_sampler(r, self._name, {}), r)
@@ -1139,6 +1269,10 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
     from the first step() call)."""
     if begin == 0:
         return r
+    if name == "PNDMScheduler":
+        raise NotImplementedError(f"{name}: a run that starts at timestep entry {begin} "
+                                  f"(img2img) is not supported; its first step makes two "
+                                  f"model calls at a repeated timestep")
     g = begin
     if name in _HEUN_LAYOUT:
         if begin % 2:
