@@ -176,6 +176,11 @@ def check(be, bufs, coef, nc=0.0, seeds=None, step=-1, aux_coef=None, mask=None,
 
 
 def test_k_max_is_the_native_one():
+    """pyengine.fused_update.K_MAX (Python) and kKMax (csrc/fused_update/fused_update.h, C++
+    and CUDA) are the two definitions; the plans' limit is the kernels'."""
+    import pyengine.plan
+
+    assert pyengine.plan.K_MAX == fu.K_MAX
     if native._C is None:
         pytest.skip(native.IMPORT_ERROR)
     assert native._C.K_MAX == fu.K_MAX

@@ -4,6 +4,8 @@
 //   out = res                                  without a mask
 //   out = m * res + (1 - m) * base             with a mask m, base = sum_k b_k * buf_k
 //
+// pyengine/fused_update/ holds the Python side (its one validator runs before this struct is
+// filled; csrc/bindings.cpp exposes the struct as _C.FusedUpdateArgs, set by field name).
 // Torch-free: raw pointers, element counts and dtype codes (dtypes.h). Every tensor is a
 // contiguous [batch, numel] array; coefficients are float64, per step (by value) or per
 // sample (a [batch, K] table in the memory of the device that runs the kernel).
@@ -25,7 +27,9 @@
 
 namespace pyengine {
 
-constexpr int kKMax = 8;  // the most buffers one update reads (pyengine.plan.K_MAX)
+// The most buffers one update reads: the C++/CUDA definition; Python's is
+// pyengine.fused_update.K_MAX (tests/test_fused_update.py asserts they are equal).
+constexpr int kKMax = 8;
 
 enum NoiseMode : int {
   kNoNoise = 0,      // c_z = 0: nothing drawn

@@ -17,9 +17,5 @@ from . import cpp, cuda, torch_ref  # noqa: F401  (the eager backends; numba/tri
 from .dispatch import (Call, available, explain, fused_update, get, names, priority, rank,
                        reasons, select)
 
-# Read by pyengine/cli.py until it uses names() / priority(); not part of the API.
-from .dispatch import PRIORITY as _PRIORITY  # noqa: E402,F401
-from .dispatch import REGISTRY as _REGISTRY  # noqa: E402,F401
-
 __all__ = ["Call", "available", "explain", "fused_update", "get", "names", "priority", "rank",
            "reasons", "select"]

@@ -19,7 +19,6 @@ name = "numba"
 device_types = ("cpu",)
 dtypes = (torch.float32, torch.float64)
 max_buffers = contract.K_MAX
-K_MAX = contract.K_MAX
 
 
 def _kernels():

@@ -27,7 +27,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
 dtypes = contract.FLOAT_DTYPES
 max_buffers = contract.K_MAX
-K_MAX = contract.K_MAX
 _kernels = None
 _IMPORT_ERROR = None
 
