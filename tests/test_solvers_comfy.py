@@ -412,7 +412,7 @@ def ref_seeds(m, x, sig, ns, flow, eta=1.0, s_noise=1.0, rs=(0.5,), solver_type=
                 b2 = _phi2(-he) / r1
                 xn = sig[i + 1] / sig[i] * math.exp(-h * eta) * x \
                     - at * ((_phi1(-he) - b2) * d0 + b2 * dm1)
-            last_r, last_s = r1, s1
+            last_r = r1
         else:
             r2 = rs[1]
             l2 = ls + r2 * h
@@ -748,7 +748,8 @@ def ref_dpm_fast(m, x, c_levels, orders, ns, eta=0.0, s_noise=1.0):
             s1 = t + h / 2
             u1 = x - math.exp(-s1) * math.expm1(h / 2) * e0
             e1 = eps(u1, math.exp(-s1))
-            xn = x - math.exp(-tn_) * math.expm1(h) * e0 - math.exp(-tn_) * math.expm1(h) * (e1 - e0)
+            xn = x - math.exp(-tn_) * math.expm1(h) * e0 \
+                - math.exp(-tn_) * math.expm1(h) * (e1 - e0)
         else:
             r1, r2 = 1 / 3, 2 / 3
             s1, s2 = t + r1 * h, t + r2 * h

@@ -29,8 +29,9 @@ Where ComfyUI differs from k-diffusion under the same name (ComfyUI is followed 
   of that name works in (x / s, t / (1 - t)) (identical for eps models);
 * dpm_fast takes (sigma_min, sigma_max, n) instead of sigmas (ComfyUI's KSampler passes
   n = len(sigmas) - 1, sigma_max = sigmas[0], sigma_min = the smallest positive level):
-  build the plan's grid with ``solvers.comfy.dpm_fast_sigmas`` and pass ``nfe=n``; churn noise of euler / heun / dpm_2
-  and the extra draws of res_multistep at eta = 0 come from torch.randn_like in ComfyUI;
+  build the plan's grid with ``solvers.comfy.dpm_fast_sigmas`` and pass ``nfe=n``;
+* the churn noise of euler / heun / dpm_2 comes from torch.randn_like in ComfyUI, not from
+  its noise_sampler; res_multistep calls its noise_sampler at eta = 0 too (no effect);
 * the *_cfg_pp samplers read the unconditional denoised of every model call: their plans
   must be built with ``guidance_scale`` (classifier-free guidance folded into the plan, the
   model called on [uncond, cond]); the caller gives the unconditional model through the

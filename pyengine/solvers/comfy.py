@@ -1,21 +1,11 @@
-"""ComfyUI's samplers as plans, with ComfyUI's semantics for eps and flow models.
+"""ComfyUI's samplers as plans (``comfy/k_diffusion/sampling.py``), for eps and flow models.
 
-Two kinds of formulas, as in ComfyUI's ``comfy/k_diffusion/sampling.py``:
-
-* k-diffusion-style samplers (res_multistep, gradient_estimation, lms, ipndm_v, heunpp2,
-  the ancestral DPM-2 / DPM-Solver++(2S) and the rectified-flow ancestral Euler) work on
-  ComfyUI's own state and noise level: x_c = x_hat, sigma_c = sigma for eps / v / EDM
-  models, and x_c = x (the process state), sigma_c = t = sigma / (1 + sigma) for flow
-  (CONST) models. :class:`ComfySpace` gives those Lins, so one formula gives ComfyUI's result
-  for both model kinds: the process of the builder decides.
-* samplers written in the half-log-SNR (dpmpp_sde, dpmpp_3m_sde, er_sde, seeds_2/3,
-  exp_heun_2_x0, lcm) use lambda = log(alpha / sigma_dpm), which ComfyUI computes per model
-  kind; divided by alpha they are pyengine's x_hat updates with lambda = -log sigma for every
-  process, so they are written in x_hat directly.
-
-Noise: every draw is the plan's z (Philox, or the caller's noise sampler in the adapters),
-drawn in ComfyUI's call order. ComfyUI's ``noise_scale`` of a model sampling (1 by default)
-multiplies ``s_noise``: the adapter passes the product.
+k-diffusion-style samplers work in ComfyUI's own state and level (:class:`ComfySpace`):
+x_c = x_hat, sigma_c = sigma for eps / v / EDM models; x_c = x, sigma_c = t = sigma / (1 +
+sigma) for flow (CONST) models. Half-log-SNR samplers (dpmpp_sde, dpmpp_3m_sde, er_sde, seeds,
+sa_solver, lcm) are x_hat updates with lambda = -log sigma, which is ComfyUI's per-kind
+lambda. Noise draws follow ComfyUI's noise_sampler call order; its ``noise_scale`` multiplies
+``s_noise`` (the adapter passes the product).
 """
 
 from __future__ import annotations
@@ -556,10 +546,8 @@ def _er_scaler(v: float) -> float:
           options=("s_noise", "max_stage"), s_noise=1.0, max_stage=3,
           specs={"max_stage": Option("int", lo=1, hi=3)})
 def er_sde(b, s_noise, max_stage):
-    """ComfyUI's er_sde (VP noise scaler). D' = (D - D_-1)/(sigma - sigma_-1), D'' = (D' - D'_-1)
-    / ((sigma - sigma_-2)/2): both are linear in the last three D, kept in rotating buffers.
-    Its drift is the reverse SDE's, not the PF-ODE's, so at s_noise = 0 it does not converge
-    to the ODE solution (no ODE order is claimed)."""
+    """D', D'' are linear in the last three D (rotating buffers). The drift is the reverse
+    SDE's: at s_noise = 0 it does not solve the PF-ODE (no ODE order claimed)."""
     sig = b.sigmas
     pts = 200
     hist: list = []          # slots of D_{i-1}, D_{i-2} (newest first)
@@ -595,10 +583,9 @@ def er_sde(b, s_noise, max_stage):
 
 
 def _seeds(b, eta, s_noise, rs, solver_type: str) -> None:
-    """SEEDS-2 (rs = (r,)) and SEEDS-3 (rs = (r1, r2)) of Gonzalez et al. 2023, ComfyUI's
-    data-prediction form in x_hat. The stage noises are correlated: each stage's accumulated
-    noise is recovered from its state buffer (x_k = mean_k + sigma_k s_noise n_k) so that the
-    next stage adds e^{(r_k - r_{k+1}) h eta} n_k + sqrt(1 - e^{2 (r_k - r_{k+1}) h eta}) z."""
+    """SEEDS-2 (rs = (r,)) / SEEDS-3 (rs = (r1, r2)) in x_hat. Correlated stage noise: n_k is
+    recovered from the stage buffer (x_k = mean_k + sigma_k s_noise n_k); the next stage adds
+    e^{(r_k - r_k+1) h eta} n_k + sqrt(1 - e^{2 (r_k - r_k+1) h eta}) z."""
     sig = b.sigmas
     noisy = _noisy(eta, s_noise)
     for i in range(b.n_steps):
@@ -986,9 +973,8 @@ def deis_tab_coefficients(levels, max_order: int, n_points: int = 10000) -> list
           specs={"max_order": Option("int", lo=1, hi=4)},
           variants=(("deis", {}, 2, 1),))
 def deis(b, max_order):
-    """ComfyUI's DEIS in its own space (the coefficients come from its levels through a fixed
-    VP time map, sigma 0.002..80, whatever the model). The weights are a 10^4-point Riemann
-    sum, so the method itself is only as accurate as that sum (O(h / 10^4) per step)."""
+    """Coefficients from ComfyUI's levels through a fixed VP time map (sigma 0.002..80,
+    whatever the model), by a 10^4-point Riemann sum as ComfyUI computes them."""
     sp, sig = ComfySpace(b), b.sigmas
     cs = [sp.c(s) for s in sig]
     coeffs = deis_tab_coefficients(cs, max_order)
@@ -1069,12 +1055,9 @@ def _sa_simple(lams, lam_s, lam_t, tau, corrector: bool) -> list[float]:
                     ("sa_solver[eta=0,pece]", {"eta": 0.0, "use_pece": True}, 3, 2)))
 def sa_solver(b, eta, s_noise, predictor_order, corrector_order, use_pece, simple_order_2,
               tau_start, tau_end):
-    """ComfyUI's sample_sa_solver (and _pece with ``use_pece``) in x_hat with lambda = -log
-    sigma. tau is ``eta`` where ComfyUI's tau interval function is on: model levels between
-    percent_to_sigma(tau_start) and percent_to_sigma(tau_end) of the process's ComfyUI model
-    sampling. The corrector re-adds the predictor's noise: it is recovered from the
-    predicted state's buffer (x_p - its mean), so no noise is stored. Lower orders near the
-    end when the grid ends at 0, as ComfyUI does."""
+    """tau = eta between percent_to_sigma(tau_start) and (tau_end) of the process's ComfyUI
+    model sampling. The corrector re-adds the predictor's noise, recovered from the predicted
+    buffer (x_p - its mean). Lower orders near the end when the grid ends at 0."""
     from ..schedules import model_sampling_for
     sp, sig = ComfySpace(b), b.sigmas
     n = b.n_steps
