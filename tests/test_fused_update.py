@@ -284,7 +284,7 @@ def test_reference_backend_against_float64():
 
 
 def _alias(name, device):
-    return [(dt, a) for dt in _dtypes(name, device) for a in (0, 2)]
+    return [(dt, a) for dt in _dtypes(name, device) for a in (0, 1, 3)]
 
 
 @pytest.mark.parametrize("name,device,dtype,alias", _cases(_alias), ids=_ids)
