@@ -1062,3 +1062,99 @@ def test_cfg_pp_needs_plan_guidance():
     with pytest.raises(ValueError, match="guidance_scale"):
         pe.build_plan(pe.processes.EDM(), "res_multistep", np.array([3.0, 1.0, 0.0]), "sample",
                       cfg_pp=True)
+
+
+def ref_unipc_comfy(m, x, sig, variant="bh1"):
+    """ComfyUI's sample_unipc: the official UniPC multistep loop on the VP-scaled state
+    x / sqrt(1 + sigma^2) with alpha = 1/sqrt(1 + sigma^2), lambda = -log sigma, a final level
+    below 0.001 replaced by 0.001, returned divided by alpha there."""
+    ts = list(sig)
+    ts[-1] = max(ts[-1], 0.001)
+
+    def alpha(s):
+        return 1 / math.sqrt(1 + s * s)
+
+    def model_fn(xv, s):                  # data prediction from the VP-scaled state
+        return m(xv / alpha(s), s)
+    steps = len(ts) - 1
+    order = min(3, len(ts) - 2)
+    xv = x * alpha(ts[0])
+
+    def update(xv, models, times, t, k, corrector):
+        lp0, lt = -math.log(times[-1]), -math.log(t)
+        m0 = models[-1]
+        sp0, st = times[-1] * alpha(times[-1]), t * alpha(t)
+        h = lt - lp0
+        rks, D1s = [], []
+        for i in range(1, k):
+            rk = (-math.log(times[-(i + 1)]) - lp0) / h
+            rks.append(rk)
+            D1s.append((models[-(i + 1)] - m0) / rk)
+        rks.append(1.0)
+        hh = -h
+        hphi1 = math.expm1(hh)
+        hpk = hphi1 / hh - 1
+        fact = 1
+        bh = hh if variant == "bh1" else math.expm1(hh)
+        R, bb = [], []
+        for i in range(1, k + 1):
+            R.append([r ** (i - 1) for r in rks])
+            bb.append(hpk * fact / bh)
+            fact *= i + 1
+            hpk = hpk / hh - 1 / fact
+        R, bb = np.array(R), np.array(bb)
+        xt_ = st / sp0 * xv - alpha(t) * hphi1 * m0
+        if D1s:
+            rp = [0.5] if k == 2 else np.linalg.solve(R[:-1, :-1], bb[:-1])
+            xt = xt_ - alpha(t) * bh * sum(r * d for r, d in zip(rp, D1s))
+        else:
+            xt = xt_
+        mt = None
+        if corrector:
+            rc = [0.5] if k == 1 else np.linalg.solve(R, bb)
+            mt = model_fn(xt, t)
+            corr = sum(r * d for r, d in zip(rc[:-1], D1s)) if D1s else 0
+            xt = xt_ - alpha(t) * bh * (corr + rc[-1] * (mt - m0))
+        return xt, mt
+
+    models, times = [], []
+    for si in range(steps):
+        if si == 0:
+            models, times = [model_fn(xv, ts[0])], [ts[0]]
+        elif si < order:
+            xv, mx = update(xv, models, times, ts[si], si, True)
+            models.append(mx)
+            times.append(ts[si])
+        else:
+            for step in range(si, si + 1 + (1 if si == steps - 1 else 0)):
+                k = min(order, steps + 1 - step)
+                xv, mx = update(xv, models, times, ts[step], k, step != steps)
+                models = (models + [mx])[-order:] if len(models) < order else models[1:] + [mx]
+                times = (times + [ts[step]])[-order:] if len(times) < order else \
+                    times[1:] + [ts[step]]
+    return xv / alpha(ts[-1])
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("n,to_zero", [(8, True), (5, False), (3, True), (2, True)])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_unipc_comfy_matches_comfyui(gmm, kind, n, to_zero, variant):
+    flow = kind == "flow"
+    proc = pe.processes.RectifiedFlow(shift=2.0) if flow else \
+        pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = _grid(kind, n, to_zero)
+    sig = c / np.where(c < 1, 1 - c, 1.0) if flow else c.copy()
+    g = torch.Generator().manual_seed(n)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m(xc, cc):
+        return gmm.denoise(xc / (1 - cc), cc / (1 - cc)) if flow else gmm.denoise(xc, cc)
+    want = ref_unipc_comfy(m, xc0, [float(v) for v in c], variant)
+    plan = pe.build_plan(proc, "unipc_comfy", sig, "sample", variant=variant)
+    assert plan.nfe == n                          # no model call on the last step
+    x0 = xc0 if flow else xc0 * float(proc.s_of_sigma(sig[0]))
+    got = walk(plan, x0, gmm.denoise, None)
+    if not flow:
+        got = got / float(proc.s_of_sigma(sig[-1]))
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err

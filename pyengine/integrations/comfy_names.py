@@ -36,8 +36,9 @@ Where ComfyUI differs from k-diffusion under the same name (ComfyUI is followed 
   must be built with ``guidance_scale`` (classifier-free guidance folded into the plan, the
   model called on [uncond, cond]); the caller gives the unconditional model through the
   plan's guided call, not through ComfyUI's post-CFG hook;
-* uni_pc / uni_pc_bh2 map to the registry's unipc, whose parity with ComfyUI's
-  extra_samplers/uni_pc.py on flow models has not been checked.
+* uni_pc / uni_pc_bh2 run the official UniPC loop (order min(3, levels - 2), lower orders at
+  the end, no corrector on the last step) in ComfyUI's space, stopping at 0.001 instead of 0
+  (unipc_comfy); the registry's unipc follows diffusers' UniPCMultistepScheduler instead.
 * dpmpp_3m_sde's phi_2 / phi_3 use h_eta = (1 + eta) h.
 """
 
@@ -101,8 +102,8 @@ SAMPLERS: dict[str, tuple[str, dict, tuple]] = {
                              ("s_noise", "noise_sampler")),
     "res_multistep_ancestral_cfg_pp": ("res_multistep", {"cfg_pp": True}, _ANC),
     "gradient_estimation_cfg_pp": ("gradient_estimation", {"cfg_pp": True}, ("ge_gamma",)),
-    "uni_pc": ("unipc", {"variant": "bh1"}, ()),
-    "uni_pc_bh2": ("unipc", {"variant": "bh2"}, ()),
+    "uni_pc": ("unipc_comfy", {"variant": "bh1"}, ()),
+    "uni_pc_bh2": ("unipc_comfy", {"variant": "bh2"}, ()),
 }
 
 #: Samplers whose first flow level of 1 ComfyUI replaces by percent_to_sigma(1e-4).

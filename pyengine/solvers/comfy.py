@@ -1172,3 +1172,96 @@ def euler_ancestral_cfg_pp(b, eta, s_noise):
         noisy = eta > 0 and s_noise > 0
         b.assign("x", D + (down / s) * (x - Du), t, noise=s_noise * up if noisy else 0.0,
                  noisy=noisy, kind="euler_ancestral_cfg_pp")
+
+
+# ---------------------------------------------------------------------------------------
+# UniPC as ComfyUI runs it (comfy/extra_samplers/uni_pc.py: the official UniPC loop)
+# ---------------------------------------------------------------------------------------
+
+
+def _unipc_rhos(rks, h: float, order: int, variant: str, predictor: bool):
+    """UniPC's rho weights (Zhao et al. 2023, Alg. 2/3) for data prediction, hh = -h: R_ik =
+    r_k^(i-1), b_i = i! phi_(i+1)(hh) / B(hh); predictor: order 2 -> 1/2, else R[:-1,:-1]^-1 b;
+    corrector: order 1 -> 1/2, else R^-1 b."""
+    import numpy as np
+    hh = -h
+    bh = hh if variant == "bh1" else math.expm1(hh)
+    R, bvec = [], []
+    hpk = math.expm1(hh) / hh - 1.0
+    fact = 1
+    rk = np.array(list(rks) + [1.0])
+    for i in range(1, order + 1):
+        R.append(rk ** (i - 1))
+        bvec.append(hpk * fact / bh)
+        fact *= i + 1
+        hpk = hpk / hh - 1.0 / fact
+    R, bvec = np.array(R), np.array(bvec)
+    if predictor:
+        if order == 2:
+            return [0.5], bh
+        return list(np.linalg.solve(R[:-1, :-1], bvec[:-1])), bh
+    if order == 1:
+        return [0.5], bh
+    return list(np.linalg.solve(R, bvec)), bh
+
+
+@register("unipc_comfy", order=2, nfe_per_step=1, stochastic=False, family="comfy",
+          summary="UniPC as ComfyUI's sample_unipc (Zhao et al. 2023, official multistep loop): "
+                  "data prediction in ComfyUI's space with lambda = -log sigma_c, order min(3, "
+                  "levels - 2), lower orders at the end, corrector with the next model output "
+                  "except on the last step; a final level below 0.001 becomes 0.001",
+          options=("variant",), variant="bh1",
+          specs={"variant": Option("choice", choices=("bh1", "bh2"))},
+          variants=(("unipc_comfy[bh1]", {}, 2, 1), ("unipc_comfy[bh2]", {"variant": "bh2"}, 2, 1)))
+def unipc_comfy(b, variant):
+    """ComfyUI stops at 0.001 instead of 0 and returns that state (no denoising step); a
+    single-step grid is refused (ComfyUI takes no step there and returns the scaled input).
+    Measured order 2: the lower-order final steps end with a first-order predictor-only step."""
+    sp, sig = ComfySpace(b), b.sigmas
+    n = b.n_steps
+    if n < 2:
+        raise ValueError("unipc_comfy needs at least 2 steps (ComfyUI's uni_pc takes no step "
+                         "on a one-step grid)")
+    cs = [sp.c(s) for s in sig]
+    cs[-1] = max(cs[-1], 0.001)
+    order = min(3, n - 1)
+    lams = [_lam(c) for c in cs]
+    ring = [f"u{k}" for k in range(order + 2)]
+    b.step = 0
+    first, _ = b.evaluate("x", sig[0])
+    hist: list = []                      # (Lin of a kept model output, level index)
+    for j in range(1, n + 1):            # the update to level j
+        b.step = j - 1
+        k = j if j < order else min(order, n + 1 - j)
+        x = sp.x("x", sig[j - 1])
+        m0, i0 = hist[-1] if hist else (first, 0)
+        h = lams[j] - lams[i0]
+        rks, D1s = [], []
+        for q in range(1, k):
+            mi, ii = hist[-(q + 1)]
+            rks.append((lams[ii] - lams[i0]) / h)
+            D1s.append((mi - m0) / rks[-1])
+        xt = (cs[j] / cs[i0]) * x - math.expm1(-h) * m0
+        if D1s:
+            rho_p, bh = _unipc_rhos(rks, h, k, variant, predictor=True)
+            for r, d1 in zip(rho_p, D1s):
+                xt = xt - (bh * r) * d1
+        if j == n:                       # no corrector, no model call on the last step
+            sp.put("x", xt, sig[j], kind=f"unipc{k}")
+            break
+        # the first model output is copied out of the state it was computed from
+        keep = ("u_first", first) if not hist else None
+        sp.put("xp", xt, sig[j], aux=keep, kind=f"unipc_predict{k}")
+        if keep:
+            hist = [(b.ref("u_first"), 0)]
+            m0 = hist[-1][0]
+            D1s = [(mi - m0) / r for (mi, _), r in zip(hist[-2::-1], rks)]
+        Dt, _ = b.evaluate("xp", sig[j], dst=f"o{j % 2}")
+        rho_c, bh = _unipc_rhos(rks, h, k, variant, predictor=False)
+        xc = (cs[j] / cs[i0]) * x - math.expm1(-h) * m0
+        for r, d1 in zip(rho_c[:-1], D1s):
+            xc = xc - (bh * r) * d1
+        xc = xc - (bh * rho_c[-1]) * (Dt - m0)
+        slot = ring[j % len(ring)]
+        sp.put("x", xc, sig[j], aux=(slot, Dt), kind=f"unipc_correct{k}")
+        hist = (hist + [(b.ref(slot), j)])[-order:]
