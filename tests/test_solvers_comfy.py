@@ -722,6 +722,11 @@ def test_comfy_names_resolve():
         C.solver_for("dpmpp_sde", r_2=0.3)
     with pytest.raises(ValueError, match="unknown"):
         C.solver_for("eulr")
+    # every ComfyUI name is mapped or refused with a reason; every scheduler is mapped
+    for cname in C.COMFY_SAMPLER_NAMES:
+        assert cname in C.SAMPLERS or cname in C.NOT_PROVIDED, cname
+    assert len(C.COMFY_SAMPLER_NAMES) == 44
+    assert set(C.COMFY_SCHEDULER_NAMES) == set(C.SCHEDULERS)
     ms = pe.schedules.ModelSampling.flow_shift(3.0)
     np.testing.assert_array_equal(C.scheduler_sigmas("simple", ms, 6, 0.5),
                                   pe.schedules.simple(ms, 12)[-7:])
