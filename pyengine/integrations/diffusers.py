@@ -415,9 +415,14 @@ def _dpm_multistep(name, sch, eta):
     if alg == "sde-dpmsolver++" and order == 2:
         return _Recipe(solver="dpmpp_2m_sde", options=dict(
             eta=1.0, s_noise=1.0, solver_type=cfg.solver_type), **recipe)
+    if alg == "dpmsolver" and order in (2, 3):
+        return _Recipe(solver="dpm_multistep", options=dict(
+            order=order, algorithm="dpmsolver", solver_type=cfg.solver_type), **recipe)
     raise NotImplementedError(
         f"{name}(algorithm_type={alg!r}, solver_order={order}) has no pyengine solver "
-        f"(supported: dpmsolver++ orders 1-3, sde-dpmsolver++ orders 1-2, dpmsolver order 1)")
+        f"(supported: dpmsolver++ and dpmsolver orders 1-3, sde-dpmsolver++ orders 1-2; "
+        f"sde-dpmsolver draws noise in the noise-prediction form, which no registry solver "
+        f"has, and diffusers' sde-dpmsolver++ order 3 adds no noise on its third-order steps)")
 
 
 #: max order of the pyengine DPM-Solver++ multistep solvers whose lower_order_final is settled
@@ -440,6 +445,8 @@ def _pp_orders(max_order: int, n: int, lower_order_final: bool, final_zero: bool
 def _settle_orders(r: _Recipe, name: str) -> None:
     """Pick the lower_order_final that makes the pyengine plan use the scheduler's orders."""
     max_order = _PP_MULTISTEP.get(r.solver)
+    if r.solver == "dpm_multistep":
+        max_order = int(r.options["order"])
     if max_order is None:
         return
     n, final_zero = r.sigmas.size - 1, r.sigmas[-1] == 0
@@ -612,6 +619,97 @@ def _pndm(name, sch, eta):
                    float(sch.init_noise_sigma), "x")
 
 
+def _lms(name, sch, eta):
+    r = _euler(name, sch, eta)
+    # step()'s order argument (4 by default): the pipelines never pass it
+    return dataclasses.replace(r, solver="lms_integrated", options=dict(order=4))
+
+
+def _kdpm2_layout(name, sch):
+    """(grid, timesteps at the levels) of the KDPM2 schedulers: ``sigmas`` is [s0, s1, s1,
+    ..., s_{n-1}, s_{n-1}, 0, 0, 0] and ``timesteps`` [t0, t_mid1, t1, ..., t_mid, t_{n-1}]:
+    a first-order call at each level and a second at the midpoint before the next."""
+    sig, ts = _f64(sch.sigmas), _f64(sch.timesteps)
+    n = (ts.size + 1) // 2
+    grid = np.concatenate([sig[:1], sig[1:2 * n:2]])
+    if grid.size != n + 1 or grid[-1] != 0 or not np.array_equal(sig[1:2 * n - 1:2],
+                                                                 sig[2:2 * n:2]):
+        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
+    return grid, ts[0::2]
+
+
+def _kdpm2(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    grid, ts = _kdpm2_layout(name, sch)
+    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    # diffusers' step() raises for prediction_type="sample"
+    pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
+    # DPM-2 (midpoint sqrt(sigma sigma') in log sigma, the model at the midpoint's
+    # interpolated timestep), Euler on the step to 0
+    if name == "KDPM2AncestralDiscreteScheduler":
+        return _Recipe(proc, grid, ts, "dpm_2_ancestral", pred, init, "x_hat",
+                       dict(eta=1.0, s_noise=1.0))
+    return _Recipe(proc, grid, ts, "dpm_2", pred, init, "x_hat")
+
+
+def _edm_dpm_multistep(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    pred = cfg.prediction_type
+    if pred not in ("epsilon", "v_prediction"):
+        raise NotImplementedError(f"{name}(prediction_type={pred!r}): its "
+                                  f"precondition_outputs has no such branch")
+    proc = EDM(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data)
+    grid = _f64(sch.sigmas)
+    sign, sd = (1.0 if pred == "epsilon" else -1.0), float(cfg.sigma_data)
+    alg, order, n = cfg.algorithm_type, int(cfg.solver_order), grid.size - 1
+    # step() lowers the last order for euler_at_final, for lower_order_final below 15 steps
+    # and always with final_sigmas_type="zero", as DPMSolverMultistep does at sigma 0
+    orders = [min(order, i + 1) for i in range(n)]
+    lof = bool(cfg.lower_order_final) and n < 15
+    if n >= 2 and lof:
+        orders[n - 2] = min(orders[n - 2], 2)
+    if cfg.euler_at_final or lof or cfg.final_sigmas_type == "zero":
+        orders[n - 1] = 1
+
+    def wrapper(model):
+        return EDMPreconditioned(model, sd, sign)
+
+    recipe = dict(process=proc, sigmas=grid, timesteps=None, prediction="sample",
+                  init_noise_scale=float(sch.init_noise_sigma), state_space="x",
+                  orders=orders, model_wrapper=wrapper)
+    if order == 1:
+        return _Recipe(solver="ddim", options=dict(eta=1.0 if alg == "sde-dpmsolver++" else 0.0),
+                       **recipe)
+    if alg == "dpmsolver++":
+        return _Recipe(solver=f"dpmpp_{order}m", options=dict(solver_type=cfg.solver_type),
+                       **recipe)
+    if alg == "sde-dpmsolver++" and order == 2:
+        return _Recipe(solver="dpmpp_2m_sde", options=dict(
+            eta=1.0, s_noise=1.0, solver_type=cfg.solver_type), **recipe)
+    raise NotImplementedError(
+        f"{name}(algorithm_type={alg!r}, solver_order={order}): diffusers' third-order "
+        f"update adds no noise while its sde step draws it; no registry solver does that")
+
+
+def _deis(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    if cfg.algorithm_type != "deis" or cfg.solver_type != "logrho":
+        raise NotImplementedError(f"{name}(algorithm_type={cfg.algorithm_type!r}, solver_type="
+                                  f"{cfg.solver_type!r}): diffusers implements log-rho DEIS "
+                                  f"only")
+    proc = _process(name, sch)
+    grid, ts = _multistep_state(sch)
+    n = len(ts)
+    return _Recipe(proc, grid, ts, "deis_logrho", _prediction(name, cfg),
+                   float(sch.init_noise_sigma), "x",
+                   dict(order=int(cfg.solver_order),
+                        lower_order_final=bool(cfg.lower_order_final) and n < 15))
+
+
 _BUILDERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
@@ -627,13 +725,19 @@ _BUILDERS = {
     "LCMScheduler": _lcm,
     "TCDScheduler": _tcd,
     "PNDMScheduler": _pndm,
+    "LMSDiscreteScheduler": _lms,
+    "KDPM2DiscreteScheduler": _kdpm2,
+    "KDPM2AncestralDiscreteScheduler": _kdpm2,
+    "EDMDPMSolverMultistepScheduler": _edm_dpm_multistep,
+    "DEISMultistepScheduler": _deis,
 }
 
 #: step()'s default eta where it is not 0 (TCD's gamma).
 _DEFAULT_ETA = {"TCDScheduler": 0.3}
 
 #: Classes whose set_timesteps repeats every inner level for a second (corrector) call.
-_HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+_HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 #: The diffusers scheduler classes :func:`from_diffusers` reads.
 SUPPORTED = tuple(_BUILDERS)
@@ -649,7 +753,10 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         raise ValueError(f"{name}: the run's only step has length 0 (sigma {g[0]:.6g} twice): "
                          f"diffusers returns its input unchanged; there is nothing to sample "
                          f"(use 2 or more steps, or set_alpha_to_one=True)")
-    if not (g.size >= 3 and g[-1] == g[-2]):
+    # a final level equal to the one before to float32 rounding (EDM's karras/exponential
+    # schedule ends at sigma_min, then sigma_min is appended) is a step of length 0 too:
+    # diffusers moves the state by O(1e-7) of itself there, below float32 rounding
+    if not (g.size >= 3 and abs(g[-1] - g[-2]) <= 1e-6 * g[-2]):
         return
     where = (f"{name}: the grid ends with a step of length 0 (sigma {g[-1]:.6g} twice, "
              f"final_sigmas_type='sigma_min')")
@@ -749,7 +856,7 @@ def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
 #: reads them).
 _THRESHOLDING = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
                  "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-                 "DEISMultistepScheduler")
+                 "DEISMultistepScheduler", "EDMDPMSolverMultistepScheduler")
 _CLIP_SAMPLE = ("DDIMScheduler", "DDPMScheduler", "HeunDiscreteScheduler", "LCMScheduler")
 
 
@@ -763,7 +870,7 @@ def _x0_processing(name: str, cfg, r: _Recipe, clipped_eps: bool) -> dict | None
     clip = bool(cfg.get("clip_sample", False)) and name in _CLIP_SAMPLE
     if not (thr or clip):
         return None
-    eps_clipped = (name == "HeunDiscreteScheduler" or clipped_eps
+    eps_clipped = (name in ("HeunDiscreteScheduler", "DEISMultistepScheduler") or clipped_eps
                    or r.options.get("algorithm") == "dpmsolver"
                    or cfg.get("algorithm_type") == "dpmsolver")
     if thr:
@@ -953,7 +1060,7 @@ class _Walk:
 
 #: step() keywords of diffusers' Euler-type schedulers accepted at their no-op defaults.
 _STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0,
-                  "per_token_timesteps": None}
+                  "per_token_timesteps": None, "order": 4}
 
 
 class FusedScheduler:
@@ -1006,7 +1113,7 @@ class FusedScheduler:
         self._ready = False
         cfg = scheduler.config
         self._edm = None
-        if name == "EDMEulerScheduler":
+        if name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"):
             sign = -1.0 if cfg.prediction_type == "v_prediction" else 1.0
             self._edm = (float(cfg.sigma_data), sign)
 

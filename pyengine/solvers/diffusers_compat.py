@@ -13,7 +13,7 @@ in the scaled state x_hat = x / s with sigma^2 = (1 - alpha_bar) / alpha_bar:
 * ``pndm_plms``: PNDM's pseudo linear multistep (Liu et al. 2022, PNDMScheduler with
   ``skip_prk_steps``): a pseudo-Heun first step, then Adams-Bashforth on the raw model
   outputs, each step DDIM's transfer;
-* ``deis``: DEIS multistep (Zhang & Chen 2023, ``logrho`` = DEISMultistepScheduler):
+* ``deis_logrho``: DEIS multistep (Zhang & Chen 2023, ``logrho`` = DEISMultistepScheduler):
   Lagrange extrapolation of the data prediction in log rho, integrated exactly.
 """
 
@@ -112,7 +112,7 @@ _X0_SPECS = {
                   "thresholded (Saharia et al. 2022) after every model call (diffusers' "
                   "clip_sample / thresholding): one custom op per model call",
           options=tuple(["base", "base_options"] + list(_X0_SPECS)), specs=_X0_SPECS,
-          base="ddim", base_options=None, clip_sample_range=1.0, thresholding=False,
+          base="ddim", base_options=None, clip_sample_range=math.inf, thresholding=False,
           dynamic_thresholding_ratio=0.995, sample_max_value=1.0, eps_from_clipped=False)
 def _clip_x0(b, base, base_options, clip_sample_range, thresholding,
              dynamic_thresholding_ratio, sample_max_value, eps_from_clipped):
@@ -149,12 +149,10 @@ def lcm_boundary(b, timestep_scaling, sigma_data):
     """The boundary condition reads the model's own time t of each level (the discrete
     timestep for diffusers' LCMs) and the process state x (not x_hat), as LCMScheduler does.
     Every step but the last re-noises the consistency estimate to the next level with fresh
-    noise; the last returns it. The grid must end at sigma 0."""
+    noise; the last returns it (times the last level's scale s; LCMScheduler's grid ends at
+    sigma 0, where s = 1)."""
     sig = b.sigmas
     n = b.n_steps
-    if sig[-1] != 0:
-        raise ValueError(f"lcm_boundary: the grid must end at sigma 0 (the last step returns "
-                         f"the consistency estimate), got {sig[-1]!r}")
     sd2 = sigma_data * sigma_data
     for i in range(n):
         b.step = i
@@ -174,30 +172,30 @@ def lcm_boundary(b, timestep_scaling, sigma_data):
                   "TCDScheduler): x_hat_s = D + sigma_s eps at the level of timestep "
                   "floor((1 - gamma) t'), then x_hat' = x_hat_s + sqrt(sigma'^2 - sigma_s^2) z; "
                   "gamma = 0 is DDIM",
-          options=("gamma",), gamma=0.3, specs={"gamma": Option("real", lo=0.0, hi=1.0)},
-          variants=(("tcd[gamma=0]", {"gamma": 0.0}, 1, 1), ("tcd", {}, 1, 1)))
+          options=("gamma",), gamma=0.3, specs={"gamma": Option("real", lo=0.0, hi=1.0)})
 def tcd(b, gamma):
-    """Needs a discrete process (the intermediate level is the table's level at an integer
-    timestep). The last step (and every step with gamma = 0) ends at x_hat_s: for the last
-    step s is the table's timestep 0, so the grid must end at that level (sigma_min), as
-    TCDScheduler's does."""
+    """The intermediate level: on a discrete process (diffusers' LCM/TCD models) the table's
+    level at the integer timestep floor((1 - gamma) t'), elsewhere the level of model time
+    (1 - gamma) t'. The last step is DDIM to the grid's last level without noise
+    (TCDScheduler ends at timestep floor((1 - gamma) 0) = 0, the table's first level: its
+    grid ends there)."""
     proc = b.process
-    if not hasattr(proc, "num_train_timesteps"):
-        raise ValueError(f"tcd needs a discrete VP process (its intermediate level is a table "
-                         f"entry), got {proc!r}")
+    discrete = hasattr(proc, "num_train_timesteps")
     sig = b.sigmas
     n = b.n_steps
-    last_t = b.time_of(sig[n])
-    if not math.isclose(sig[n], float(proc.sigma_of_t(0)), rel_tol=1e-6) or last_t != 0:
-        raise ValueError(f"tcd: the grid must end at the table's level of timestep 0 "
-                         f"(sigma {float(proc.sigma_of_t(0)):.6g}), got {sig[n]!r}")
     for i in range(n):
         b.step = i
         D, eps = b.evaluate("x", sig[i])
         last = i == n - 1
-        t_next = 0.0 if last else b.time_of(sig[i + 1])
-        t_s = math.floor((1.0 - gamma) * t_next)
-        sigma_s = sig[i + 1] if (t_s == t_next or last) else float(proc.sigma_of_t(t_s))
+        t_next = b.time_of(sig[i + 1])
+        t_s = (1.0 - gamma) * t_next
+        if discrete:
+            t_s = math.floor(t_s)
+        if last or t_s == t_next or sig[i + 1] == 0:
+            sigma_s = sig[i + 1]
+        else:
+            sigma_s = float(proc.sigma_of_t(t_s) if discrete else
+                            proc.sigma_of_model_time(t_s))
         if gamma > 0 and not last:
             b.assign("x", D + sigma_s * eps, sig[i + 1],
                      noise=math.sqrt(max(sig[i + 1] ** 2 - sigma_s ** 2, 0.0)), noisy=True,
@@ -269,6 +267,128 @@ def pndm_plms(b):
         b.assign("x", x + (t - s) * e, t, aux=(slot, raw0) if keep else None, kind="plms")
         if keep:
             hist = [b.ref(slot)] + hist[:2]
+
+
+
+# ---------------------------------------------------------------------------------------
+# Linear multistep with the Lagrange polynomial integrated on every step
+# ---------------------------------------------------------------------------------------
+
+
+def _lagrange_integrals(nodes, a: float, b_: float) -> list[float]:
+    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j (in sigma), by
+    Gauss-Legendre quadrature on the product form (exact for these degrees)."""
+    nodes = np.asarray(nodes, dtype=np.float64)
+    g, gw = np.polynomial.legendre.leggauss(max(len(nodes), 2))
+    u = 0.5 * (b_ - a) * g + 0.5 * (b_ + a)
+    out = []
+    for j in range(len(nodes)):
+        p = np.ones_like(u)
+        for k in range(len(nodes)):
+            if k != j:
+                p = p * (u - nodes[k]) / (nodes[j] - nodes[k])
+        out.append(float(0.5 * (b_ - a) * np.dot(gw, p)))
+    return out
+
+
+@register("lms_integrated", order=2, nfe_per_step=1, stochastic=False, family="lms",
+          summary="Linear multistep in (x_hat, sigma): x_hat' = x_hat + sum_j w_j eps_{i-j}, w_j "
+                  "the integral over [sigma, sigma'] of the Lagrange basis on the last "
+                  "min(order, i + 1) levels, the step to 0 included (k-diffusion's sample_lms, "
+                  "diffusers LMSDiscreteScheduler)",
+          options=("order",), defaults=dict(order=4), specs={"order": Option("int", lo=1, hi=4)})
+def lms_integrated(b, order):
+    """Measured order 2 for order >= 2 (the first-order warm-up step, as ipndm's)."""
+    sig = b.sigmas
+    n = b.n_steps
+    ring = [f"l{k}" for k in range(max(order - 1, 1))]
+    hist: list[tuple[Lin, float]] = []        # (eps Lin, sigma), most recent first
+    for i in range(n):
+        b.step = i
+        _, eps = b.evaluate("x", sig[i])
+        q = min(i + 1, order)
+        prev = hist[:q - 1]
+        w = _lagrange_integrals([sig[i]] + [sg for _, sg in prev], sig[i], sig[i + 1])
+        lin = b.xhat("x", sig[i]) + w[0] * eps
+        for wj, (e, _) in zip(w[1:], prev):
+            lin = lin + wj * e
+        keep = order > 1 and i < n - 1
+        slot = ring[i % len(ring)]
+        b.assign("x", lin, sig[i + 1], aux=(slot, eps) if keep else None, kind=f"lms{q}")
+        if keep:
+            hist = [(b.ref(slot), sig[i])] + hist[:order - 2]
+
+
+# ---------------------------------------------------------------------------------------
+# DEIS (log rho)
+# ---------------------------------------------------------------------------------------
+
+
+def deis_weights(rho_s: float, rho_t: float, rho_hist) -> list[float]:
+    """DEIS's coefficients: c_k = integral over [rho_s, rho_t] of L_k(log rho) d rho, L_k the
+    Lagrange basis on the nodes log rho_s, log rho_hist[0], ... (the noise estimates' levels,
+    current first). With u = log rho the integral of e^u p(u) is e^u (p - p' + p'' - ...),
+    evaluated exactly."""
+    us = np.log(np.array([rho_s] + list(rho_hist), dtype=np.float64))
+    P = np.polynomial.Polynomial
+    out = []
+    for j in range(us.size):
+        p = P([1.0])
+        for k in range(us.size):
+            if k != j:
+                p = p * P([-us[k], 1.0]) / (us[j] - us[k])
+        anti, d, sign = P([0.0]), p, 1.0
+        while True:
+            anti = anti + sign * d
+            if d.degree() == 0:
+                break
+            d, sign = d.deriv(), -sign
+        ut, uS = math.log(rho_t), math.log(rho_s)
+        out.append(float(rho_t * anti(ut) - rho_s * anti(uS)))
+    return out
+
+
+@register("deis_logrho", order=2, nfe_per_step=1, stochastic=False, family="deis",
+          summary="DEIS multistep, log-rho (Zhang & Chen 2023; diffusers "
+                  "DEISMultistepScheduler): x_hat' = x_hat + sum_k c_k eps_k, c_k the integral "
+                  "over [sigma, sigma'] of the Lagrange basis in log sigma on the last "
+                  "min(order, i + 1) levels; x_hat' = D on a step to 0",
+          options=("order", "lower_order_final"), defaults=dict(order=3, lower_order_final=True),
+          specs={"order": Option("int", lo=1, hi=3)},
+          variants=(("deis_logrho[order=1]", {"order": 1}, 1, 1),
+                    ("deis_logrho[order=2]", {"order": 2}, 2, 1),
+                    ("deis_logrho[order=3]", {"order": 3}, 2, 1)))
+def deis_logrho(b, order, lower_order_final):
+    """``lower_order_final``: the last step first order and the one before at most second
+    (diffusers applies its flag only below 15 steps: pass ``cfg.lower_order_final and
+    steps < 15``). Order 3 measures 2 (its first-order warm-up step)."""
+    sig = b.sigmas
+    n = b.n_steps
+    ring = ["q0", "q1"]
+    hist: list[tuple[Lin, float]] = []        # (eps Lin, sigma), most recent first
+    for i in range(n):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        D, eps = b.evaluate("x", s)
+        keep = order > 1 and i < n - 1
+        slot = ring[i % 2]
+        aux = (slot, eps) if keep else None
+        if t == 0:
+            b.assign("x", D, t, aux=aux, kind="deis_final")
+        else:
+            q = min(order, i + 1)
+            if lower_order_final and i == n - 1:
+                q = 1
+            elif lower_order_final and i == n - 2:
+                q = min(q, 2)
+            prev = hist[:q - 1]
+            w = deis_weights(s, t, [sg for _, sg in prev])
+            lin = b.xhat("x", s) + w[0] * eps
+            for wj, (e, _) in zip(w[1:], prev):
+                lin = lin + wj * e
+            b.assign("x", lin, t, aux=aux, kind=f"deis{q}")
+        if keep:
+            hist = [(b.ref(slot), s)] + hist[:1]
 
 
 from . import x0_ops  # noqa: E402,F401  (the executor's tensor code of ProcessX0)
