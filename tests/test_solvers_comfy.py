@@ -1163,3 +1163,24 @@ def test_unipc_comfy_matches_comfyui(gmm, kind, n, to_zero, variant):
         got = got / float(proc.s_of_sigma(sig[-1]))
     err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
     assert err < 1e-9, err
+
+
+def test_plan_sigmas():
+    from pyengine.integrations import comfy_names as C
+    fl = pe.schedules.ModelSampling.flow_shift(3.0)
+    t = pe.schedules.simple(fl, 6)                      # starts at t = 1
+    assert t[0] == 1.0
+    g = C.plan_sigmas("euler", t, fl)
+    assert math.isinf(g[0]) and g[-1] == 0.0
+    np.testing.assert_allclose(g[1:], t[1:] / (1 - t[1:]), rtol=1e-15)
+    g = C.plan_sigmas("dpmpp_2m_sde", t, fl)            # ComfyUI's SNR offset at t = 1
+    t0 = fl.percent_to_sigma(1e-4)
+    assert g[0] == pytest.approx(t0 / (1 - t0), rel=1e-14) and math.isfinite(g[0])
+    eps = pe.schedules.ModelSampling.discrete(pe.processes.VP.discrete("linear").sigmas)
+    k = pe.schedules.karras(8, 0.03, 14.6)
+    np.testing.assert_array_equal(C.plan_sigmas("dpmpp_2m_sde", k, eps), k)
+    g = C.plan_sigmas("dpm_fast", k, eps)
+    from pyengine.solvers.comfy import dpm_fast_sigmas
+    np.testing.assert_allclose(g, dpm_fast_sigmas(float(k[-2]), float(k[0]), 8), rtol=1e-15)
+    with pytest.raises(ValueError, match="sigmas"):
+        C.plan_sigmas("euler", np.ones((2, 2)))

@@ -47,7 +47,7 @@ from __future__ import annotations
 from .. import schedules as S
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "NOT_PROVIDED", "solver_for", "scheduler_sigmas",
-           "SNR_OFFSET", "COMFY_SAMPLER_NAMES", "COMFY_SCHEDULER_NAMES"]
+           "SNR_OFFSET", "COMFY_SAMPLER_NAMES", "COMFY_SCHEDULER_NAMES", "plan_sigmas"]
 
 #: ComfyUI's sampler names (comfy/samplers.py KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2).
 COMFY_SAMPLER_NAMES = (
@@ -178,3 +178,30 @@ def scheduler_sigmas(name: str, model_sampling, steps: int, denoise: float = 1.0
         raise ValueError(f"unknown ComfyUI scheduler {name!r}; known: "
                          f"{', '.join(SCHEDULERS)}") from None
     return S.truncate_denoise(lambda n: fn(model_sampling, n), steps, denoise)
+
+
+def plan_sigmas(name: str, sigmas, model_sampling=None):
+    """The plan grid (pyengine sigmas of x / s) for ComfyUI sampler ``name`` called with
+    ComfyUI's ``sigmas`` on a model with ``model_sampling`` (a schedules.ModelSampling; None or
+    a non-flow one: the grid is ``sigmas`` itself). Flow models: t / (1 - t), a first level of
+    1 replaced by percent_to_sigma(1e-4) for the SNR samplers as ComfyUI does, else kept as
+    sigma = inf (pure noise). dpm_fast: its own lambda-uniform grid between the smallest
+    positive level and the first, with len(sigmas) - 1 model calls (ComfyUI's KSampler)."""
+    import numpy as np
+
+    from ..solvers.comfy import dpm_fast_sigmas
+    s = np.asarray(sigmas.detach().cpu() if hasattr(sigmas, "detach") else sigmas,
+                   dtype=np.float64)
+    if s.ndim != 1 or s.size < 2:
+        raise ValueError(f"sigmas must be a 1-D list of at least 2 levels, got shape "
+                         f"{tuple(s.shape)}")
+    flow = model_sampling is not None and model_sampling.flow
+    if name == "dpm_fast":
+        s = dpm_fast_sigmas(float(s[s > 0].min()), float(s.max()), s.size - 1)
+    elif flow and name in SNR_OFFSET and s[0] >= 1:
+        s = s.copy()
+        s[0] = model_sampling.percent_to_sigma(1e-4)
+    if not flow:
+        return s
+    with np.errstate(divide="ignore"):
+        return np.where(s >= 1, np.inf, s / np.where(s >= 1, 1.0, 1.0 - s))
