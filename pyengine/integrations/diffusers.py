@@ -73,17 +73,39 @@ class DiffusersSampler(Sampler):
     it reproduces and, for EDM schedulers, wraps the model in the scheduler's preconditioning."""
 
     def __init__(self, *args, scheduler_name: str, state_space: str, model_wrapper=None,
-                 **kwargs):
+                 noise_source=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.scheduler_name = scheduler_name
         #: "x" when the scheduler's state is pyengine's x, "x_hat" when it is x / s.
         self.state_space = state_space
         self.model_wrapper = model_wrapper
+        #: a callable making the scheduler's own noise draws (DPMSolverSDE's Brownian tree);
+        #: None: the generator (diffusers' randn order) or Philox
+        self.noise_source = noise_source
 
     def sample(self, model, noise, seed=0, **kwargs):
         if self.model_wrapper is not None:
             model = self.model_wrapper(model)
-        return super().sample(model, noise, seed, **kwargs)
+        if self.noise_source is None:
+            return super().sample(model, noise, seed, **kwargs)
+        # the scheduler's own noise (not the generator): the plan walked with those draws
+        from ..runtime import run_plan
+        from ..runtime.walk import SuppliedDraws
+        unsupported = sorted(k for k in kwargs if k not in ("generator", "backend",
+                                                            "extra_args", "callback"))
+        if unsupported:
+            raise NotImplementedError(f"{self.scheduler_name}: sample({unsupported[0]}=...) "
+                                      f"with the scheduler's Brownian-tree noise")
+        plan, x = self.start(noise)
+        draws = self.noise_source()
+        scale = float(self.process.s_of_sigma(float(self.sigmas[0])))
+
+        def fn(op, like):
+            # the tree is made from the scheduler's state x_hat (shape, dtype, device)
+            return draws(op, like if scale == 1.0 else like / scale)
+        return run_plan(plan, model, x, noise=SuppliedDraws(fn),
+                        backend=kwargs.get("backend") or self.backend,
+                        extra_args=kwargs.get("extra_args"), callback=kwargs.get("callback"))
 
     def to_scheduler_space(self, x: torch.Tensor) -> torch.Tensor:
         """The final state as the scheduler's own loop returns it (x / s(sigma_last) for
@@ -151,6 +173,8 @@ class _Recipe:
     dropped_final: bool = False        # a zero-length final step (the identity) was dropped
     output_sign: float = 1.0           # -1: the model's output is minus the plan's prediction
     x0: dict | None = None             # clip_x0 options (clip_sample / thresholding)
+    noise: str = "generator"           # "brownian": the scheduler's Brownian-tree noise
+    noise_source: object = None        # () -> draws, for noise="brownian"
 
     @property
     def last_order(self) -> int:
@@ -710,6 +734,53 @@ def _deis(name, sch, eta):
                         lower_order_final=bool(cfg.lower_order_final) and n < 15))
 
 
+def _dpm_sde(name, sch, eta):
+    cfg = sch.config
+    _no_eta(name, eta)
+    proc = _vp_process(name, sch)
+    sig, ts = _multistep_state(sch)
+    # Heun's layout: [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]; the second call of each step is
+    # at the log-midpoint sqrt(s_i s_{i+1}) (timesteps[1::2])
+    if sig.size % 2 or not np.array_equal(sig[1:-1:2], sig[2:-1:2]):
+        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
+    grid = np.concatenate([sig[0:-1:2], sig[-1:]])
+    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
+    return _Recipe(proc, grid, ts[0::2], "dpmpp_sde", pred, init, "x_hat",
+                   dict(eta=1.0, s_noise=1.0, r=0.5), noise="brownian")
+
+
+class _BrownianDraws:
+    """DPMSolverSDEScheduler's noise: its own ``BrownianTreeNoiseSampler`` (torchsde's
+    Brownian interval, seeded with ``noise_sampler_seed``), created at the first draw from that
+    step's state as diffusers does, and queried at the very float32 levels diffusers passes:
+    (sigma_i, exp(-(t_i + (t_{i+1} - t_i) / 2))) for the midpoint stage and (sigma_i,
+    sigma_{i+1}) for the full step, t = -log sigma. The tree is not smooth in its query times
+    (a one-ulp change moves a draw by ~sqrt(ulp)), so the levels are recomputed with diffusers'
+    float32 operations, not taken from the plan's float64 grid."""
+
+    def __init__(self, sch, offset: int = 0):
+        sig = sch.sigmas.detach().cpu().to(torch.float32)
+        self.levels = torch.cat([sig[0:-1:2], sig[-1:]])
+        pos = sig[sig > 0]
+        self.lo, self.hi = pos.min().item(), sig.max().item()
+        self.seed = sch.noise_sampler_seed
+        self.offset = int(offset)
+        self.sampler = None
+
+    def __call__(self, op, like):
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+        if self.sampler is None:
+            self.sampler = BrownianTreeNoiseSampler(like, self.lo, self.hi, self.seed)
+        i = op.step + self.offset
+        t = self.levels[i].log().neg()
+        t_next = self.levels[i + 1].log().neg()
+        if op.kind == "dpmpp_sde_1":
+            t_next = t + (t_next - t) * 0.5
+        z = self.sampler(t.neg().exp(), t_next.neg().exp())
+        return z if op.noise != 0.0 else None
+
+
 _BUILDERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
@@ -730,6 +801,7 @@ _BUILDERS = {
     "KDPM2AncestralDiscreteScheduler": _kdpm2,
     "EDMDPMSolverMultistepScheduler": _edm_dpm_multistep,
     "DEISMultistepScheduler": _deis,
+    "DPMSolverSDEScheduler": _dpm_sde,
 }
 
 #: step()'s default eta where it is not 0 (TCD's gamma).
@@ -737,7 +809,8 @@ _DEFAULT_ETA = {"TCDScheduler": 0.3}
 
 #: Classes whose set_timesteps repeats every inner level for a second (corrector) call.
 _HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
-                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                "DPMSolverSDEScheduler")
 
 #: The diffusers scheduler classes :func:`from_diffusers` reads.
 SUPPORTED = tuple(_BUILDERS)
@@ -846,6 +919,9 @@ def _set_timesteps(sch, name: str, n, device, custom: dict) -> None:
 def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
     """The recipe of a scheduler whose ``set_timesteps`` has run (orders not yet settled)."""
     r = _BUILDERS[name](name, sch, eta)
+    if r.noise == "brownian":
+        snapshot = copy.deepcopy(sch)
+        r.noise_source = lambda: _BrownianDraws(snapshot)
     _drop_zero_length_final_step(r, name)
     r.x0 = _x0_processing(name, sch.config, r, clipped_eps)
     return r
@@ -907,6 +983,8 @@ def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
     kwargs = dict(prediction=r.prediction, init_noise_scale=r.init_noise_scale, **options)
     kwargs.update(overrides)
     wrapper = r.model_wrapper
+    if r.noise == "brownian":
+        kwargs["noise_source"] = r.noise_source
     if r.output_sign != 1.0:
         inner = wrapper
 
@@ -1033,6 +1111,7 @@ class _Walk:
         self.k = 0
         self.walker: Walker | None = None
         self.seeds = None
+        self.brownian = None        # DPMSolverSDE's Brownian-tree draws, per run
 
     def __deepcopy__(self, memo):
         # the walker holds a backend module (not copyable): the copy makes its own
@@ -1259,6 +1338,8 @@ class FusedScheduler:
             if w.seeds is None:
                 w.seeds = seeds_tensor(self._seed, sample.shape[0]).to(sample.device)
             walker.noise = PhiloxDraws(w.seeds)
+        elif w.brownian is not None:
+            walker.noise = SuppliedDraws(lambda op, like: w.brownian(op, sample))
         else:
             drawn = []
 
@@ -1367,7 +1448,10 @@ class FusedScheduler:
             _settle_orders(r, self._name)
             self._plans[key] = (_sampler(r, self._name, {}), r)
         sampler, r = self._plans[key]
-        return _Walk(sampler, r, begin, eta, len(self._inner.timesteps) - begin)
+        w = _Walk(sampler, r, begin, eta, len(self._inner.timesteps) - begin)
+        if r.noise == "brownian":
+            w.brownian = _BrownianDraws(self._inner, offset=begin // 2)
+        return w
 
 
 def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
