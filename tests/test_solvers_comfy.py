@@ -1184,3 +1184,102 @@ def test_plan_sigmas():
     np.testing.assert_allclose(g, dpm_fast_sigmas(float(k[-2]), float(k[0]), 8), rtol=1e-15)
     with pytest.raises(ValueError, match="sigmas"):
         C.plan_sigmas("euler", np.ones((2, 2)))
+
+
+# ---------------------------------------------------------------------------------------
+# agreement with k-diffusion where it has the name (its sampling.py, loaded alone)
+# ---------------------------------------------------------------------------------------
+
+
+def _load_k():
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+    try:
+        spec = importlib.util.find_spec("k_diffusion")
+        importlib.util.find_spec("torchsde").name
+    except (ImportError, ValueError, AttributeError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
+    pkg, utils = types.ModuleType("k_diffusion"), types.ModuleType("k_diffusion.utils")
+    pkg.__path__ = []
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    pkg.utils = utils
+    stubs = {"k_diffusion": pkg, "k_diffusion.utils": utils}
+    if importlib.util.find_spec("torchdiffeq") is None:
+        stubs["torchdiffeq"] = types.ModuleType("torchdiffeq")
+        stubs["torchdiffeq"].odeint = None
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        sspec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
+        mod = importlib.util.module_from_spec(sspec)
+        sspec.loader.exec_module(mod)
+    except Exception:
+        return None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mod
+
+
+KD = _load_k()
+
+K_CASES = [   # (registry solver, options, k-diffusion function, its kwargs, grid ends at 0)
+    ("dpm_2_ancestral", {"eta": 0.8}, "sample_dpm_2_ancestral", {"eta": 0.8}, True),
+    ("dpmpp_2s_ancestral", {"eta": 1.0, "s_noise": 0.9}, "sample_dpmpp_2s_ancestral",
+     {"eta": 1.0, "s_noise": 0.9}, True),
+    ("dpmpp_sde", {"eta": 0.7, "r": 0.4}, "sample_dpmpp_sde", {"eta": 0.7, "r": 0.4}, True),
+    ("dpmpp_3m_sde", {"eta": 1.0}, "sample_dpmpp_3m_sde", {"eta": 1.0}, True),
+    ("dpmpp_3m_sde", {"eta": 0.0}, "sample_dpmpp_3m_sde", {"eta": 0.0}, True),
+    ("euler_ancestral_comfy", {"eta": 0.9}, "sample_euler_ancestral", {"eta": 0.9}, True),
+    ("euler_comfy", {}, "sample_euler", {}, True),
+    ("heun_comfy", {}, "sample_heun", {}, True),
+    ("dpm_2_comfy", {}, "sample_dpm_2", {}, True),
+    ("dpmpp_2m_comfy", {}, "sample_dpmpp_2m", {}, True),
+    ("lms", {}, "sample_lms", {}, False),          # k-diffusion takes no denoising step at 0
+]
+
+
+@pytest.mark.skipif(KD is None, reason="k-diffusion (and torchsde) not installed")
+@pytest.mark.parametrize("name,opts,kname,kkw,to_zero", K_CASES,
+                         ids=[f"{c[0]}{c[1]}" for c in K_CASES])
+def test_agrees_with_k_diffusion(gmm, name, opts, kname, kkw, to_zero):
+    sig = _grid("eps", 9, to_zero)
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(32, B, D, generator=g, dtype=torch.float64)
+    x0 = torch.randn(B, D, generator=g, dtype=torch.float64) * sig[0]
+    want = getattr(KD, kname)(lambda x, s: gmm.denoise(x, float(s[0])), x0.clone(),
+                              torch.tensor(sig, dtype=torch.float64), disable=True,
+                              **({"noise_sampler": Noise(Z)} if "eta" in kkw else {}), **kkw)
+    plan = pe.build_plan(pe.processes.EDM(), name, sig, "sample", **opts)
+    got = walk(plan, x0.clone(), gmm.denoise, Z)
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err
+
+
+@pytest.mark.skipif(KD is None, reason="k-diffusion (and torchsde) not installed")
+@pytest.mark.parametrize("nfe,eta", [(6, 0.0), (10, 0.0), (7, 0.6)])
+def test_dpm_fast_agrees_with_k_diffusion(gmm, nfe, eta):
+    from pyengine.solvers.comfy import dpm_fast_sigmas
+    g = torch.Generator().manual_seed(nfe)
+    Z = torch.randn(16, B, D, generator=g, dtype=torch.float64)
+    x0 = torch.randn(B, D, generator=g, dtype=torch.float64) * 12.0
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)      # k-diffusion builds its lambda grid in it
+    try:
+        want = KD.sample_dpm_fast(lambda x, s: gmm.denoise(x, float(s[0])), x0.clone(), 0.04,
+                                  12.0, nfe, disable=True, eta=eta, noise_sampler=Noise(Z))
+    finally:
+        torch.set_default_dtype(old)
+    plan = pe.build_plan(pe.processes.EDM(), "dpm_fast", dpm_fast_sigmas(0.04, 12.0, nfe),
+                         "sample", nfe=nfe, eta=eta)
+    got = walk(plan, x0.clone(), gmm.denoise, Z)
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err
