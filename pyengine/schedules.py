@@ -23,6 +23,7 @@ __all__ = ["validate", "karras", "exponential", "logsnr_uniform", "time_uniform"
            "model_sampling_for", "simple", "ddim_uniform", "normal", "sgm_uniform", "beta",
            "linear_quadratic", "kl_optimal", "AYS_LEVELS", "loglinear_interp",
            "align_your_steps", "COMFY_SCHEDULERS", "split_at", "split_denoise",
+           "flux_mu_for_size", "ltxv_sigmas", "manual_sigmas",
            "truncate_denoise", "flip"]
 
 
@@ -83,7 +84,8 @@ def _finish(s, append_zero):
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
            append_zero: bool = True) -> np.ndarray:
-    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    """Karras et al. 2022 eq. 5:
+    sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
     _check_range(n, sigma_min, sigma_max)
     if not (isinstance(rho, (int, float, np.floating, np.integer)) and math.isfinite(rho)
             and rho > 0):
@@ -652,6 +654,43 @@ def align_your_steps(model_type: str, steps: int, denoise: float = 1.0) -> np.nd
     lv = lv[-(total + 1):].copy()
     lv[-1] = 0.0
     return lv
+
+
+def flux_mu_for_size(width: int, height: int, max_shift: float = 1.15,
+                     base_shift: float = 0.5) -> float:
+    """ComfyUI's ModelSamplingFlux shift for an image of width x height pixels: flow_mu of
+    width * height / 256 latent tokens on the line through (256, base_shift), (4096,
+    max_shift)."""
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return flow_mu(width * height / 256.0, 256, 4096, base_shift, max_shift)
+
+
+def ltxv_sigmas(steps: int, max_shift: float = 2.05, base_shift: float = 0.95,
+                stretch: bool = True, terminal: float = 0.1, tokens: int = 4096) -> np.ndarray:
+    """ComfyUI's LTXVScheduler: t = linspace(1, 0, steps + 1), the dynamic exponential shift
+    with mu = flow_mu(tokens, 1024, 4096, base_shift, max_shift) on the nonzero levels, then
+    (``stretch``) the terminal stretch of those levels to ``terminal``; ends in 0."""
+    steps = _steps(steps)
+    mu = flow_mu(tokens, 1024, 4096, base_shift, max_shift)
+    t = np.linspace(1.0, 0.0, steps + 1)
+    t[:-1] = time_shift_exponential(t[:-1], mu)
+    if stretch:
+        t[:-1] = stretch_to_terminal(t[:-1], terminal)
+    return t
+
+
+def manual_sigmas(text: str) -> np.ndarray:
+    """Levels typed as text ("14.6, 7.2, 3.1, 0"), as ComfyUI's ManualSigmas node reads them:
+    every number in the string, in order."""
+    import re
+    if not isinstance(text, str):
+        raise ValueError(f"sigmas must be a string of numbers, got {type(text).__name__}")
+    nums = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text)
+    if not nums:
+        raise ValueError(f"sigmas holds no number: {text!r}")
+    return np.array([float(v) for v in nums], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------

@@ -386,3 +386,26 @@ def test_flow_sigmas_multistep_closed_form():
         S.flow_sigmas_multistep(4, style="euler")
     with pytest.raises(ValueError, match="final"):
         S.flow_sigmas_multistep(4, final="none")
+
+
+def test_flux_size_mu_ltxv_and_manual_lists():
+    # ModelSamplingFlux: width * height / 256 tokens on the (256, 0.5)-(4096, 1.15) line
+    assert S.flux_mu_for_size(1024, 1024) == pytest.approx(
+        0.5 + (1024 * 1024 / 256 - 256) * (1.15 - 0.5) / (4096 - 256), rel=1e-14)
+    with pytest.raises(ValueError, match="width"):
+        S.flux_mu_for_size(0, 512)
+    # LTXVScheduler: exponential shift of linspace(1, 0), stretched to the terminal
+    steps, tokens = 12, 6000
+    got = S.ltxv_sigmas(steps, tokens=tokens)
+    mu = 0.95 + (tokens - 1024) * (2.05 - 0.95) / (4096 - 1024)
+    raw = [math.exp(mu) / (math.exp(mu) + 1 / (1 - i / steps) - 1) for i in range(steps)]
+    k = (1 - raw[-1]) / (1 - 0.1)
+    want = [1 - (1 - r) / k for r in raw] + [0.0]
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    assert got[-2] == pytest.approx(0.1) and got[0] == 1.0
+    np.testing.assert_allclose(S.ltxv_sigmas(steps, tokens=tokens, stretch=False)[:-1], raw,
+                               rtol=1e-13)
+    np.testing.assert_array_equal(S.manual_sigmas("14.6, 7.25,3 ,1e-1, .5 0"),
+                                  [14.6, 7.25, 3.0, 0.1, 0.5, 0.0])
+    with pytest.raises(ValueError, match="sigmas"):
+        S.manual_sigmas("none")
