@@ -1283,3 +1283,57 @@ def test_dpm_fast_agrees_with_k_diffusion(gmm, nfe, eta):
     got = walk(plan, x0.clone(), gmm.denoise, Z)
     err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
     assert err < 1e-9, err
+
+
+def ref_dpmpp_2m_sde(m, x, sig, ns, flow, eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """ComfyUI's sample_dpmpp_2m_sde (model-kind half-log-SNR)."""
+    old, h_last = None, None
+    for i in range(len(sig) - 1):
+        d0 = m(x, sig[i])
+        h = None
+        if sig[i + 1] == 0:
+            x = d0
+        else:
+            ls, lt = lam_fn(sig[i], flow), lam_fn(sig[i + 1], flow)
+            h = lt - ls
+            he = h * (eta + 1)
+            a_t = sig[i + 1] * math.exp(lt)
+            x = sig[i + 1] / sig[i] * math.exp(-h * eta) * x + a_t * -math.expm1(-he) * d0
+            if old is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + a_t * (-math.expm1(-he) / -he + 1) * (1 / r) * (d0 - old)
+                else:
+                    x = x + 0.5 * a_t * -math.expm1(-he) * (1 / r) * (d0 - old)
+            if eta > 0 and s_noise > 0:
+                x = x + ns() * sig[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
+        old, h_last = d0, h
+    return x
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("opts", [{"eta": 1.0}, {"eta": 0.5, "solver_type": "heun"},
+                                  {"eta": 0.0}])
+def test_registry_dpmpp_2m_sde_is_comfyuis(gmm, kind, opts):
+    """The mapping's claim: the registry's dpmpp_2m_sde (x_hat, lambda = -log sigma) is
+    ComfyUI's for both model kinds (given ComfyUI's first-level offset on flow models)."""
+    from pyengine.integrations import comfy_names as C
+    flow = kind == "flow"
+    proc = pe.processes.RectifiedFlow(shift=2.0) if flow else \
+        pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = _grid(kind, 8, True)
+    sig = c / np.where(c < 1, 1 - c, 1.0) if flow else c.copy()
+    g = torch.Generator().manual_seed(21)
+    Z = torch.randn(16, B, D, generator=g, dtype=torch.float64)
+    xc0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if flow else c[0])
+
+    def m(xc, cc):
+        return gmm.denoise(xc / (1 - cc), cc / (1 - cc)) if flow else gmm.denoise(xc, cc)
+    want = ref_dpmpp_2m_sde(m, xc0, [float(v) for v in c], Noise(Z), flow, **opts)
+    name, o = C.solver_for("dpmpp_2m_sde_heun" if opts.get("solver_type") == "heun"
+                           else "dpmpp_2m_sde", eta=opts["eta"])
+    plan = pe.build_plan(proc, name, sig, "sample", **o)
+    x0 = xc0 if flow else xc0 * float(proc.s_of_sigma(sig[0]))
+    got = walk(plan, x0, gmm.denoise, Z)
+    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    assert err < 1e-9, err
