@@ -727,11 +727,17 @@ def _deis(name, sch, eta):
                                   f"only")
     proc = _process(name, sch)
     grid, ts = _multistep_state(sch)
-    n = len(ts)
+    n, order = len(ts), int(cfg.solver_order)
+    # step(): warm-up min(order, i + 1); below 15 steps with lower_order_final the last step
+    # first order and the one before at most second
+    orders = [min(order, i + 1) for i in range(n)]
+    if cfg.lower_order_final and n < 15:
+        orders[-1] = 1
+        if n >= 2:
+            orders[-2] = min(orders[-2], 2)
     return _Recipe(proc, grid, ts, "deis_logrho", _prediction(name, cfg),
                    float(sch.init_noise_sigma), "x",
-                   dict(order=int(cfg.solver_order),
-                        lower_order_final=bool(cfg.lower_order_final) and n < 15))
+                   dict(order=order, order_list=list(orders)), orders=orders)
 
 
 def _dpm_sde(name, sch, eta):
@@ -838,11 +844,13 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         # still runs with the model output at the repeated level; a plan cannot end there.
         raise ValueError(f"{where}: UniPC still corrects the previous step there, which no "
                          f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
-    if r.solver == "dpm_singlestep" and r.last_order > 1:
+    if r.solver == "deis_logrho":
+        pass        # DEIS integrates its polynomial over [rho, rho]: 0 at any order
+    elif r.solver == "dpm_singlestep" and r.last_order > 1:
         raise ValueError(f"{where}: its last singlestep block (order {r.last_order}) starts "
                          f"before the repeated level and is not the identity there, which no "
                          f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
-    if r.last_order >= 3 or (r.last_order == 2 and r.options.get("solver_type") == "heun"):
+    elif r.last_order >= 3 or (r.last_order == 2 and r.options.get("solver_type") == "heun"):
         raise ValueError(f"{where}: diffusers' order-{r.last_order} "
                          f"{r.options.get('solver_type', '')} update divides by h = 0 there "
                          f"and returns nan; there is no result to reproduce")

@@ -353,17 +353,29 @@ def deis_weights(rho_s: float, rho_t: float, rho_hist) -> list[float]:
                   "DEISMultistepScheduler): x_hat' = x_hat + sum_k c_k eps_k, c_k the integral "
                   "over [sigma, sigma'] of the Lagrange basis in log sigma on the last "
                   "min(order, i + 1) levels; x_hat' = D on a step to 0",
-          options=("order", "lower_order_final"), defaults=dict(order=3, lower_order_final=True),
+          options=("order", "lower_order_final", "order_list"),
+          defaults=dict(order=3, lower_order_final=True, order_list=None),
           specs={"order": Option("int", lo=1, hi=3)},
           variants=(("deis_logrho[order=1]", {"order": 1}, 1, 1),
                     ("deis_logrho[order=2]", {"order": 2}, 2, 1),
                     ("deis_logrho[order=3]", {"order": 3}, 2, 1)))
-def deis_logrho(b, order, lower_order_final):
+def deis_logrho(b, order, lower_order_final, order_list):
     """``lower_order_final``: the last step first order and the one before at most second
     (diffusers applies its flag only below 15 steps: pass ``cfg.lower_order_final and
-    steps < 15``). Order 3 measures 2 (its first-order warm-up step)."""
+    steps < 15``). ``order_list`` gives every step's order instead (lowered where the history
+    is shorter). Order 3 measures 2 (its first-order warm-up step)."""
     sig = b.sigmas
     n = b.n_steps
+    if order_list is not None:
+        try:
+            order_list = [int(o) for o in order_list]
+        except (TypeError, ValueError):
+            raise ValueError(f"deis_logrho: order_list must be a sequence of orders, got "
+                             f"{order_list!r}") from None
+        if len(order_list) != n or any(o not in (1, 2, 3) for o in order_list):
+            raise ValueError(f"deis_logrho: order_list needs {n} orders in 1..3, got "
+                             f"{order_list!r}")
+        order = max(order_list)
     ring = ["q0", "q1"]
     hist: list[tuple[Lin, float]] = []        # (eps Lin, sigma), most recent first
     for i in range(n):
@@ -377,7 +389,9 @@ def deis_logrho(b, order, lower_order_final):
             b.assign("x", D, t, aux=aux, kind="deis_final")
         else:
             q = min(order, i + 1)
-            if lower_order_final and i == n - 1:
+            if order_list is not None:
+                q = min(order_list[i], i + 1)
+            elif lower_order_final and i == n - 1:
                 q = 1
             elif lower_order_final and i == n - 2:
                 q = min(q, 2)
