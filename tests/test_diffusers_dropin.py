@@ -175,6 +175,24 @@ SCHEDULERS = [
     ("UniPC o3, disable_corrector", lambda: D.UniPCMultistepScheduler(
         solver_order=3, disable_corrector=[0, 3]), 10, None),
     ("EDM Euler", lambda: D.EDMEulerScheduler(), 8, None),
+    ("DDIM default (clip_sample)", lambda: D.DDIMScheduler(), 10, None),
+    ("DDIM thresholding, eta=1", lambda: D.DDIMScheduler(thresholding=True), 10, 1.0),
+    ("DDPM default (clip_sample)", lambda: D.DDPMScheduler(), 10, None),
+    ("DPM 2M thresholding", lambda: D.DPMSolverMultistepScheduler(thresholding=True), 8, None),
+    ("LCM", lambda: D.LCMScheduler(), 4, None),
+    ("TCD (eta 0.3 by default)", lambda: D.TCDScheduler(), 4, None),
+    ("TCD eta=0.7", lambda: D.TCDScheduler(), 5, 0.7),
+    ("PNDM (SD 1.5)", lambda: D.PNDMScheduler(skip_prk_steps=True, steps_offset=1,
+                                              set_alpha_to_one=False), 10, None),
+    ("LMS", lambda: D.LMSDiscreteScheduler(), 10, None),
+    ("KDPM2 (interleaved midpoints)", lambda: D.KDPM2DiscreteScheduler(), 6, None),
+    ("KDPM2 ancestral", lambda: D.KDPM2AncestralDiscreteScheduler(), 6, None),
+    ("EDM DPM 2M", lambda: D.EDMDPMSolverMultistepScheduler(), 10, None),
+    ("EDM DPM SDE 2M", lambda: D.EDMDPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++"), 10, None),
+    ("DEIS", lambda: D.DEISMultistepScheduler(), 10, None),
+    ("DPM SDE (Brownian tree)", lambda: D.DPMSolverSDEScheduler(noise_sampler_seed=5), 6,
+     None),
 ]
 
 
@@ -205,6 +223,10 @@ BEGIN = [
     ("UniPC o3, disable_corrector", lambda: D.UniPCMultistepScheduler(
         solver_order=3, disable_corrector=[0, 4]), 10, 2),
     ("EDM Euler", lambda: D.EDMEulerScheduler(), 8, 3),
+    ("KDPM2", lambda: D.KDPM2DiscreteScheduler(), 6, 4),
+    ("DEIS", lambda: D.DEISMultistepScheduler(), 12, 3),
+    ("DPM SDE (Brownian tree)", lambda: D.DPMSolverSDEScheduler(noise_sampler_seed=5), 6, 4),
+    ("LCM", lambda: D.LCMScheduler(), 6, 2),
 ]
 
 
@@ -296,13 +318,13 @@ def test_no_host_reads_in_steps(monkeypatch):
 
 
 def test_unsupported_and_misuse_raise():
-    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
-        FusedScheduler.from_scheduler(D.PNDMScheduler())
-    with pytest.raises(NotImplementedError, match="clip_sample"):
-        FusedScheduler.from_scheduler(D.DDIMScheduler())
+    with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
+        FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())
+    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
+        FusedScheduler.from_scheduler(D.PNDMScheduler()).set_timesteps(10)
     with pytest.raises(NotImplementedError, match="algorithm_type"):
         FusedScheduler.from_scheduler(D.DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)
+            algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)
     fused = FusedScheduler.from_scheduler(D.EulerDiscreteScheduler())
     x = torch.randn(SHAPE)
     with pytest.raises(RuntimeError, match="set_timesteps"):
