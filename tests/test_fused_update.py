@@ -683,6 +683,27 @@ def test_trusted_calls_equal_validated_ones(name, device):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def test_trusted_calls_run_no_python_validation(monkeypatch):
+    """The steady state of a validated structure runs no Python re-validation."""
+    from pyengine.fused_update import contract
+
+    def refuse(*a, **k):
+        raise AssertionError("validated a trusted call")
+
+    monkeypatch.setattr(contract, "validate", refuse)
+    monkeypatch.setattr(contract, "check_overlap", refuse)
+    x = torch.randn(2, 9)
+    for name in ("torch", "cpp", "numba"):
+        if dispatch.unavailable_reason(name, "cpu") is not None:
+            continue
+        out = torch.empty_like(x)
+        dispatch.resolve(dispatch.REGISTRY[name]).fused_update(out, [x, x], np.array([1.0, 2.0]),
+                                                               trusted=True)
+        torch.testing.assert_close(out, 3 * x)
+        with pytest.raises(AssertionError, match="validated"):
+            dispatch.resolve(dispatch.REGISTRY[name]).fused_update(out, [x], np.array([1.0]))
+
+
 def test_validate_knows_each_backends_limits():
     x = torch.randn(2, 8).to(torch.bfloat16)
     with pytest.raises(ValueError, match="the numba backend takes float32 and float64"):

@@ -220,7 +220,8 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
         if noise_coef.numel() != B or (noise_coef.dim() > 1 and noise_coef.dim() != ref.dim()):
             raise ValueError(f"noise_coef must be a float or a [B]={B} tensor, got shape "
                              f"{tuple(noise_coef.shape)}")
-    elif isinstance(noise_coef, bool) or not isinstance(noise_coef, numbers.Real):
+    elif type(noise_coef) is not float and (isinstance(noise_coef, bool) or
+                                            not isinstance(noise_coef, numbers.Real)):
         raise ValueError(f"noise_coef must be a float or a [B] tensor, got "
                          f"{type(noise_coef).__name__}")
     noise_kind = "none"
@@ -230,7 +231,8 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
             noise_kind = "tensor"
         else:
             if not isinstance(seeds, torch.Tensor) or (not per_sample and (
-                    isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                    type(step) is not int and (isinstance(step, bool) or
+                                               not isinstance(step, numbers.Integral))
                     or step < 0)):
                 raise ValueError("a noisy update needs seeds (an int64 [B] tensor) and step "
                                  ">= 0 or an int64 [B] step tensor (or noise=)")
