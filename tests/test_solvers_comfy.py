@@ -321,12 +321,14 @@ def ref_ipndm(m, x, sig, ns, flow, max_order=4, variable=False):
     return x
 
 
-def ref_heunpp2(m, x, sig, ns, flow):
+def ref_heunpp2(m, x, sig, ns, flow, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                s_noise=1.0):
     end = sig[-1]
     for i in range(len(sig) - 1):
-        d0 = m(x, sig[i])
-        d = (x - d0) / sig[i]
-        dt = sig[i + 1] - sig[i]
+        x, sh = _churn(x, sig, i, ns, s_churn, s_tmin, s_tmax, s_noise)
+        d0 = m(x, sh)
+        d = (x - d0) / sh
+        dt = sig[i + 1] - sh
         if sig[i + 1] == end:
             x = x + d * dt
         elif sig[i + 2] == end:
@@ -593,6 +595,7 @@ CASES = [
     ("ipndm_v", {"max_order": 3}, ref_ipndm, {"max_order": 3, "variable": True}),
     ("ipndm_v", {"max_order": 2}, ref_ipndm, {"max_order": 2, "variable": True}),
     ("heunpp2", {}, ref_heunpp2, {}),
+    ("heunpp2", {"s_churn": 1.5, "s_tmax": 0.7}, ref_heunpp2, {"s_churn": 1.5, "s_tmax": 0.7}),
     ("er_sde", {}, ref_er_sde, {}),
     ("er_sde", {"max_stage": 2, "s_noise": 0.5}, ref_er_sde, {"max_stage": 2, "s_noise": 0.5}),
     ("seeds_2", {}, ref_seeds, {}),
@@ -704,7 +707,8 @@ def test_option_errors_name_the_option():
     with pytest.raises(ValueError, match="r_1"):
         pe.build_plan(proc, "seeds_3", sig, "sample", r_1=0.8, r_2=0.5)
     with pytest.raises(ValueError, match="s_churn"):
-        pe.build_plan(proc, "heunpp2", sig, "sample", s_churn=1.0)
+        pe.build_plan(pe.processes.RectifiedFlow(), "heun_comfy",
+                      np.array([99.0, 9.0, 1.0, 0.0]), "sample", s_churn=3.0)
 
 
 def test_comfy_names_resolve():

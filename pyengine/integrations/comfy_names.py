@@ -138,7 +138,6 @@ NOT_PROVIDED: dict[str, str] = {
                            "percent 0.2..0.8, options eta / tau_start / tau_end)",
     "lcm[noise_clip_std>0]": "the clamp of the injected noise at N standard deviations depends "
                              "on the drawn noise's own std: a data-dependent op",
-    "heunpp2[s_churn>0]": "ComfyUI draws heunpp2's churn noise at every step: refused",
 }
 
 

@@ -107,7 +107,7 @@ def _to_d(x, D, c):
     return (x - D) / c
 
 
-@register("res_multistep", order=2, nfe_per_step=1, stochastic=True, family="comfy",
+@register("res_multistep", order=2, nfe_per_step=1, stochastic=False, family="comfy",
           summary="RES multistep (Zhang et al. 2023, arXiv:2308.02157; ComfyUI res_multistep): "
                   "x' = e^-h x + h (b1 D + b2 D_-1), b1 = phi1(-h) - phi2(-h)/c2, b2 = "
                   "phi2(-h)/c2, c2 = (lambda_-1 - lambda_down,-1)/h, lambda = -log sigma_c, "
@@ -310,17 +310,17 @@ def ipndm_comfy(b, max_order):
           options=("s_churn", "s_tmin", "s_tmax", "s_noise"), s_churn=0.0, s_tmin=0.0,
           s_tmax=math.inf, s_noise=1.0)
 def heunpp2(b, s_churn, s_tmin, s_tmax, s_noise):
-    if s_churn:
-        raise ValueError("heunpp2: s_churn > 0 is not supported (ComfyUI draws its churn noise "
-                         "at every step; use s_churn=0)")
+    """Churn as in ComfyUI (Karras Alg. 2 in ComfyUI's units); ComfyUI draws the churn noise at
+    every step, used or not, the plan only where gamma > 0."""
     sp, sig = ComfySpace(b), b.sigmas
     cs = [sp.c(s) for s in sig]
     end = cs[-1]
     for i in range(b.n_steps):
         b.step = i
-        c, c1 = cs[i], cs[i + 1]
-        x = sp.x("x", sig[i])
-        D, _ = b.evaluate("x", sig[i], dst="o1")
+        s_hat, c = _churned(sp, i, s_churn, s_tmin, s_tmax, s_noise)
+        c1 = cs[i + 1]
+        x = sp.x("x", s_hat)
+        D, _ = b.evaluate("x", s_hat, dst="o1")
         d = _to_d(x, D, c)
         dt = c1 - c
         if c1 == end:
@@ -654,7 +654,7 @@ def seeds_2(b, eta, s_noise, r, solver_type):
     _seeds(b, eta, s_noise, (r,), solver_type)
 
 
-@register("exp_heun_2_x0", order=2, nfe_per_step=2, stochastic=True, family="comfy",
+@register("exp_heun_2_x0", order=2, nfe_per_step=2, stochastic=False, family="comfy",
           summary="Exponential Heun in x0 and lambda (ComfyUI sample_exp_heun_2_x0[_sde]): "
                   "SEEDS-2 with r = 1 and phi_2 weights; eta = 0 is deterministic",
           options=("eta", "s_noise", "solver_type"), eta=0.0, s_noise=1.0, solver_type="phi_2",
@@ -864,7 +864,7 @@ def dpm_fast_orders(nfe: int) -> list[int]:
     return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
 
 
-@register("dpm_fast", order=1, nfe_per_step=3, stochastic=True, family="comfy",
+@register("dpm_fast", order=3, nfe_per_step=3, stochastic=False, family="comfy",
           summary="DPM-Solver-fast (Lu et al. 2022 Sec. 3.4; k-diffusion / ComfyUI "
                   "sample_dpm_fast): DPM-Solver-3 steps (2, 1 at the end) uniform in lambda "
                   "over dpm_fast_sigmas(sigma_min, sigma_max, nfe), eps-form, in ComfyUI's "
