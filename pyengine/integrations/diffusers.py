@@ -639,8 +639,10 @@ def _pndm(name, sch, eta):
     prev = int(T[-1]) - ratio
     a_last = abar[prev] if prev >= 0 else float(sch.final_alpha_cumprod)
     grid = np.concatenate([_sigma_of_abar(abar[T]), _sigma_of_abar([a_last])])
+    # PNDMScheduler combines the raw model outputs (for v models that is not the same as
+    # combining noise estimates)
     return _Recipe(proc, grid, T.astype(np.float64), "pndm_plms", pred,
-                   float(sch.init_noise_sigma), "x")
+                   float(sch.init_noise_sigma), "x", dict(combine="output"))
 
 
 def _lms(name, sch, eta):

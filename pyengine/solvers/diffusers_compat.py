@@ -229,12 +229,29 @@ def _eps_of(b, slot, sigma, raw):
           summary="PNDM's PLMS (Liu et al. 2022; diffusers PNDMScheduler skip_prk_steps): "
                   "first step x_hat' = x_hat + (sigma' - sigma)(e_0 + e_1)/2 with e_1 at the "
                   "DDIM-predicted point, then x_hat' = x_hat + (sigma' - sigma) e(sum_j a_j "
-                  "out_j), Adams-Bashforth weights over the raw outputs (order <= 4)")
-def pndm_plms(b):
-    """The Adams-Bashforth combination is taken over the raw model outputs and turned into a
-    noise estimate with the current state (for v models that differs from combining noise
-    estimates), exactly as PNDMScheduler does; the first step's predictor output is not kept
-    in the history. n steps take n + 1 model calls."""
+                  "out_j), Adams-Bashforth weights (order <= 4) over the noise estimates, or "
+                  "over the raw outputs (combine='output', diffusers' way)",
+          options=("combine",), combine="eps",
+          specs={"combine": Option("choice", choices=("eps", "output"))})
+def pndm_plms(b, combine):
+    """``combine="eps"`` takes the Adams-Bashforth combination over the noise estimates;
+    ``combine="output"`` over the raw model outputs, turned into a noise estimate with the
+    current state, as PNDMScheduler does (for epsilon models the two agree; for v models they
+    differ, and only "eps" gives the same samples whatever the model's prediction kind). The
+    first step's predictor output is not kept in the history. n steps take n + 1 model
+    calls."""
+    if combine == "eps":
+        def raw_of(slot, sigma, eps):
+            return eps
+
+        def eps_of(slot, sigma, comb):
+            return comb
+    else:
+        def raw_of(slot, sigma, eps):
+            return _raw_output(b, slot, sigma, eps)
+
+        def eps_of(slot, sigma, comb):
+            return _eps_of(b, slot, sigma, comb)
     sig = b.sigmas
     n = b.n_steps
     ring = ["p0", "p1", "p2"]
@@ -244,7 +261,7 @@ def pndm_plms(b):
         s, t = sig[i], sig[i + 1]
         x = b.xhat("x", s)
         _, eps0 = b.evaluate("x", s, dst="out")
-        raw0 = _raw_output(b, "x", s, eps0)
+        raw0 = raw_of("x", s, eps0)
         keep = i < n - 1
         if i == 0:
             if n == 1:
@@ -254,15 +271,15 @@ def pndm_plms(b):
             b.assign("x2", x + (t - s) * eps0, t, aux=(ring[0], raw0), kind="pndm_predict")
             hist = [b.ref(ring[0])]
             _, eps1 = b.evaluate("x2", t, dst="out")
-            raw1 = _raw_output(b, "x2", t, eps1)
-            e = _eps_of(b, "x", s, 0.5 * (raw1 + hist[0]))
+            raw1 = raw_of("x2", t, eps1)
+            e = eps_of("x", s, 0.5 * (raw1 + hist[0]))
             b.assign("x", x + (t - s) * e, t, kind="pndm_heun")
             continue
         q = min(len(hist) + 1, 4)
         comb = _AB[q][0] * raw0
         for a, h in zip(_AB[q][1:], hist):
             comb = comb + a * h
-        e = _eps_of(b, "x", s, comb)
+        e = eps_of("x", s, comb)
         slot = ring[i % 3]
         b.assign("x", x + (t - s) * e, t, aux=(slot, raw0) if keep else None, kind="plms")
         if keep:
