@@ -34,15 +34,33 @@ Euler ancestral, Heun) keep x_hat = x / s and divide by sqrt(sigma^2 + 1) in
 0; with ``final_sigmas_type="sigma_min"`` an Euler-type scheduler returns x_hat at sigma_min
 and pyengine x = s x_hat: :meth:`DiffusersSampler.to_scheduler_space` converts.
 
-Only the scheduler is read, not arguments of its ``step()``: DDIM's ``eta`` is
-:func:`from_diffusers`'s own argument, the generator goes to ``sample``; Euler's step-time
-``s_churn`` is not mapped (diffusers adds that noise after the model call, at the model's
-un-churned input, which differs from EDM Algorithm 2 that pyengine's ``euler`` follows).
+Only the scheduler is read, not arguments of its ``step()``: DDIM's ``eta`` (TCD's gamma)
+and ``use_clipped_model_output`` are :func:`from_diffusers`'s own arguments, the generator
+goes to ``sample``; Euler's step-time ``s_churn`` is not mapped (diffusers adds that noise
+after the model call, at the model's un-churned input, which differs from EDM Algorithm 2
+that pyengine's ``euler`` follows).
 
-EDMEulerScheduler preconditions the network: it is called as F(c_in x, 0.25 log sigma) and
-the denoiser is c_skip x + c_out F. ``sample`` wraps the user's F in that preconditioning (a
-:class:`~pyengine.parameterization.Denoiser`) on the EDM process, so the same F plugs into
-both loops.
+Flow matching (FlowMatchEuler / FlowMatchHeun, and ``use_flow_sigmas`` of DPM-Solver, UniPC,
+DEIS): diffusers' flow time t is the RectifiedFlow process's t (x = (1 - t) x0 + t eps, the
+same state), pyengine sigma = t / (1 - t); a top level t = 1 (sigma = inf) becomes
+:data:`FLOW_T_TOP` (the model is still told t = 1). FlowMatchEuler's step is Euler, with
+``stochastic_sampling`` the re-noising step x' = (1 - t') x0 + t' z (solver ``lcm``);
+``invert_sigmas`` (Mochi) is Euler in 1 - t with the model's output negated; FlowMatchHeun is
+Heun in (x, t) (``heun_comfy``).
+
+x0 processing: ``clip_sample`` / ``thresholding`` clip or dynamically threshold the x0
+estimate after every model call, which no coefficient holds: the plan is ``clip_x0`` (the
+scheduler's solver with a :class:`~pyengine.solvers.diffusers_compat.ProcessX0` custom op
+after each model call, one extra pass), in the classes whose step reads those fields.
+
+Noise: drawn as diffusers draws it (the generator in its order), except DPMSolverSDE, whose
+noise is its own Brownian tree (torchsde, seeded by ``noise_sampler_seed``): the adapter
+queries that same tree at the same float32 levels, so the result equals diffusers'.
+
+EDMEulerScheduler and EDMDPMSolverMultistepScheduler precondition the network: it is called
+as F(c_in x, 0.25 log sigma) and the denoiser is c_skip x + c_out F. ``sample`` wraps the
+user's F in that preconditioning (a :class:`~pyengine.parameterization.Denoiser`) on the EDM
+process, so the same F plugs into both loops.
 """
 
 from __future__ import annotations
@@ -823,6 +841,30 @@ _HEUN_LAYOUT = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
 #: The diffusers scheduler classes :func:`from_diffusers` reads.
 SUPPORTED = tuple(_BUILDERS)
 
+#: Classes refused with the reason (the real limitation).
+_REFUSED = {
+    "IPNDMScheduler": (
+        "its first step is at alpha = 0 (pure noise), where it computes x0 = (x - sigma "
+        "eps) / max(alpha, 1e-8) = 0/1e-8 = 0 and ignores the model output (x' = sigma' x); "
+        "that degenerate step is no limit of a step of the v-model it assumes (the limit "
+        "keeps -s' * model output), so no plan reproduces it. pe.Sampler(..., "
+        "solver='ipndm') is the same Adams-Bashforth method from a finite noise level"),
+    "ScoreSdeVeScheduler": (
+        "its pipeline calls step_correct / step_pred (Langevin corrector + predictor), not "
+        "the step() protocol; pe.Sampler(pe.processes.VE(...), solver='pc_langevin') is "
+        "that sampler"),
+    "DDIMInverseScheduler": (
+        "inversion walks the grid upward; use pe.invert (or solver='ddim_inverse')"),
+    "RePaintScheduler": (
+        "its resampling jumps go back up the schedule (undo steps) inside one run, which a "
+        "plan of decreasing levels cannot hold"),
+}
+
+
+def _refuse_class(name: str) -> None:
+    if name in _REFUSED:
+        raise NotImplementedError(f"{name} is not supported: {_REFUSED[name]}")
+
 
 def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     """Some configurations end on a repeated level (final_sigmas_type="sigma_min" when the last
@@ -869,14 +911,17 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
 def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
                    eta: float | None = None, use_clipped_model_output: bool = False,
                    mu: float | None = None, sigmas=None, timesteps=None,
-                   **overrides) -> DiffusersSampler:
+                   timestep_options: dict | None = None, **overrides) -> DiffusersSampler:
     """The pyengine Sampler that reproduces ``scheduler`` at ``num_inference_steps``.
 
     ``scheduler`` is a diffusers scheduler instance of a class in :data:`SUPPORTED`; it is not
     modified (a deep copy runs ``set_timesteps``). ``eta`` is DDIMScheduler.step()'s eta.
     ``mu``, ``sigmas`` and ``timesteps`` are passed to the scheduler's ``set_timesteps`` (Flux's
     dynamic shift, a custom schedule; ``num_inference_steps`` may then be None where the
-    scheduler allows it). ``overrides`` are Sampler keywords (``backend=``) or solver options
+    scheduler allows it), and so is ``timestep_options`` (other keywords of that
+    ``set_timesteps``: LCM's ``original_inference_steps``, ``strength``). ``eta`` and
+    ``use_clipped_model_output`` are the scheduler's ``step()`` arguments (DDIM's eta, TCD's
+    gamma: 0.3 by default as in ``TCDScheduler.step``). ``overrides`` are Sampler keywords (``backend=``) or solver options
     that replace the ones read from the scheduler. Raises NotImplementedError (naming the config field) for
     configurations that are not linear in the model output (``clip_sample``,
     ``thresholding``, learned variances) or have no pyengine solver, and ValueError for those
@@ -886,10 +931,16 @@ def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
     name = type(scheduler).__name__
     build = _BUILDERS.get(name)
     if build is None:
+        _refuse_class(name)
         raise NotImplementedError(f"from_diffusers does not support {name}; supported: "
                                   f"{', '.join(SUPPORTED)}")
     custom = {k: v for k, v in (("mu", mu), ("sigmas", sigmas), ("timesteps", timesteps))
               if v is not None}
+    if timestep_options is not None:
+        if not isinstance(timestep_options, dict):
+            raise TypeError(f"timestep_options must be a dict of set_timesteps keywords, got "
+                            f"{type(timestep_options).__name__}")
+        custom.update(timestep_options)
     if num_inference_steps is not None or not ({"sigmas", "timesteps"} & set(custom)):
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps,
                                                                    (int, np.integer)):
@@ -1148,6 +1199,7 @@ class _Walk:
 
 
 #: step() keywords of diffusers' Euler-type schedulers accepted at their no-op defaults.
+_CHURN_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 _STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0,
                   "per_token_timesteps": None, "order": 4}
 
@@ -1173,10 +1225,14 @@ class FusedScheduler:
     Noise: ``noise="torch"`` (default) draws where and as the wrapped scheduler does
     (``randn_tensor`` with the generator given to ``step``, or ``variance_noise``), so the
     result equals it; ``noise="philox"`` uses pyengine's in-kernel noise keyed by ``seed``.
+    DPMSolverSDE's noise is its own Brownian tree, queried as diffusers does.
     ``backend`` forces a pyengine backend. Supported: the classes in :data:`SUPPORTED`
     (DDIM, DDPM, Euler, Euler ancestral, Heun, DPM-Solver multistep incl. SDE, singlestep,
-    UniPC, EDM Euler) in the configurations :func:`from_diffusers` accepts; others raise.
-    ``step(..., return_dict=False)`` returns ``(prev_sample,)``.
+    UniPC, EDM Euler, EDM DPM-Solver, flow-matching Euler and Heun, LCM, TCD, PNDM (PLMS),
+    LMS, KDPM2, KDPM2 ancestral, DEIS, DPM-Solver SDE) in the configurations
+    :func:`from_diffusers` accepts; others raise. Plans with custom ops (clip_sample /
+    thresholding) run through the same walker. ``step(..., return_dict=False)`` returns
+    ``(prev_sample,)``.
     """
 
     def __init__(self, scheduler, *, backend: str | None = None, noise: str = "torch",
@@ -1185,6 +1241,7 @@ class FusedScheduler:
             scheduler = scheduler._orig
         name = type(scheduler).__name__
         if name not in _BUILDERS:
+            _refuse_class(name)
             raise NotImplementedError(f"FusedScheduler does not support {name}; supported: "
                                       f"{', '.join(SUPPORTED)}")
         if noise not in ("torch", "philox"):
@@ -1305,6 +1362,8 @@ class FusedScheduler:
         for key, val in kwargs.items():
             if _STEP_DEFAULTS.get(key, object()) == val:
                 continue            # EulerDiscreteScheduler.step's defaults: no churn
+            if self._name == "FlowMatchEulerDiscreteScheduler" and key in _CHURN_KEYS:
+                continue            # FlowMatchEuler's step() takes them and never reads them
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
         if eta is None:
