@@ -27,7 +27,11 @@ from pyengine.integrations.diffusers import (  # noqa: E402
 
 # diffusers 0.42 itself warns (numpy __array__ copy keyword, deprecated algorithm types).
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
-              pytest.mark.filterwarnings("ignore::FutureWarning:diffusers")]
+              pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
+              # numpy 2 on diffusers' np.log(tensor) (DEIS), torchsde on diffusers' own
+              # float32 query levels (DPMSolverSDE): both warn in diffusers' loop as well
+              pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:Should have:UserWarning")]
 
 TOL = 1e-5
 SHAPE = (2, 3, 8, 8)
@@ -397,6 +401,9 @@ def test_unrepresentable_or_nan_configs_raise():
         from_diffusers(D.EulerDiscreteScheduler(), 10, eta=0.5)
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         from_diffusers(D.ScoreSdeVeScheduler(), 10)
+    with pytest.raises(NotImplementedError, match="IPNDMScheduler is not supported: its first "
+                                                  "step is at alpha = 0"):
+        from_diffusers(D.IPNDMScheduler(), 10)
     # PNDM's prev_timestep = t - N // n misses the next timestep with linspace spacing
     with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
         from_diffusers(D.PNDMScheduler(skip_prk_steps=True, timestep_spacing="linspace"), 7)
