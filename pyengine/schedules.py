@@ -783,13 +783,14 @@ for _sp in ("leading", "trailing", "linspace"):
 
 def _comfy(fn):
     """A ComfyUI scheduler as a named schedule of a process: its model sampling
-    (:func:`model_sampling_for`), levels converted to pyengine sigmas. Flow times above the
-    process's t_max (ComfyUI starts flow schedules at t = 1, sigma = inf) are clipped to it."""
+    (:func:`model_sampling_for`), levels converted to pyengine sigmas. A flow time of 1
+    (ComfyUI starts flow schedules there: sigma = inf) becomes percent_to_sigma(1e-4), the
+    level ComfyUI's own SNR samplers put there (offset_first_sigma_for_snr)."""
     def build(p, n, z, **kw):
         ms = model_sampling_for(p)
         lv = np.asarray(fn(ms, n, **kw), dtype=np.float64)
         if ms.flow:
-            lv = np.minimum(lv, p.t_max)
+            lv = np.where(lv >= 1.0, ms.percent_to_sigma(1e-4), lv)
         s = ms.to_sigma(lv)
         if not z and s[-1] == 0:
             s = s[:-1]
