@@ -47,7 +47,8 @@ from __future__ import annotations
 from .. import schedules as S
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "NOT_PROVIDED", "solver_for", "scheduler_sigmas",
-           "SNR_OFFSET", "COMFY_SAMPLER_NAMES", "COMFY_SCHEDULER_NAMES", "plan_sigmas"]
+           "SNR_OFFSET", "COMFY_SAMPLER_NAMES", "COMFY_SCHEDULER_NAMES", "plan_sigmas",
+           "NOISE_SAMPLER_ARGS"]
 
 #: ComfyUI's sampler names (comfy/samplers.py KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2).
 COMFY_SAMPLER_NAMES = (
@@ -126,6 +127,13 @@ SNR_OFFSET = frozenset({"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_
                         "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
                         "dpmpp_3m_sde_gpu", "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0",
                         "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece"})
+
+#: Arguments ComfyUI passes to ``noise_sampler(a, b)`` for a plan's noisy update: b is the
+#: level (in the model's units) the update writes; a is the step's first level ("step", every
+#: sampler but those listed) or the level of the stage before within the step ("stage": SEEDS
+#: and exp_heun_2_x0_sde, whose stage noises are chained). ComfyUI's churn noise (euler, heun,
+#: dpm_2, heunpp2) is torch.randn_like, not the noise sampler.
+NOISE_SAMPLER_ARGS = {name: "stage" for name in ("seeds_2", "seeds_3", "exp_heun_2_x0_sde")}
 
 #: ComfyUI names without a registry solver, and why.
 NOT_PROVIDED: dict[str, str] = {
