@@ -129,9 +129,17 @@ def test_flow_match_euler(label, cfg, st, steps):
     check(f"FlowMatchEuler {label}", FM(**cfg), steps, **st)
 
 
-def test_flow_match_euler_many_steps():
-    check("FlowMatchEuler dynamic mu=1.15, 50 steps", FM(use_dynamic_shifting=True), 50,
-          mu=1.15)
+@pytest.mark.parametrize("label,make,st", [
+    ("FlowMatchEuler dynamic mu=1.15", lambda: FM(use_dynamic_shifting=True), dict(mu=1.15)),
+    ("FlowMatchHeun shift=3", lambda: D.FlowMatchHeunDiscreteScheduler(shift=3.0), {}),
+    ("DPMSolverMultistep 2M flow_shift=3", lambda: D.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), {}),
+    ("UniPCMultistep bh2 p3 flow_shift=5", lambda: D.UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0,
+        solver_order=3), {}),
+], ids=["euler", "heun", "dpm", "unipc"])
+def test_flow_50_steps(label, make, st):
+    check(f"{label}, 50 steps", make(), 50, **st)
 
 
 @pytest.mark.parametrize("st", [
