@@ -756,7 +756,7 @@ void update(const FusedUpdateArgs& a, int num_threads) {
   };
   if (num_threads > 1 && tiles > 1 &&
       total >= (noisy ? kParallelMinElementsNoise : kParallelMinElements)) {
-    pool_for(tiles, num_threads, run);
+    pool_for(tiles, num_threads, run, noisy ? 1 : 0);
     return;
   }
   for (int64_t t = 0; t < tiles; ++t) run(t);

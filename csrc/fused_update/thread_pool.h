@@ -7,15 +7,17 @@
 // than one, and with one other busy process every parallel update waited for a descheduled
 // thread (7.8 ms per step instead of 0.14 ms).
 //
-// The scheme here cannot be slower than the caller working alone by more than the cost of one
-// wake-up (a futex call, ~2 us):
-//   * the work is a list of tasks (tiles of a few ten microseconds) handed out one at a time
+// Here:
+//   * the work is a list of tasks (tiles of a few microseconds) handed out one at a time
 //     by an atomic counter, to the caller and to whichever workers are awake;
 //   * the caller starts on the tasks at once: a worker that the OS has not scheduled yet
 //     (a busy machine) simply finds no task left when it wakes, and goes back to sleep;
-//   * the caller then waits only for tasks a worker has already taken (a few ten us of work,
-//     normally already done), sleeping on a condition variable, never spinning;
-//   * idle workers sleep on a condition variable: nothing spins between updates.
+//   * the caller then waits only for tasks a worker has already taken (a few microseconds of
+//     work, normally already done), looking for ~50 us, then sleeping on a condition variable;
+//   * idle workers sleep on a condition variable: nothing spins between updates;
+//   * whether to wake workers at all is decided by measurement: each sort of update keeps the
+//     recent cost of running it alone and with the workers and takes the cheaper, trying the
+//     other way now and then (a machine that gets busy, or quiet again, is followed).
 // A second caller arriving while the pool is in use (another Python thread) does its own work
 // alone instead of waiting. After fork() the child makes a fresh pool (the parent's worker
 // threads do not exist there).
@@ -56,17 +58,23 @@ class TaskPool {
  public:
   // ~30-60 us of pause instructions (about 140 cycles each on recent Intel, 10-65 on AMD)
   static constexpr int kSpinLooks = 1 << 9;
-  static constexpr int64_t kStallNs = 100000;
-  static constexpr int64_t kMinBackoffNs = 50000000;
-  static constexpr int64_t kMaxBackoffNs = 2000000000;
 
   using TaskFn = void (*)(void* ctx, int64_t task);
 
   // Runs fn(ctx, t) for t in [0, n_tasks) on the caller and up to max_threads - 1 workers.
-  // Every task has run when this returns. fn must not throw.
-  void run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx) {
-    if (max_threads <= 1 || n_tasks <= 1 || backing_off() || !try_acquire()) {
+  // Every task has run when this returns. fn must not throw. `kind` (0 .. kKinds - 1) names
+  // the sort of task, for the timings that choose between one and several threads.
+  void run(int64_t n_tasks, int max_threads, TaskFn fn, void* ctx, int kind = 0) {
+    if (max_threads <= 1 || n_tasks <= 1) {
       for (int64_t t = 0; t < n_tasks; ++t) fn(ctx, t);
+      return;
+    }
+    Choice& ch = choice_for(kind, n_tasks);
+    const bool parallel = ch.want_parallel() && try_acquire();
+    const int64_t start = now_ns();
+    if (!parallel) {
+      for (int64_t t = 0; t < n_tasks; ++t) fn(ctx, t);
+      ch.record(false, (now_ns() - start) / n_tasks);
       return;
     }
     const int workers = static_cast<int>(
@@ -84,9 +92,7 @@ class TaskPool {
     }
     // wake exactly as many workers as may help (the others keep sleeping)
     for (int i = 0; i < workers; ++i) work_cv_.notify_one();
-    const int64_t t0 = now_ns();
     drain(fn, ctx, n_tasks);
-    const int64_t t1 = now_ns();
     std::unique_lock<std::mutex> lock(mu_);
     open_ = false;  // a worker waking from now on finds nothing to do
     if (active_.load(std::memory_order_relaxed) != 0) {
@@ -103,8 +109,8 @@ class TaskPool {
     fn_ = nullptr;
     ctx_ = nullptr;
     lock.unlock();
-    note_wait(t1 - t0, now_ns() - t1);
     busy_.store(false, std::memory_order_release);
+    ch.record(true, (now_ns() - start) / n_tasks);
   }
 
   // The pool of this process (a fresh one after fork); never destroyed, so worker threads
@@ -138,24 +144,44 @@ class TaskPool {
         .count();
   }
 
-  // A busy machine: a worker the OS took off its core in the middle of a task makes the
-  // caller wait for a scheduler slice (milliseconds) after doing the rest alone. When the
-  // caller waited longer than kStallNs and than a quarter of its own work, the next updates
-  // run on the caller alone for a while (50 ms, doubling while it recurs, at most 2 s), then
-  // the workers are tried again. Called with busy_ held.
-  void note_wait(int64_t own_ns, int64_t wait_ns) {
-    if (wait_ns > kStallNs && 4 * wait_ns > own_ns) {
-      backoff_ns_ = backoff_ns_ ? std::min<int64_t>(2 * backoff_ns_, kMaxBackoffNs)
-                                : kMinBackoffNs;
-      serial_until_ns_.store(now_ns() + backoff_ns_, std::memory_order_relaxed);
-    } else if (wait_ns <= kStallNs) {
-      backoff_ns_ = 0;
-    }
-  }
+  // One or several threads, from what each has cost lately. Whether workers pay depends on
+  // more than the size: on a quiet machine two threads ran a 2^20-element update in 0.55x
+  // the time of one, but beside a busy process (or torch's own spinning pool, or other jobs
+  // of a shared machine) a worker that the OS takes off its core mid-task makes the caller
+  // wait a scheduler slice (8 ms here), and the sweep of bench/bench_cpu_threads.py measured
+  // two threads 1.1-1.5x slower than one at load 5 on 2 cores. So each sort of update (the
+  // kind, and the number of tasks to within a factor of 2) keeps a moving average of the time
+  // per task of either way, runs the cheaper, and tries the other one call in kExplore to
+  // follow the machine (the first calls measure both).
+  struct Choice {
+    std::atomic<int64_t> ns[2] = {{0}, {0}};  // [serial, parallel] ns per task, moving average
+    std::atomic<uint32_t> calls{0};
 
-  bool backing_off() const {
-    const int64_t until = serial_until_ns_.load(std::memory_order_relaxed);
-    return until != 0 && now_ns() < until;
+    bool want_parallel() {
+      const uint32_t n = calls.fetch_add(1, std::memory_order_relaxed);
+      const int64_t s = ns[0].load(std::memory_order_relaxed);
+      const int64_t p = ns[1].load(std::memory_order_relaxed);
+      if (p == 0) return true;  // measure each way once first
+      if (s == 0) return false;
+      const bool best_parallel = p < s;
+      return (n % kExplore == kExplore - 1) ? !best_parallel : best_parallel;
+    }
+
+    void record(bool parallel, int64_t ns_per_task) {
+      const int64_t v = std::max<int64_t>(1, ns_per_task);
+      std::atomic<int64_t>& a = ns[parallel ? 1 : 0];
+      const int64_t old = a.load(std::memory_order_relaxed);
+      a.store(old == 0 ? v : old + (v - old) / 4, std::memory_order_relaxed);
+    }
+  };
+  static constexpr int kKinds = 2;
+  static constexpr uint32_t kExplore = 16;
+
+  Choice& choice_for(int kind, int64_t n_tasks) {
+    int bucket = 0;
+    while (bucket < 62 && (int64_t(2) << bucket) <= n_tasks) ++bucket;
+    kind = std::min(std::max(kind, 0), kKinds - 1);
+    return choices_[kind][bucket];
   }
 
   bool try_acquire() {
@@ -209,8 +235,7 @@ class TaskPool {
   std::vector<std::thread> threads_;  // detached; kept for their count
   std::atomic<bool> busy_{false};
   std::atomic<int64_t> next_{0};
-  std::atomic<int64_t> serial_until_ns_{0};  // run serially until then (a stall was seen)
-  int64_t backoff_ns_ = 0;                   // guarded by busy_
+  Choice choices_[kKinds][63];
   // guarded by mu_
   uint64_t generation_ = 0;
   bool open_ = false;
@@ -221,13 +246,13 @@ class TaskPool {
   int64_t n_tasks_ = 0;
 };
 
-// parallel_for over tasks [0, n) with a callable: f(t).
+// parallel_for over tasks [0, n) with a callable: f(t); kind as for TaskPool::run.
 template <class F>
-inline void pool_for(int64_t n, int max_threads, F&& f) {
+inline void pool_for(int64_t n, int max_threads, F&& f, int kind = 0) {
   using Fn = std::remove_reference_t<F>;
   TaskPool::instance().run(
       n, max_threads, [](void* ctx, int64_t t) { (*static_cast<Fn*>(ctx))(t); },
-      static_cast<void*>(&f));
+      static_cast<void*>(&f), kind);
 }
 
 }  // namespace

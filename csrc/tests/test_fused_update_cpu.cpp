@@ -87,13 +87,8 @@ void test_philox_words_vectorized(const std::string& isa) {
   }
 }
 
-float ulp(float x) {
-  const float a = std::fabs(x);
-  return std::nextafter(a, INFINITY) - a;
-}
-
-// The kernel's normals against the scalar recipe with libm's float functions: a few ulp
-// (both round log, cos, sin, then r * cos once more).
+// The kernel's (vectorized) normals bit for bit the scalar sequence of normal.h, and within
+// 1.2e-6 of the float64 Box-Muller of the same uniforms.
 void test_normals(const std::string& isa) {
   const int64_t batch = 3, numel = 5000;
   const uint64_t seeds[batch] = {0, 0xFFFFFFFFFFFFFFFFull, 0x0000000700000005ull};
