@@ -365,3 +365,21 @@ def test_add_noise_follows_the_run():
         assert torch.equal(fused.add_noise(x0, z, t.reshape(1)), ref.add_noise(x0, z, t.reshape(1)))
     assert rel(xs[id(fused)], xs[id(ref)]) < TOL
     copy.deepcopy(fused)                                # copies like a scheduler
+
+
+def test_lcm_step_returns_denoised_as_lcm_pipelines_unpack_it():
+    # LatentConsistencyModelPipeline: latents, denoised = scheduler.step(..., return_dict=False)
+    sch = D.LCMScheduler(clip_sample=True)
+    ref, fused = copy.deepcopy(sch), FusedScheduler.from_scheduler(sch)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    xs, dens = {}, {}
+    for s in (ref, fused):
+        s.set_timesteps(4)
+        y, model, g, ds = x, NonlinearModel(), torch.Generator().manual_seed(2), []
+        for t in s.timesteps:
+            y, d = s.step(model(y, t), t, y, generator=g, return_dict=False)
+            ds.append(d)
+        xs[id(s)], dens[id(s)] = y, ds
+    record("LCM loop with return_dict=False (prev, denoised)", rel(xs[id(fused)], xs[id(ref)]))
+    for a, b in zip(dens[id(fused)], dens[id(ref)]):
+        record("LCM denoised of every step", rel(a, b))

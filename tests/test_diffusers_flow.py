@@ -267,3 +267,31 @@ def test_refusals_name_the_option():
     with pytest.raises(ValueError, match="sigmas"):
         FusedScheduler.from_scheduler(D.DDIMScheduler(clip_sample=False)).set_timesteps(
             sigmas=[0.5, 0.1])
+
+
+def test_flux_pipeline_schedule_calls():
+    # what FluxPipeline does (its module needs transformers, so restated): mu from the image
+    # sequence length (calculate_shift = pe.schedules.flow_mu), retrieve_timesteps (checks
+    # that set_timesteps takes sigmas, then set_timesteps(sigmas=..., device=..., mu=...)),
+    # set_begin_index(0), step(..., return_dict=False)[0]
+    import pyengine as pe
+    cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+               base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    steps = 9
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = pe.schedules.flow_mu(1024, cfg["base_image_seq_len"], cfg["max_image_seq_len"],
+                              cfg["base_shift"], cfg["max_shift"])
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    outs = []
+    for s in (FM(**cfg), FusedScheduler.from_scheduler(FM(**cfg))):
+        assert "sigmas" in inspect.signature(s.set_timesteps).parameters
+        assert "timesteps" in inspect.signature(s.set_timesteps).parameters
+        s.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+        ts = s.timesteps
+        assert len(ts) == steps
+        s.set_begin_index(0)
+        x, model = noise, NonlinearModel()
+        for t in ts:
+            x = s.step(model(x, t), t, x, return_dict=False)[0]
+        outs.append(x)
+    record("Flux pipeline calls (set_timesteps(sigmas=, mu=))", rel(outs[1], outs[0]))

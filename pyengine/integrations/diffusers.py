@@ -1065,9 +1065,10 @@ class FusedSchedulerOutput:
     """What :meth:`FusedScheduler.step` returns: ``prev_sample``, and ``pred_original_sample``
     (x0_hat of the step's model output), computed by one fused update on first access."""
 
-    def __init__(self, prev_sample: torch.Tensor, x0=None):
+    def __init__(self, prev_sample: torch.Tensor, x0=None, denoised=None):
         self.prev_sample = prev_sample
         self._x0 = x0
+        self._denoised = denoised
 
     @property
     def pred_original_sample(self):
@@ -1075,7 +1076,17 @@ class FusedSchedulerOutput:
             self._x0 = self._x0()
         return self._x0
 
+    @property
+    def denoised(self):
+        """LCMScheduler's consistency estimate c_skip x + c_out x0 (its step's second
+        output; LCM pipelines unpack ``latents, denoised = step(..., return_dict=False)``)."""
+        if callable(self._denoised):
+            self._denoised = self._denoised()
+        return self._denoised
+
     def to_tuple(self) -> tuple:
+        if self._denoised is not None:
+            return (self.prev_sample, self.denoised)
         return (self.prev_sample,)
 
     def __getitem__(self, key):
@@ -1435,8 +1446,12 @@ class FusedScheduler:
         clipped = walker.slots.get(e.dst + "_x0") if w.clips else None
         if clipped is not None:
             x0 = clipped                    # the clipped / thresholded x0 the step used
+        denoised = None
+        if self._name == "LCMScheduler":
+            denoised = self._lcm_denoised(be, e, sample, x0, w.sampler)
         self._advance(w)
-        return self._output(prev, x0, return_dict)
+        out = FusedSchedulerOutput(prev, x0, denoised)
+        return out if return_dict else out.to_tuple()
 
     # -- helpers ---------------------------------------------------------------------------
     def _advance(self, w: _Walk) -> None:
@@ -1451,6 +1466,20 @@ class FusedScheduler:
 
     def _output(self, prev, x0, return_dict):
         return FusedSchedulerOutput(prev, x0) if return_dict else (prev,)
+
+    def _lcm_denoised(self, be, e, sample, x0, sampler):
+        """c_skip(t) sample + c_out(t) x0 with LCMScheduler's boundary scalings (lazy)."""
+        base = sampler.options.get("base_options") or sampler.options
+        sd2 = float(base.get("sigma_data", 0.5)) ** 2
+        tau = float(e.t) * float(base.get("timestep_scaling", 10.0))
+        c_skip, c_out = sd2 / (tau * tau + sd2), tau / math.sqrt(tau * tau + sd2)
+
+        def denoised():
+            x = x0() if callable(x0) else x0
+            d = torch.empty_like(sample)
+            be.fused_update(d, [sample, x], [c_skip, c_out])
+            return d
+        return denoised
 
     def _x0_fn(self, be, e, sample, conv, out, prediction):
         if self._edm is not None:
