@@ -239,7 +239,8 @@ def _configurations():
 @pytest.mark.parametrize("info,options,nfe", _configurations())
 def test_declared_nfe_per_step(info, options, nfe):
     """Each step between positive levels costs nfe_per_step model calls; a solver may add a
-    fixed number of start-up calls (a warm-up stage), never a per-step surplus."""
+    fixed number of start-up calls (a warm-up stage) or save a fixed number at the start or
+    end (heunpp2's last two steps, SA-Solver's first corrector), never a per-step surplus."""
     def calls(n):
         sig = S.exponential(n + 1, 0.1, 10.0, append_zero=False)
         if info.family == "inversion":
@@ -249,7 +250,7 @@ def test_declared_nfe_per_step(info, options, nfe):
     n12, n24 = calls(12), calls(24)
     assert n24 - n12 == 12 * nfe, (f"{info.name} {options}: 12 more steps cost {n24 - n12} "
                                    f"calls, declared {nfe} per step")
-    assert 0 <= n12 - 12 * nfe < 12, f"{info.name} {options}: {n12} calls for 12 steps"
+    assert -12 < n12 - 12 * nfe < 12, f"{info.name} {options}: {n12} calls for 12 steps"
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,6 +188,11 @@ def test_prediction_invariance(name, proc_name):
     ref = results["sample"]
     assert torch.isfinite(ref).all()
     scale = max(1.0, float(ref.abs().max()))
+    # The models' own float64 rounding (1e-13 near t = 1 for an eps model of a flow process)
+    # is amplified by the plan's largest coefficient sum: ComfyUI's LMS on Karras levels of a
+    # flow process weighs its history by up to 1.2e4, so its bound grows beyond 1e3.
+    amp = max(float(np.abs(op.coefs).sum()) for op in sampler.plan.updates)
+    tol = 1e-9 * max(1.0, amp / 1e3)
     for kind, out in results.items():
         err = float((out - ref).abs().max()) / scale
-        assert err < 1e-9, f"{name} on {proc_name}: prediction {kind!r} differs by {err:.2e}"
+        assert err < tol, f"{name} on {proc_name}: prediction {kind!r} differs by {err:.2e}"
