@@ -89,7 +89,7 @@ def _limits(backend) -> Limits:
             raise ValueError(f"backend must be one of {sorted(dispatch.REGISTRY)}, got "
                              f"{backend!r}")
         backend = dispatch.resolve(dispatch.REGISTRY[backend])
-    return Limits(backend.name, getattr(backend, "device_types", None),
+    return Limits(getattr(backend, "name", "given"), getattr(backend, "device_types", None),
                   getattr(backend, "dtypes", FLOAT_DTYPES), getattr(backend, "max_buffers", K_MAX))
 
 
