@@ -7,7 +7,9 @@ allocator state carries over from another one. Each child times, with the ``cpp`
   (K=2 + Philox noise) at 1x4x64x64 and 16x4x128x128 (median of repeated calls);
 * 50-step loops of a deterministic (``ddim``) and a stochastic (``euler_ancestral``) solver
   with a zero-cost model, ``pe.Sampler(...).sample(lambda x, t: torch.zeros_like(x), noise)``
-  with prediction='epsilon', at the same sizes (median of a few loops, in ms per step).
+  with prediction='epsilon', at the same sizes (median of a few loops, in ms per step);
+* torch alone: ``torch.zeros_like(x)`` and ``x * 0.5``, the tensor ops such a loop runs
+  outside the kernel (torch's own intra-op pool, at the same thread count).
 
 Every configuration runs ``--rounds`` times in rotated order, and each case keeps its best
 median: on a shared machine other work only ever slows a measurement down.
@@ -42,6 +44,10 @@ CASES = [  # (name, kind, shape)
     ("loop ddim 16x4x128x128", "loop:ddim", (16, 4, 128, 128)),
     ("loop euler_ancestral 1x4x64x64", "loop:euler_ancestral", (1, 4, 64, 64)),
     ("loop euler_ancestral 16x4x128x128", "loop:euler_ancestral", (16, 4, 128, 128)),
+    # torch's own share of such a loop (its intra-op pool, not the kernel): what the zero
+    # model and a sampler's tensor ops cost per step
+    ("torch only: zeros_like + x * s, 1x4x64x64", "torch_ops", (1, 4, 64, 64)),
+    ("torch only: zeros_like + x * s, 16x4x128x128", "torch_ops", (16, 4, 128, 128)),
 ]
 
 BUSY_LOOP = ("import time, sys\n"
@@ -84,7 +90,18 @@ def child(threads: int, budget_s: float) -> dict:
     for name, kind, shape in CASES:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g)
-        if kind.startswith("step"):
+        if kind == "torch_ops":
+            def run():
+                torch.zeros_like(x)
+                return x * 0.5
+            run()
+            times, t_end = [], time.perf_counter() + per_case
+            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 2000):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            res[name] = 1e3 * _median(times)
+        elif kind.startswith("step"):
             e = torch.randn(shape, generator=g)
             out = torch.empty(shape)
             seeds = seeds_tensor(1, shape[0])
@@ -113,6 +130,69 @@ def child(threads: int, budget_s: float) -> dict:
                 times.append((time.perf_counter() - t0) / 50)
             res[name] = 1e3 * _median(times)
     return res
+
+
+SWEEP = [1 << k for k in range(12, 23)]
+
+
+def sweep_child(threads: int, budget_s: float) -> dict:
+    """The fused step (K=2, float32, one sample) at each size of SWEEP, without and with
+    noise: the measurement behind the kernel's parallel thresholds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from pyengine.noise import seeds_tensor
+
+    try:
+        from pyengine.fused_update import fused_update as _fu
+
+        def update(*args):
+            return _fu(*args, backend="cpp")
+    except ImportError:
+        from pyengine.backends import cpp
+
+        def update(*args):
+            return cpp.fused_update(*args)
+
+    seeds = seeds_tensor(1, 1)
+    res = {}
+    per = budget_s / (2 * len(SWEEP))
+    for n in SWEEP:
+        x, e, out = torch.randn(1, n), torch.randn(1, n), torch.empty(1, n)
+        for noisy in (False, True):
+            args = (out, [x, e], [0.9, 0.1]) + ((0.3, seeds, 5) if noisy else ())
+            update(*args)
+            times, t_end = [], time.perf_counter() + per
+            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 5000):
+                t0 = time.perf_counter()
+                update(*args)
+                times.append(time.perf_counter() - t0)
+            res[f"{n}:{int(noisy)}"] = 1e6 * _median(times)
+    return res
+
+
+def sweep(budget_s: float, rounds: int, pythonpath: str | None) -> str:
+    env, flags = child_env(pythonpath)
+    best = {}
+    for r in range(rounds):
+        for threads in ((1, 2) if r % 2 == 0 else (2, 1)):
+            out = subprocess.run([sys.executable, *flags, __file__, "--sweep-child", str(threads),
+                                  "--budget", str(budget_s)], env=env, capture_output=True,
+                                 text=True, timeout=budget_s + 300)
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            b = best.setdefault(threads, res)
+            for k, v in res.items():
+                b[k] = min(b[k], v)
+    lines = ["| elements | 1 thread us | 2 threads us | 2/1 | with noise: 1 thread us | "
+             "2 threads us | 2/1 |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in SWEEP:
+        a, b = best[1][f"{n}:0"], best[2][f"{n}:0"]
+        c, d = best[1][f"{n}:1"], best[2][f"{n}:1"]
+        lines.append(f"| 2^{n.bit_length() - 1} | {a:.1f} | {b:.1f} | {b / a:.2f} | {c:.1f} | "
+                     f"{d:.1f} | {d / c:.2f} |")
+    return "\n".join(lines)
 
 
 def run_config(threads: int, busy: bool, budget_s: float, pythonpath: str | None) -> dict:
@@ -174,6 +254,10 @@ def table(results: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the step alone over sizes 2^12..2^22 (the parallel "
+                         "thresholds), quiet")
     ap.add_argument("--budget", type=float, default=6.0,
                     help="seconds of timing per configuration and round (default 6)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -185,6 +269,9 @@ def main():
     args = ap.parse_args()
     if args.child is not None:
         print(json.dumps(child(args.child, args.budget)))
+        return
+    if args.sweep_child is not None:
+        print(json.dumps(sweep_child(args.sweep_child, args.budget)))
         return
     import torch
 
@@ -207,6 +294,10 @@ def main():
             f"'busy': one other process spinning on a CPU. 1-min load average {load0:.1f} "
             f"before, {os.getloadavg()[0]:.1f} after (the shared machine is never idle).")
     text = head + "\n\n" + table(results) + "\n"
+    if args.sweep:
+        text += ("\nThe step alone (K=2, float32, one sample, median us; the kernel runs two "
+                 "threads from 2^18 elements, 2^16 with noise):\n\n"
+                 + sweep(args.budget, args.rounds, args.pythonpath) + "\n")
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
