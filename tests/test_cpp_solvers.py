@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import pyengine as pe
-from pyengine.backends import _native
+from pyengine.fused_update import native as _native
 from pyengine.models import GaussianMixture
 
 if _native._C is None:

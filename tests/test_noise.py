@@ -280,7 +280,7 @@ def test_cpp_normals_bitwise_equal_the_definition():
         fused_update(out, [torch.zeros_like(out)], [1.0], 1.0, seeds, step, backend="cpp")
         assert torch.equal(out, want)
     # the same bits from the vectorized paths of every instruction set the CPU runs
-    from pyengine.backends import _native
+    from pyengine.fused_update import native as _native
     isas = getattr(_native._C, "cpu_isas", lambda: [])()
     for isa in isas:
         prev = _native._C.set_cpu_isa(isa)

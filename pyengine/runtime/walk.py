@@ -284,7 +284,8 @@ class Walker:
             # recycled tensors, which overlap no input.
             key = (tuple(t.dtype for t in ins), aux is None, mask_coef is None,
                    noise is None, seeds is None, type(step), type(noise_coef),
-                   type(coef), type(aux_coef), ins[0].shape, ins[0].device)
+                   type(coef), getattr(coef, "ndim", 1), type(aux_coef), ins[0].shape,
+                   ins[0].device)
             validated = self.program.validated if self.program is not None \
                 else self._validated
             if key not in validated:
