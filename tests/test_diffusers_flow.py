@@ -85,6 +85,14 @@ def check(label, sch, steps, seed=1, **st):
         with pytest.raises(ValueError, match="nan"):
             from_diffusers(sch, steps, **st)
         return None, None
+    if steps == 1 and sch.config.get("final_sigmas_type") == "sigma_min" and \
+            not type(sch).__name__.startswith("DPMSolverMultistep"):
+        # one step from the last level to itself: diffusers returns its input
+        ref = reference_loop(sch, ref_model, noise, steps, seed, st)
+        assert torch.equal(ref, noise)
+        with pytest.raises(ValueError, match="only step has length 0"):
+            from_diffusers(sch, steps, **st)
+        return None, ref
     ref = reference_loop(sch, ref_model, noise, steps, seed, st)
     assert torch.isfinite(ref).all()
     sampler = from_diffusers(sch, steps, **st)
@@ -205,10 +213,11 @@ def test_dpm_multistep_flow_dynamic_shift_and_epsilon():
         use_flow_sigmas=True, flow_shift=3.0), 10)
 
 
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
 @pytest.mark.parametrize("order", [2, 3])
-def test_dpm_singlestep_flow(order):
-    check(f"DPMSolverSinglestep o{order} flow", D.DPMSolverSinglestepScheduler(
-        **FLOW, flow_shift=3.0, solver_order=order), 9)
+def test_dpm_singlestep_flow(order, final):
+    check(f"DPMSolverSinglestep o{order} flow, final {final}", D.DPMSolverSinglestepScheduler(
+        **FLOW, flow_shift=3.0, solver_order=order, final_sigmas_type=final), 9)
 
 
 UNIPC_FLOW = [
@@ -216,6 +225,10 @@ UNIPC_FLOW = [
     ("bh2 p3 flow_shift=5 (Wan)", dict(flow_shift=5.0, solver_order=3)),
     ("bh2 p2 karras", dict(use_karras_sigmas=True)),
     ("bh2 p2 shift_terminal=0.2", dict(shift_terminal=0.2)),
+    ("bh2 p3 sigma_min final (the last corrector at a repeated level)",
+     dict(flow_shift=3.0, solver_order=3, final_sigmas_type="sigma_min")),
+    ("bh1 p2 sigma_min final", dict(flow_shift=2.0, solver_type="bh1",
+                                    final_sigmas_type="sigma_min")),
 ]
 
 

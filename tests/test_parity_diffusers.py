@@ -265,6 +265,11 @@ SINGLESTEP_CASES = [
     ("single o3 dpmsolver heun, sigma_min final", dict(
         solver_order=3, algorithm_type="dpmsolver", solver_type="heun",
         final_sigmas_type="sigma_min"), (12,)),
+    # a block ending on the repeated last level (kept, nudged by 2^-30)
+    ("single o2 karras, sigma_min final", dict(use_karras_sigmas=True,
+                                               final_sigmas_type="sigma_min"), (10,)),
+    ("single o3 karras, sigma_min final", dict(use_karras_sigmas=True, solver_order=3,
+                                               final_sigmas_type="sigma_min"), (9, 12)),
 ]
 
 
@@ -288,6 +293,16 @@ UNIPC_CASES = [
         solver_order=3, prediction_type="sample", disable_corrector=[0, 3]), (10,)),
     ("unipc bh1 p3, lower_order_final=False", dict(
         solver_type="bh1", solver_order=3, lower_order_final=False,
+        final_sigmas_type="sigma_min"), (10,)),
+    # Karras sigmas end at sigma_min, then sigma_min again: the last step's predictor is the
+    # identity but the corrector of the step before still runs (the plan keeps that step on
+    # a last level nudged by 2^-30)
+    ("unipc bh2 p2 karras, sigma_min final", dict(use_karras_sigmas=True,
+                                                  final_sigmas_type="sigma_min"), (2, 10)),
+    ("unipc bh2 p3 karras, sigma_min final", dict(use_karras_sigmas=True, solver_order=3,
+                                                  final_sigmas_type="sigma_min"), (16,)),
+    ("unipc bh1 p2 karras, sigma_min final, lower_order_final=False", dict(
+        use_karras_sigmas=True, solver_type="bh1", lower_order_final=False,
         final_sigmas_type="sigma_min"), (10,)),
 ]
 
@@ -397,6 +412,10 @@ def test_unrepresentable_or_nan_configs_raise():
     with pytest.raises(ValueError, match="length 0"):
         from_diffusers(D.DPMSolverMultistepScheduler(
             solver_type="heun", use_karras_sigmas=True, final_sigmas_type="sigma_min"), 20)
+    with pytest.raises(ValueError, match="order-3 UniPC"):
+        from_diffusers(D.UniPCMultistepScheduler(
+            use_karras_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False,
+            solver_order=3), 10)
     with pytest.raises(ValueError, match="eta"):
         from_diffusers(D.EulerDiscreteScheduler(), 10, eta=0.5)
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):

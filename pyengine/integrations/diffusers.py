@@ -866,6 +866,11 @@ def _refuse_class(name: str) -> None:
         raise NotImplementedError(f"{name} is not supported: {_REFUSED[name]}")
 
 
+#: Relative step that stands for a final step of length 0 that is not the identity (UniPC's
+#: last corrector, a singlestep block ending on a repeated level).
+FINAL_NUDGE = 2.0 ** -30
+
+
 def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     """Some configurations end on a repeated level (final_sigmas_type="sigma_min" when the last
     timestep is 0 already, or with Karras/exponential sigmas, whose last level is sigma_min).
@@ -875,7 +880,7 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     if g.size == 2 and g[0] == g[1]:
         raise ValueError(f"{name}: the run's only step has length 0 (sigma {g[0]:.6g} twice): "
                          f"diffusers returns its input unchanged; there is nothing to sample "
-                         f"(use 2 or more steps, or set_alpha_to_one=True)")
+                         f"(use 2 or more steps)")
     # a final level equal to the one before to float32 rounding (EDM's karras/exponential
     # schedule ends at sigma_min, then sigma_min is appended) is a step of length 0 too:
     # diffusers moves the state by O(1e-7) of itself there, below float32 rounding
@@ -883,17 +888,23 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         return
     where = (f"{name}: the grid ends with a step of length 0 (sigma {g[-1]:.6g} twice, "
              f"final_sigmas_type='sigma_min')")
-    if r.solver == "unipc":
-        # The zero-length predictor is the identity, but the corrector of the step before
-        # still runs with the model output at the repeated level; a plan cannot end there.
-        raise ValueError(f"{where}: UniPC still corrects the previous step there, which no "
-                         f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
+    if r.solver == "unipc" or (r.solver == "dpm_singlestep" and r.last_order > 1):
+        # The step is not the identity as a whole: UniPC still corrects the previous step
+        # there with the model output at the repeated level (then its first-order predictor
+        # over h = 0 is the identity), and a singlestep block spanning it updates from the
+        # block's start. The plan keeps the step, on a last level nudged down by
+        # FINAL_NUDGE: every coefficient moves by O(1e-9), below float32 rounding.
+        if r.solver == "unipc" and not r.options.get("lower_order_final") and \
+                min(int(r.options.get("order", 1)), g.size - 1) >= 3:
+            # (order 2 takes rho = 1/2 without a solve, and B(0) = 0 makes it the identity)
+            raise ValueError(f"{where}: with lower_order_final=False diffusers' order-3 UniPC "
+                             f"predictor solves for rho with r_k = (lambda_k - lambda)/h "
+                             f"infinite there and returns nan; there is no result to "
+                             f"reproduce")
+        r.sigmas = np.concatenate([g[:-1], [g[-2] * (1.0 - FINAL_NUDGE)]])
+        return
     if r.solver == "deis_logrho":
         pass        # DEIS integrates its polynomial over [rho, rho]: 0 at any order
-    elif r.solver == "dpm_singlestep" and r.last_order > 1:
-        raise ValueError(f"{where}: its last singlestep block (order {r.last_order}) starts "
-                         f"before the repeated level and is not the identity there, which no "
-                         f"strictly decreasing grid reproduces; use final_sigmas_type='zero'")
     elif r.last_order >= 3 or (r.last_order == 2 and r.options.get("solver_type") == "heun"):
         raise ValueError(f"{where}: diffusers' order-{r.last_order} "
                          f"{r.options.get('solver_type', '')} update divides by h = 0 there "
