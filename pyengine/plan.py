@@ -224,11 +224,24 @@ class PlanBuilder:
         return len(self.sigmas) - 1
 
     def s(self, sigma: float) -> float:
+        if math.isinf(sigma):
+            self._pure_noise(sigma)
+            return 0.0
         return float(self.process.s_of_sigma(float(sigma)))
+
+    def _pure_noise(self, sigma: float) -> None:
+        """sigma = inf (pure noise) exists on the rectified-flow process only: t = 1, s = 0,
+        s * sigma = 1 (a flow model's state at t = 1 is the noise itself)."""
+        if getattr(self.process, "name", None) != "flow" or sigma < 0:
+            raise ValueError(f"noise level sigma={sigma} (pure noise) is supported on the "
+                             f"rectified-flow process only, not on {self.process!r}")
 
     def time_of(self, sigma: float) -> float:
         """The model's time value at ``sigma``."""
         t = self._times.get(float(sigma))
+        if t is None and math.isinf(sigma):
+            self._pure_noise(sigma)
+            return float(getattr(self.process, "time_scale", 1.0))
         return float(self.process.model_time(float(sigma))) if t is None else t
 
     @staticmethod
@@ -272,7 +285,7 @@ class PlanBuilder:
                 out = self.ref(dst)
             else:
                 out = self.ref(dst + "/u") * (1.0 - w) + self.ref(dst + "/c") * w
-        alpha, sd = s, s * sigma
+        alpha, sd = s, (1.0 if math.isinf(sigma) else s * sigma)
         (dx, do), (ex, eo) = param.affine(self.prediction, alpha, sd)
         return x * dx + out * do, x * ex + out * eo
 
