@@ -1505,9 +1505,10 @@ class FusedScheduler:
 
     def _randn(self, model_output, generator):
         from diffusers.utils.torch_utils import randn_tensor
-        # DPMSolverMultistepScheduler draws its SDE noise in float32; the others in the
-        # model output's dtype.
-        dtype = torch.float32 if self._name == "DPMSolverMultistepScheduler" \
+        # DPMSolverMultistepScheduler draws its SDE noise in float32, FlowMatchEuler in the
+        # dtype of the sample it upcast to float32; the others in the model output's dtype.
+        dtype = torch.float32 if self._name in ("DPMSolverMultistepScheduler",
+                                                "FlowMatchEulerDiscreteScheduler") \
             else model_output.dtype
         return randn_tensor(model_output.shape, generator=generator,
                             device=model_output.device, dtype=dtype)
