@@ -77,7 +77,7 @@ from .. import backends
 from ..noise import seeds_tensor
 from ..parameterization import Denoiser, edm_scalings
 from ..parameterization import affine as param_affine
-from ..plan import Custom, Eval, Update
+from ..plan import Custom, Eval
 from ..processes import EDM, Process, RectifiedFlow, VPDiscrete
 from ..runtime.walk import PhiloxDraws, Program, SuppliedDraws, Walker
 from ..sampler import Sampler
@@ -926,17 +926,17 @@ def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
     """The pyengine Sampler that reproduces ``scheduler`` at ``num_inference_steps``.
 
     ``scheduler`` is a diffusers scheduler instance of a class in :data:`SUPPORTED`; it is not
-    modified (a deep copy runs ``set_timesteps``). ``eta`` is DDIMScheduler.step()'s eta.
-    ``mu``, ``sigmas`` and ``timesteps`` are passed to the scheduler's ``set_timesteps`` (Flux's
-    dynamic shift, a custom schedule; ``num_inference_steps`` may then be None where the
-    scheduler allows it), and so is ``timestep_options`` (other keywords of that
-    ``set_timesteps``: LCM's ``original_inference_steps``, ``strength``). ``eta`` and
-    ``use_clipped_model_output`` are the scheduler's ``step()`` arguments (DDIM's eta, TCD's
-    gamma: 0.3 by default as in ``TCDScheduler.step``). ``overrides`` are Sampler keywords (``backend=``) or solver options
-    that replace the ones read from the scheduler. Raises NotImplementedError (naming the config field) for
-    configurations that are not linear in the model output (``clip_sample``,
-    ``thresholding``, learned variances) or have no pyengine solver, and ValueError for those
-    no sigma grid reproduces (DDIM's uneven trailing/linspace spacings) or where diffusers
+    modified (a deep copy runs ``set_timesteps``). ``mu``, ``sigmas`` and ``timesteps`` are
+    passed to the scheduler's ``set_timesteps`` (Flux's dynamic shift, a custom schedule;
+    ``num_inference_steps`` may then be None where the scheduler allows it), and so is
+    ``timestep_options`` (other keywords of that ``set_timesteps``: LCM's
+    ``original_inference_steps``, ``strength``). ``eta`` and ``use_clipped_model_output`` are
+    the scheduler's ``step()`` arguments (DDIM's eta, TCD's gamma: 0.3 by default as in
+    ``TCDScheduler.step``). ``overrides`` are Sampler keywords (``backend=``) or solver options
+    that replace the ones read from the scheduler. Raises NotImplementedError (naming the
+    config field) for configurations that have no pyengine solver (a learned variance read
+    from the model output, PNDM's Runge-Kutta warm-up, ...), and ValueError for those no sigma
+    grid reproduces (DDIM's and PNDM's uneven trailing/linspace spacings) or where diffusers
     itself returns non-finite values.
     """
     name = type(scheduler).__name__
