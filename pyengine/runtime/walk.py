@@ -197,11 +197,23 @@ class Walker:
         self._owned: dict[int, torch.Tensor] = {}
         self._spans: dict[int, tuple[int, int]] = {}
         self._rows = None
+        self._rows_b = 0
+        self._like_key = None
         self._free: list[torch.Tensor] = []
-        self.like: torch.Tensor | None = None
+        self._like: torch.Tensor | None = None
         self._trusted = _takes_trusted(backend)
         self._kw_trusted = dict(self.kw, trusted=True)
         self._validated: set = set()
+
+    @property
+    def like(self) -> torch.Tensor | None:
+        """The tensor whose shape, dtype and device the walk's own buffers take."""
+        return self._like
+
+    @like.setter
+    def like(self, t: torch.Tensor) -> None:
+        self._like = t
+        self._like_key = None
 
     # -- buffers ---------------------------------------------------------------------------
     def start(self, x: torch.Tensor, inputs: dict | None = None, *, own: bool = False):
@@ -282,10 +294,11 @@ class Walker:
             # structure (buffer count and dtypes, aux, noise mode, mask, table kinds) is
             # checked against the contract; the walk's outputs are its own fresh or
             # recycled tensors, which overlap no input.
-            key = (tuple(t.dtype for t in ins), aux is None, mask_coef is None,
+            if self._like_key is None:
+                self._like_key = (tuple(self.like.shape), str(self.like.device))
+            key = (tuple([t.dtype for t in ins]), aux is None, mask_coef is None,
                    noise is None, seeds is None, type(step), type(noise_coef),
-                   type(coef), getattr(coef, "ndim", 1), type(aux_coef), ins[0].shape,
-                   ins[0].device)
+                   type(coef), getattr(coef, "ndim", 1), type(aux_coef), self._like_key)
             validated = self.program.validated if self.program is not None \
                 else self._validated
             if key not in validated:
@@ -329,15 +342,15 @@ class Walker:
     def _time_row(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Evaluation i's [B] model times (sigmas for a Denoiser), made for all evaluations
         of the walk at once (one small tensor instead of one per model call)."""
-        rows = self._rows
         B = x.shape[0]
-        if rows is None or rows.shape[1] != B or rows.device != x.device:
+        if self._rows is None or self._rows_b != B:
             tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
             den = self.adapter.is_denoiser
             vals = [op.sigma if den else op.t for op in self.program.evals]
             rows = torch.tensor(vals, dtype=tdt).view(-1, 1).expand(-1, B).contiguous()
-            self._rows = rows = rows.to(x.device)
-        return rows[i]
+            self._rows = list(rows.to(x.device).unbind(0))
+            self._rows_b = B
+        return self._rows[i]
 
     def update(self, op: Update, i: int) -> None:
         """Fused update ``i`` with the numbers source's coefficients."""
