@@ -46,6 +46,7 @@ leave the global generator untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 
@@ -502,3 +503,390 @@ def _default_sde_noise(x, sigmas):
         return default_noise_sampler(x)
     s = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas)
     return BrownianTreeNoiseSampler(x, s[s > 0].min(), s.max())
+
+
+# ---------------------------------------------------------------------------------------
+# ComfyUI's sampler names (comfy/k_diffusion/sampling.py), generated from comfy_names
+# ---------------------------------------------------------------------------------------
+
+from .integrations import comfy_names as _cn  # noqa: E402
+from .plan import PlanBuilder, Update  # noqa: E402
+from .processes import RectifiedFlow  # noqa: E402
+from .solvers import registry as _registry  # noqa: E402
+
+#: ComfyUI names whose default noise sampler is a Brownian tree over the caller's sigmas
+#: (ComfyUI's BrownianTreeNoiseSampler seeded with extra_args["seed"]).
+_TREE_DEFAULT = frozenset(n for n in _cn.SAMPLERS
+                          if n.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")))
+#: ComfyUI names that draw their churn noise with torch.randn_like (not the noise sampler).
+_CHURN_NAMES = frozenset({"euler", "heun", "dpm_2", "heunpp2"})
+#: ComfyUI names whose s_noise is not multiplied by model_sampling.noise_scale (churn, lcm,
+#: ddpm, dpm_fast), and those where only the flow (RF) form multiplies it.
+_UNSCALED = _CHURN_NAMES | {"lcm", "ddpm", "dpm_fast"}
+_RF_SCALED = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
+#: ComfyUI's own defaults where the registry solver's default differs (the registry's
+#: res_multistep and exp_heun_2_x0 are deterministic unless given eta).
+_COMFY_DEFAULTS = {"res_multistep_ancestral": {"eta": 1.0},
+                   "res_multistep_ancestral_cfg_pp": {"eta": 1.0},
+                   "exp_heun_2_x0_sde": {"eta": 1.0}}
+
+
+def _model_sampling(model):
+    """ComfyUI's model_sampling of the model its samplers are handed (the wrapper whose
+    ``inner_model.model_patcher.get_model_object("model_sampling")`` ComfyUI's functions
+    read), or None for other models (k-diffusion denoisers)."""
+    try:
+        getter = model.inner_model.model_patcher.get_model_object
+    except AttributeError:
+        return None
+    try:
+        return getter("model_sampling")
+    except Exception:      # a patcher without the object: not a ComfyUI model to us
+        return None
+
+
+def _is_flow(model_sampling) -> bool:
+    """ComfyUI's ``isinstance(model_sampling, comfy.model_sampling.CONST)``, by class name
+    (ComfyUI need not be importable here)."""
+    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+
+
+class _Kind:
+    """What comfy_names.plan_sigmas reads of a model sampling."""
+
+    def __init__(self, model_sampling):
+        self.flow = model_sampling is not None and _is_flow(model_sampling)
+        self._ms = model_sampling
+
+    def percent_to_sigma(self, p):
+        return float(self._ms.percent_to_sigma(p))
+
+
+def comfy_default_noise_sampler(x, seed=None):
+    """ComfyUI's default_noise_sampler: ``torch.randn`` of x's shape, dtype and device from a
+    generator on x's device seeded with ``seed`` (``seed + 1`` on the CPU, as ComfyUI does),
+    or from the global generator when ``seed`` is None."""
+    if seed is None:
+        return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
+                                                     device=x.device)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed) + (1 if x.device.type == "cpu" else 0))
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
+                                                 device=x.device, generator=gen)
+
+
+def _comfy_default_noise(name, x, sigmas, seed):
+    if name in _TREE_DEFAULT:
+        try:
+            import torchsde  # noqa: F401
+        except ImportError:
+            warnings.warn(f"sample_{name}: torchsde is not installed, so the default noise is "
+                          f"ComfyUI's default_noise_sampler instead of its Brownian tree (same "
+                          f"distribution, other values)", stacklevel=4)
+        else:
+            pos = sigmas[sigmas > 0]
+            return BrownianTreeNoiseSampler(x, pos.min(), sigmas.max(), seed=seed)
+    return comfy_default_noise_sampler(x, seed)
+
+
+class _ComfyNoise:
+    """The caller's ``noise_sampler`` called where ComfyUI calls it: once per noisy update of
+    the plan (the registry's comfy solvers draw in ComfyUI's call order), with the (a, b) of
+    comfy_names.NOISE_SAMPLER_ARGS in the model's units; the churn noise of euler / heun /
+    dpm_2 / heunpp2 is ``torch.randn_like`` as in ComfyUI. A draws source of the walk."""
+
+    def __init__(self, fn, levels: torch.Tensor, grid: np.ndarray, flow: bool, chained: bool,
+                 churn: bool):
+        self.fn, self.levels, self.grid = fn, levels, grid
+        self.flow, self.chained, self.churn = flow, chained, churn
+        self.last: dict[int, torch.Tensor] = {}
+
+    def _level(self, sigma: float, i: int) -> torch.Tensor:
+        """The model-unit level of pyengine ``sigma`` at step i (the caller's entry where the
+        plan's level is a grid level)."""
+        for k in (i + 1, i):
+            if k < len(self.grid) and sigma == self.grid[k]:
+                return self.levels[k]
+        c = 1.0 if math.isinf(sigma) else (sigma / (1.0 + sigma) if self.flow else sigma)
+        return torch.tensor(c, dtype=self.levels.dtype, device=self.levels.device)
+
+    def update_noise(self, op: Update, like):
+        if op.noise_index < 0:
+            return None
+        i = op.step
+        if op.kind == "churn":
+            return torch.randn_like(like)
+        sigma = op.sigma if math.isfinite(op.sigma) or math.isinf(op.sigma) else \
+            float(self.grid[i + 1])
+        b = self._level(sigma, i)
+        a = self.last.get(i, self.levels[i]) if self.chained else self.levels[i]
+        self.last[i] = b
+        return self.fn(a, b)
+
+    def source(self) -> SuppliedDraws:
+        return SuppliedDraws(self.update_noise)
+
+
+def _comfy_plan(name: str, solver: str, options: dict, grid: np.ndarray, flow: bool,
+                times, guided: bool) -> Plan:
+    """The registry solver over the plan grid (first level inf allowed on flow models: pure
+    noise), the model called in process space with ComfyUI's own levels as its times."""
+    key = (name, solver, tuple(grid.tolist()), flow,
+           None if times is None else tuple(times.tolist()), guided,
+           tuple(sorted(options.items())))
+    plan = _COMFY_PLANS.get(key)
+    if plan is not None:
+        return plan
+    info = _registry.get(solver)
+    opts = _registry.check_options(info, options)
+    finite = grid[1:] if math.isinf(grid[0]) else grid
+    if finite.size >= 2:
+        _sched.validate(finite)
+    elif not (finite.size == 1 and 0.0 <= finite[0] < math.inf):
+        raise ValueError(f"sigmas {grid.tolist()} is not a decreasing list of levels")
+    process = RectifiedFlow() if flow else EDM()
+    b = PlanBuilder(process, grid, "sample", solver=solver, timesteps=times,
+                    guidance_scale=1.0 if guided else None)
+    info.build(b, **opts)
+    plan = b.finish()
+    if len(_COMFY_PLANS) >= 64:
+        _COMFY_PLANS.pop(next(iter(_COMFY_PLANS)))
+    _COMFY_PLANS[key] = plan
+    return plan
+
+
+_COMFY_PLANS: dict = {}
+
+
+class _CfgPPModel:
+    """A ComfyUI model called on the walk's doubled batch cat([x, x]) of a plan guided with
+    w = 1: one call of the model on x with a post-CFG hook (ComfyUI's
+    ``sampler_post_cfg_function`` in ``model_options``, cfg1 optimization off, as ComfyUI's
+    CFG++ samplers install it) that keeps the unconditional denoised; returns
+    cat([uncond, denoised]), which the plan reads as its D_u and D halves."""
+
+    def __init__(self, model, extra_args):
+        self.model = model
+        mo = dict((extra_args or {}).get("model_options", {}) or {})
+        mo["sampler_post_cfg_function"] = list(mo.get("sampler_post_cfg_function", [])) + \
+            [self._hook]
+        mo["disable_cfg1_optimization"] = True
+        self.extra_args = dict(extra_args or {}, model_options=mo)
+        self.uncond = None
+
+    def _hook(self, args):
+        self.uncond = args["uncond_denoised"]
+        return args["denoised"]
+
+    def __call__(self, xx, t, **_):
+        n = xx.shape[0] // 2
+        self.uncond = None
+        out = self.model(xx[:n], t[:n].to(xx.dtype), **self.extra_args)
+        if self.uncond is None:
+            raise RuntimeError("the *_cfg_pp samplers read the unconditional denoised through "
+                               "ComfyUI's sampler_post_cfg_function hook (model_options); the "
+                               "model did not call it")
+        return torch.cat([self.uncond, out])
+
+
+def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback, disable,
+               options: dict, levels=None, nfe=None):
+    fname = f"sample_{name}"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fname}: x must be a floating-point tensor")
+    if not callable(model):
+        raise TypeError(f"{fname}: model must be callable, got {type(model).__name__}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"{fname}: extra_args must be a dict of model keyword arguments, got "
+                        f"{type(extra_args).__name__}")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = options.pop("noise_sampler", None)
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"{fname}: noise_sampler must be callable as noise_sampler(sigma, "
+                        f"sigma_next), got {type(noise_sampler).__name__}")
+    if noise_sampler is not None and "noise_sampler" not in _cn.SAMPLERS[name][2]:
+        raise TypeError(f"{fname}: ComfyUI's {fname} takes no noise_sampler (it draws no "
+                        f"noise, or its churn noise with torch.randn_like)")
+    opts = dict(_COMFY_DEFAULTS.get(name, {}))
+    opts.update(options)
+    try:
+        solver, opts = _cn.solver_for(name, **opts)
+    except ValueError as exc:
+        raise TypeError(f"{fname}: {exc}") from None
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas, device=x.device)
+    if sigmas.numel() < 2:
+        return x
+    kind = _Kind(model_sampling)
+    flow = kind.flow
+    scale = float(getattr(model_sampling, "noise_scale", 1.0)) if model_sampling is not None \
+        else 1.0
+    if "s_noise" in _cn.SAMPLERS[name][2] and name not in _UNSCALED and \
+            (flow or name not in _RF_SCALED) and scale != 1.0:
+        opts["s_noise"] = float(opts.get("s_noise", 1.0)) * scale   # ComfyUI's default 1
+    if nfe is not None:
+        opts["nfe"] = nfe
+    # ComfyUI's levels as its loop sees them (offset_first_sigma_for_snr for the SNR samplers)
+    lv = sigmas if levels is None else levels
+    if flow and name in _cn.SNR_OFFSET and float(lv[0]) >= 1:
+        lv = lv.clone()
+        lv[0] = kind.percent_to_sigma(1e-4)
+    lv64 = _grid(lv)
+    grid = _cn.plan_sigmas("euler" if levels is not None else name, lv64, kind)
+    guided = name.endswith("_cfg_pp")
+    try:
+        plan = _comfy_plan(name, solver, opts, grid, flow, lv64, guided)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ValueError(f"{fname}: {exc}") from None
+
+    noise = None
+    if plan.n_noise:
+        if noise_sampler is None and "noise_sampler" in _cn.SAMPLERS[name][2]:
+            noise_sampler = _comfy_default_noise(name, x, sigmas, extra_args.get("seed"))
+        noise = _ComfyNoise(noise_sampler, lv, grid, flow,
+                            _cn.NOISE_SAMPLER_ARGS.get(name) == "stage",
+                            name in _CHURN_NAMES).source()
+
+    n = len(grid) - 1
+    bar = _progress(n, disable)
+    first_eval = {}
+    for op in plan.ops:
+        if isinstance(op, Eval) and op.step not in first_eval:
+            first_eval[op.step] = op
+    seen = set()
+
+    def on_eval(i, sigma, slots):
+        if i in seen:
+            return
+        seen.add(i)
+        op = first_eval[i]
+        if callback is not None:
+            hat = lv[i] if op.t == lv64[i] else torch.tensor(op.t, dtype=lv.dtype,
+                                                             device=lv.device)
+            den = slots[op.dst] if op.guidance is None else slots[op.dst + "/c"]
+            callback({"x": slots[op.src], "i": i, "sigma": lv[i], "sigma_hat": hat,
+                      "denoised": den})
+        if bar is not None:
+            bar.update(1)
+
+    if guided:
+        fn = _CfgPPModel(model, extra_args)
+        call_args = None
+    else:
+        def fn(xx, t, **kw):
+            return model(xx, t.to(xx.dtype), **kw)
+        call_args = extra_args
+    be = backends.get(None, device=x.device, dtype=x.dtype)
+    try:
+        with torch.no_grad():
+            return run_plan(plan, fn, x, backend=be, callback=on_eval, extra_args=call_args,
+                            noise=noise)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_POSITIONAL = ("model", "x", "sigmas", "extra_args", "callback", "disable")
+
+
+def _comfy_function(name: str):
+    kd = globals().get(f"sample_{name}")       # today's k-diffusion function of that name
+    solver, fixed, own = _cn.SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *args,
+               **options):
+        ms = _model_sampling(model)
+        if ms is None and kd is not None:
+            return kd(model, x, sigmas, extra_args, callback, disable, *args, **options)
+        if args:
+            if kd is None:
+                raise TypeError(f"sample_{name}: options after 'disable' are keyword "
+                                f"arguments, got {len(args)} positional")
+            bound = inspect.signature(kd).bind(model, x, sigmas, extra_args, callback,
+                                               disable, *args, **options).arguments
+            options = {k: v for k, v in bound.items() if k not in _POSITIONAL}
+        return _comfy_run(name, ms, model, x, sigmas, extra_args, callback, disable, options)
+
+    sample.__name__ = sample.__qualname__ = f"sample_{name}"
+    if kd is not None:
+        sample.__signature__ = inspect.signature(kd)   # k-diffusion's, option defaults alike
+    sample.__doc__ = (
+        f"ComfyUI's ``sample_{name}`` on pyengine's fused plans (registry solver "
+        f"``{solver}``{' with ' + str(fixed) if fixed else ''}); options: "
+        f"{', '.join(own) or 'none'}. "
+        + ("A model without ComfyUI's model_sampling runs pyengine's k-diffusion function "
+           "of this name. " if kd is not None else "")
+        + "See the module docstring.")
+    return sample
+
+
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None,
+                    disable=None, eta=0.0, s_noise=1.0, noise_sampler=None):
+    """ComfyUI's / k-diffusion's ``sample_dpm_fast``: DPM-Solver-fast with ``n`` model calls
+    over its lambda-uniform grid from ``sigma_max`` to ``sigma_min`` (registry ``dpm_fast``).
+    The callback receives {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} per step."""
+    from .solvers.comfy import dpm_fast_sigmas
+    levels = torch.as_tensor(dpm_fast_sigmas(float(sigma_min), float(sigma_max), n),
+                             device=x.device)
+    return _comfy_run("dpm_fast", _model_sampling(model), model, x, levels, extra_args,
+                      callback, disable, dict(eta=eta, s_noise=s_noise,
+                                              noise_sampler=noise_sampler),
+                      levels=levels, nfe=int(n))
+
+
+def _refused(name: str, why: str):
+    def sample(model, x, *args, **kwargs):
+        raise NotImplementedError(f"pyengine.sampling.sample_{name}: {why}")
+    sample.__name__ = sample.__qualname__ = f"sample_{name}"
+    sample.__doc__ = f"Not provided: {why}."
+    return sample
+
+
+COMFY_SAMPLERS: dict[str, str] = {}
+for _name in _cn.SAMPLERS:
+    if _name == "dpm_fast":
+        COMFY_SAMPLERS[_name] = "dpm_fast"
+        continue
+    globals()[f"sample_{_name}"] = _comfy_function(_name)
+    COMFY_SAMPLERS[_name] = _cn.SAMPLERS[_name][0]
+sample_dpm_adaptive = _refused("dpm_adaptive", _cn.NOT_PROVIDED["dpm_adaptive"])
+__all__ += [f"sample_{_n}" for _n in _cn.SAMPLERS if f"sample_{_n}" not in __all__]
+__all__ += ["sample_dpm_adaptive", "COMFY_SAMPLERS", "comfy_default_noise_sampler",
+            "comfy_sigmas", "split_sigmas", "split_sigmas_denoise", "flip_sigmas"]
+
+
+# ---------------------------------------------------------------------------------------
+# ComfyUI's sigma helpers
+# ---------------------------------------------------------------------------------------
+
+
+def comfy_sigmas(scheduler_name: str, model_sampling, steps: int, denoise: float = 1.0,
+                 device="cpu"):
+    """ComfyUI's BasicScheduler: the levels of ``scheduler_name`` (simple, normal, karras,
+    ...) for ``steps`` steps of a :class:`pyengine.schedules.ModelSampling`, in the model's
+    units (flow time t for flow models), ending in 0; ``denoise`` < 1 keeps the last steps."""
+    return _as_tensor(_cn.scheduler_sigmas(scheduler_name, model_sampling, steps, denoise),
+                      device)
+
+
+def _like(s: np.ndarray, ref) -> torch.Tensor:
+    if isinstance(ref, torch.Tensor):
+        return torch.tensor(s, dtype=ref.dtype, device=ref.device)
+    return _as_tensor(s, "cpu")
+
+
+def split_sigmas(sigmas, step: int):
+    """ComfyUI's SplitSigmas: (sigmas[:step + 1], sigmas[step:])."""
+    hi, lo = _sched.split_at(sigmas, step)
+    return _like(hi, sigmas), _like(lo, sigmas)
+
+
+def split_sigmas_denoise(sigmas, denoise: float):
+    """ComfyUI's SplitSigmasDenoise: (high, low), low the last round(steps * denoise) steps."""
+    hi, lo = _sched.split_denoise(sigmas, denoise)
+    return _like(hi, sigmas), _like(lo, sigmas)
+
+
+def flip_sigmas(sigmas, first: float = 1e-4):
+    """ComfyUI's FlipSigmas: the list reversed, a leading 0 replaced by ``first``."""
+    return _like(_sched.flip(sigmas, first), sigmas)

@@ -1,0 +1,351 @@
+"""ComfyUI's sampler functions in ``pyengine.sampling`` (``sample_<name>`` generated from
+``pyengine.integrations.comfy_names.SAMPLERS``), called the way ComfyUI calls them: a model
+wrapper that carries ComfyUI's model_sampling (``model.inner_model.model_patcher
+.get_model_object("model_sampling")``; a flow model's is a CONST instance with noise_scale
+and percent_to_sigma), ``model(x, sigma * s_in, **extra_args)`` returning the denoised x0, the
+caller's ``noise_sampler``.
+
+The references are float64 restatements of ComfyUI's loops (``comfy/k_diffusion/sampling.py``,
+read, not copied; the per-name functions are cited in tests/test_solvers_comfy.py, whose
+restatements are imported here): sample_euler, sample_euler_ancestral(_RF), sample_heun,
+sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_ipndm, sample_lms,
+res_multistep, sample_er_sde, sample_lcm, sample_ddpm (generic_step_sampler +
+DDPMSampler_step), and ``comfy/extra_samplers/uni_pc.py`` for uni_pc; the SNR samplers get
+ComfyUI's offset_first_sigma_for_snr and the stochastic ones s_noise * noise_scale as
+ComfyUI's functions apply them. Agreement: everything float64, relative max difference
+< 1e-12 (measured <= ~5e-15).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pyengine as pe
+from pyengine import sampling as S
+from pyengine.integrations import comfy_names as C
+from pyengine.models import GaussianMixture
+
+import test_solvers_comfy as R  # noqa: E402  (the float64 restatements of ComfyUI's loops)
+
+B, D = 3, 5
+TOL = 1e-12
+FLOW_SHIFT = 3.0
+NOISE_SCALE = 0.8          # the fake flow model's model_sampling.noise_scale
+
+
+# ---------------------------------------------------------------------------------------
+# fake ComfyUI model wrappers (ComfyUI is not installed here)
+# ---------------------------------------------------------------------------------------
+
+
+class CONST:
+    """Stands for comfy.model_sampling.CONST (the adapter checks the class name in the MRO)."""
+
+
+class FlowSampling(CONST):
+    noise_scale = NOISE_SCALE
+
+    def __init__(self):
+        self._ms = pe.schedules.ModelSampling.flow_shift(FLOW_SHIFT)
+
+    def percent_to_sigma(self, p):
+        return self._ms.percent_to_sigma(p)
+
+
+class EpsSampling:
+    """A discrete eps model's sampling: no CONST in its MRO, no noise_scale."""
+
+
+class _Patcher:
+    def __init__(self, ms):
+        self.ms = ms
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.ms
+
+
+class _Inner:
+    def __init__(self, ms):
+        self.model_patcher = _Patcher(ms)
+
+
+def denoiser(gmm, flow):
+    """ComfyUI-space denoiser m(x_c, level) of a Gaussian mixture; flow levels are clamped
+    below 1 so that t = 1 (pure noise) is a finite call, as for a real flow model."""
+    def m(xc, c):
+        c = float(c)
+        if flow:
+            c = min(c, 0.9995)
+            return gmm.denoise(xc / (1 - c), c / (1 - c))
+        return gmm.denoise(xc, c)
+    return m
+
+
+class FakeComfyModel:
+    """ComfyUI's sampler-facing model: model(x, sigma * s_in, **extra_args) -> denoised; with
+    ``uncond`` it is a CFG model (w = 3.5) that runs the post-CFG hooks of model_options."""
+
+    def __init__(self, gmm, flow, uncond=None, w=3.5):
+        self.inner_model = _Inner(FlowSampling() if flow else EpsSampling())
+        self.m = denoiser(gmm, flow)
+        self.mu = None if uncond is None else denoiser(uncond, flow)
+        self.w, self.levels = w, []
+
+    def __call__(self, x, sigma, model_options=None, seed=None):
+        assert sigma.shape == (x.shape[0],) and sigma.dtype == x.dtype
+        self.levels.append(float(sigma[0]))
+        d = self.m(x, sigma[0])
+        if self.mu is None:
+            return d
+        du = self.mu(x, sigma[0])
+        out = du + self.w * (d - du)
+        for fn in (model_options or {}).get("sampler_post_cfg_function", []):
+            out = fn({"denoised": out, "uncond_denoised": du, "cond_denoised": d})
+        return out
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(d=D, M=3, seed=11)
+
+
+def levels(kind, n):
+    """ComfyUI's sigmas for the kind: karras over a discrete SD table (eps), ComfyUI's
+    'simple' schedule of a shift-3 flow model (starts at t = 1)."""
+    if kind == "eps":
+        ms = pe.schedules.ModelSampling.discrete(
+            pe.processes.VP.discrete("scaled_linear", beta_start=0.00085,
+                                     beta_end=0.012).sigmas)
+        return C.scheduler_sigmas("karras", ms, n)
+    return C.scheduler_sigmas("simple", pe.schedules.ModelSampling.flow_shift(FLOW_SHIFT), n)
+
+
+CASES = [   # (ComfyUI name, reference, reference kwargs, noise scaled on flow models)
+    ("euler", R.ref_euler, {}, False),
+    ("euler_ancestral", R.ref_euler_ancestral, {}, True),
+    ("heun", R.ref_heun, {}, False),
+    ("dpmpp_2m", R.ref_dpmpp_2m, {}, False),
+    ("dpmpp_2m_sde", R.ref_dpmpp_2m_sde, {}, True),
+    ("dpmpp_sde", R.ref_dpmpp_sde, {}, True),
+    ("ipndm", R.ref_ipndm, {}, False),
+    ("lms", R.ref_lms, {}, False),
+    ("res_multistep", R.ref_res_multistep, {}, False),
+    ("res_multistep_ancestral", R.ref_res_multistep, {"eta": 1.0}, True),
+    ("er_sde", R.ref_er_sde, {}, True),
+    ("lcm", R.ref_lcm, {}, False),
+    ("ddpm", R.ref_ddpm, {}, False),
+]
+
+
+def _start(kind, n, seed):
+    c = levels(kind, n)
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(64, B, D, generator=g, dtype=torch.float64)
+    x0 = torch.randn(B, D, generator=g, dtype=torch.float64) * (1.0 if kind == "flow" else c[0])
+    return c, Z, x0
+
+
+def _err(got, want):
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("n", [7, 2])
+@pytest.mark.parametrize("name,ref,ref_kw,scaled", CASES, ids=[c[0] for c in CASES])
+def test_matches_comfyui(gmm, kind, n, name, ref, ref_kw, scaled):
+    flow = kind == "flow"
+    c, Z, x0 = _start(kind, n, seed=n * 31 + len(name))
+    model = FakeComfyModel(gmm, flow)
+    cref = [float(v) for v in c]
+    if flow and name in C.SNR_OFFSET:          # ComfyUI's offset_first_sigma_for_snr
+        cref[0] = model.inner_model.model_patcher.ms.percent_to_sigma(1e-4)
+    kw = dict(ref_kw)
+    if flow and scaled:
+        kw["s_noise"] = NOISE_SCALE
+    want = ref(denoiser(gmm, flow), x0.clone(), cref, R.Noise(Z), flow, **kw)
+    extra = {"noise_sampler": R.Noise(Z)} if "noise_sampler" in C.SAMPLERS[name][2] else {}
+    got = getattr(S, f"sample_{name}")(model, x0.clone(), torch.tensor(c), disable=True,
+                                       **extra)
+    assert got.dtype == torch.float64 and got.shape == x0.shape
+    err = _err(got, want)
+    assert err < TOL, f"sample_{name} on {kind}: {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name,variant", [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
+def test_uni_pc_matches_comfyui(gmm, kind, name, variant):
+    flow = kind == "flow"
+    c, _, x0 = _start(kind, 6, seed=5)
+    want = R.ref_unipc_comfy(denoiser(gmm, flow), x0.clone(), [float(v) for v in c], variant)
+    got = getattr(S, f"sample_{name}")(FakeComfyModel(gmm, flow), x0.clone(), torch.tensor(c),
+                                       disable=True)
+    assert _err(got, want) < TOL
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_model_sees_comfyuis_levels(gmm, kind):
+    """The model is called with exactly ComfyUI's levels (float32 sigmas, float32 x: the
+    float32 values themselves), t = 1 included on flow models."""
+    flow = kind == "flow"
+    c = torch.tensor(levels(kind, 9), dtype=torch.float32)
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(2)) * float(c[0])
+    model = FakeComfyModel(gmm, flow)
+    model.m = lambda x, s: x * 0.5                 # any float32 denoiser
+    S.sample_euler(model, x0, c, disable=True)
+    assert model.levels == [float(v) for v in c[:-1]]
+    if flow:
+        assert model.levels[0] == 1.0
+
+
+def test_noise_sampler_arguments(gmm):
+    """noise_sampler(a, b) as ComfyUI calls it: dpmpp_sde (sigma_i, sigma_s1) then
+    (sigma_i, sigma_{i+1}); seeds_2 chains its stages (sigma_i, sigma_s1), (sigma_s1,
+    sigma_{i+1}); on a flow model in flow time, after the SNR offset of the first level."""
+    c = levels("flow", 4)
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ms = FlowSampling()
+    c0 = ms.percent_to_sigma(1e-4)
+    cc = [c0] + [float(v) for v in c[1:]]
+
+    def lam(t):
+        return math.log((1 - t) / t)
+
+    def mid(a, b, r=0.5):                          # ComfyUI's sigma_fn(lerp of lambdas)
+        return 1 / (1 + math.exp(lam(a) + r * (lam(b) - lam(a))))
+    for name, chained in (("dpmpp_sde", False), ("seeds_2", True)):
+        calls = []
+
+        def ns(a, b):
+            calls.append((float(a), float(b)))
+            return torch.zeros(B, D, dtype=torch.float64)
+        getattr(S, f"sample_{name}")(FakeComfyModel(gmm, True), x0.clone(), torch.tensor(c),
+                                     disable=True, noise_sampler=ns)
+        want = []
+        for i in range(len(cc) - 2):               # no noise on the step to 0
+            s1 = mid(cc[i], cc[i + 1])
+            want += [(cc[i], s1), (s1 if chained else cc[i], cc[i + 1])]
+        assert len(calls) == len(want)
+        np.testing.assert_allclose(np.array(calls), np.array(want), rtol=1e-13)
+        assert calls[0][0] == c0                   # the offset level itself
+
+
+def test_default_noise_is_comfyuis(gmm):
+    """Without noise_sampler: ComfyUI's default_noise_sampler(x, seed=extra_args['seed'])
+    (a generator seeded with seed + 1 on the CPU); the seed reaches the model too."""
+    c, _, x0 = _start("eps", 5, seed=8)
+    sig = torch.tensor(c)
+    run = lambda **kw: S.sample_euler_ancestral(FakeComfyModel(gmm, False), x0.clone(), sig,  # noqa: E731
+                                                disable=True, **kw)
+    a = run(extra_args={"seed": 42})
+    b = run(extra_args={"seed": 42}, noise_sampler=S.comfy_default_noise_sampler(x0, 42))
+    assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(43)
+    z = S.comfy_default_noise_sampler(x0, 42)(sig[0], sig[1])
+    assert torch.equal(z, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    assert not torch.equal(a, run(extra_args={"seed": 7}))
+
+
+def test_callback_once_per_step(gmm):
+    c, Z, x0 = _start("flow", 5, seed=4)
+    seen = []
+    S.sample_heun(FakeComfyModel(gmm, True), x0, torch.tensor(c), disable=True,
+                  callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(len(c) - 1))
+    assert all(set(d) == {"x", "i", "sigma", "sigma_hat", "denoised"} for d in seen)
+    assert [float(d["sigma"]) for d in seen] == [float(v) for v in c[:-1]]
+    assert torch.equal(seen[0]["x"], x0)
+
+
+def test_plain_denoiser_keeps_k_diffusion_behaviour(gmm):
+    """A model without ComfyUI's model_sampling runs today's k-diffusion function: ipndm's
+    last step is its multistep step (ComfyUI's returns the denoised)."""
+    c, _, x0 = _start("eps", 6, seed=9)
+    sig = torch.tensor(c)
+    m = denoiser(gmm, False)
+    plain = S.sample_ipndm(lambda x, s: m(x, s[0]), x0.clone(), sig, disable=True)
+    comfy = S.sample_ipndm(FakeComfyModel(gmm, False), x0.clone(), sig, disable=True)
+    want = R.ref_ipndm(m, x0.clone(), [float(v) for v in c], None, False)
+    assert _err(comfy, want) < TOL
+    assert _err(plain, want) > 1e-6                 # the step to 0 differs
+    # a ComfyUI-only name on a plain denoiser: ComfyUI's eps-model semantics
+    got = S.sample_lms(lambda x, s: m(x, s[0]), x0.clone(), sig, disable=True)
+    assert _err(got, R.ref_lms(m, x0.clone(), [float(v) for v in c], None, False)) < TOL
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name,ref", [("dpmpp_2m_cfg_pp", R.ref_dpmpp_2m_cfg_pp),
+                                      ("res_multistep_cfg_pp", R.ref_res_multistep_cfg_pp),
+                                      ("euler_ancestral_cfg_pp", R.ref_euler_ancestral_cfg_pp)])
+def test_cfg_pp_through_post_cfg_hook(gmm, kind, name, ref):
+    """The CFG++ names read the unconditional denoised through ComfyUI's post-CFG hook
+    (model_options['sampler_post_cfg_function'])."""
+    flow = kind == "flow"
+    c, Z, x0 = _start(kind, 5, seed=12)
+    if flow and name == "euler_ancestral_cfg_pp":
+        c = c[1:]                       # its registry form has no t = 1 step (see README)
+    uncond = GaussianMixture.random(d=D, M=2, seed=13)
+    mc, mu = denoiser(gmm, flow), denoiser(uncond, flow)
+
+    def m2(x, s):
+        du = mu(x, s)
+        return du + 3.5 * (mc(x, s) - du), du
+    kw = {"s_noise": NOISE_SCALE} if flow and name == "euler_ancestral_cfg_pp" else {}
+    want = ref(m2, x0.clone(), [float(v) for v in c], R.Noise(Z), flow, **kw)
+    extra = {"noise_sampler": R.Noise(Z)} if "noise_sampler" in C.SAMPLERS[name][2] else {}
+    got = getattr(S, f"sample_{name}")(FakeComfyModel(gmm, flow, uncond=uncond), x0.clone(),
+                                       torch.tensor(c), disable=True, **extra)
+    assert _err(got, want) < TOL
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_dpm_fast(gmm, kind):
+    from pyengine.solvers.comfy import dpm_fast_orders, dpm_fast_sigmas
+    flow = kind == "flow"
+    lo, hi, n = (0.04, 0.95, 7) if flow else (0.04, 12.0, 7)
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    cl = [float(v) for v in dpm_fast_sigmas(lo, hi, n)]
+    want = R.ref_dpm_fast(denoiser(gmm, flow), x0.clone(), cl, dpm_fast_orders(n), None)
+    got = S.sample_dpm_fast(FakeComfyModel(gmm, flow), x0.clone(), lo, hi, n, disable=True)
+    assert _err(got, want) < TOL
+
+
+def test_refusals_and_errors(gmm):
+    c, _, x0 = _start("eps", 3, seed=1)
+    model = FakeComfyModel(gmm, False)
+    with pytest.raises(NotImplementedError, match="adaptive"):
+        S.sample_dpm_adaptive(model, x0, 0.1, 10.0)
+    with pytest.raises(TypeError, match="noise_sampler"):
+        S.sample_dpmpp_2m(model, x0, torch.tensor(c), noise_sampler=lambda a, b: x0)
+    with pytest.raises(TypeError, match="bogus"):
+        S.sample_uni_pc(model, x0, torch.tensor(c), bogus=1)
+    with pytest.raises(ValueError, match="eta"):
+        S.sample_euler_ancestral(model, x0, torch.tensor(c), eta=-1.0)
+    plain = lambda x, s: x  # noqa: E731
+    with pytest.raises(RuntimeError, match="post_cfg"):
+        S.sample_dpmpp_2m_cfg_pp(model, x0, torch.tensor(c))   # a model without the hook
+    assert S.sample_euler(plain, x0, torch.tensor([1.0])) is x0   # no step
+
+
+def test_every_comfyui_name_exists():
+    for name in C.COMFY_SAMPLER_NAMES:
+        assert callable(getattr(S, f"sample_{name}")), name
+        assert f"sample_{name}" in S.__all__
+
+
+def test_sigma_helpers():
+    ms = pe.schedules.ModelSampling.flow_shift(FLOW_SHIFT)
+    s = S.comfy_sigmas("simple", ms, 8)
+    assert isinstance(s, torch.Tensor) and s.numel() == 9 and float(s[0]) == 1.0
+    np.testing.assert_allclose(s.double().numpy(), C.scheduler_sigmas("simple", ms, 8),
+                               rtol=1e-6)
+    hi, lo = S.split_sigmas(s, 3)
+    assert torch.equal(hi, s[:4]) and torch.equal(lo, s[3:])
+    hi, lo = S.split_sigmas_denoise(s, 0.25)
+    assert lo.numel() == 3 and torch.equal(lo, s[-3:]) and torch.equal(hi, s[:-2])
+    f = S.flip_sigmas(s)
+    assert float(f[0]) == pytest.approx(1e-4) and torch.equal(f[1:], s.flip(0)[1:])
