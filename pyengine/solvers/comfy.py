@@ -87,7 +87,7 @@ def _evaluate_cfg(b, slot: str, sigma: float, dst: str = "out", cfg_pp: bool = F
     if not cfg_pp:
         return D, D
     s = b.s(sigma)
-    (dx, do), _ = _param.affine(b.prediction, s, s * sigma)
+    (dx, do), _ = _param.affine(b.prediction, s, 1.0 if math.isinf(sigma) else s * sigma)
     return D, b.ref(slot) * dx + b.ref(dst + "/u") * do
 
 
