@@ -270,6 +270,8 @@ def test_drop_in_img2img_start(make, steps, begin):
 
 
 def test_refusals_name_the_option():
+    with pytest.raises(NotImplementedError, match="invert_sigmas=True, stochastic_sampling"):
+        from_diffusers(FM(invert_sigmas=True, stochastic_sampling=True), 6)
     with pytest.raises(NotImplementedError, match="use_flow_sigmas"):
         from_diffusers(D.DPMSolverMultistepScheduler(prediction_type="flow_prediction"), 10)
     # Karras sigmas of the VP table read as flow times (> 1): no flow noise level

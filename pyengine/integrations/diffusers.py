@@ -581,6 +581,12 @@ def _flow_match_euler(name, sch, eta):
     if cfg.get("invert_sigmas", False):
         # Mochi: the scheduler walks u = 1 - t upward (u' > u) with x' = x + (u' - u) out, the
         # model called at u N: Euler on the flow in t with velocity -out.
+        if cfg.get("stochastic_sampling", False):
+            raise NotImplementedError(
+                f"{name}(invert_sigmas=True, stochastic_sampling=True): the stochastic step "
+                f"then takes x0 = x - u out and re-noises to (1 - u') x0 + u' z with the "
+                f"inverted levels u (increasing), which is not a step of the inverted flow "
+                f"(whose x0 is x + (1 - u) out); no decreasing grid reproduces it")
         t = 1.0 - t
         sign = -1.0
     grid = _flow_grid(name, t)
