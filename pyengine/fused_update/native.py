@@ -211,12 +211,14 @@ def _fast_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise
                     compute_dtype, mask, mask_coef)
         if m is None:
             return True
-        if m.copy_back or len(_ARGS_CACHE) >= _ARGS_CACHE_MAX:
+        if m.copy_back:
             _C.fused_update_cpu(m.args, nthreads)
             m.finish()
             return True
         if not noisy or tensor_noise or (seeds.is_cpu and seeds.is_contiguous()
                                          and seeds.dtype == torch.int64):
+            if len(_ARGS_CACHE) >= _ARGS_CACHE_MAX:         # the oldest entry goes
+                del _ARGS_CACHE[next(iter(_ARGS_CACHE))]
             _ARGS_CACHE[key] = m.args
         _C.fused_update_cpu(m.args, nthreads)
         return True
