@@ -29,9 +29,71 @@ float64 plan and runs it through :func:`pyengine.runtime.run_plan` on the best b
 | sample_dpmpp_3m_sde | dpmpp_3m (heun warm-up, no lower-order final) | eta = 0 only |
 | sample_ipndm (ComfyUI's name) | ipndm (max_order) | all options |
 
-Not provided (no registry solver with that math): sample_lms, sample_dpm_fast,
-sample_dpm_adaptive, and the ancestral / SDE forms with eta > 0 of the "eta = 0 only" rows,
-which raise NotImplementedError.
+For a k-diffusion denoiser (no ComfyUI model_sampling) the "eta = 0 only" rows refuse
+eta > 0 with NotImplementedError, as before; ComfyUI's names below cover the rest.
+
+**ComfyUI's names.** Every name of ComfyUI's sampler list (``comfy_names.COMFY_SAMPLER_NAMES``:
+euler, euler_ancestral, heun, heunpp2, dpm_2(_ancestral), lms, dpm_fast, dpmpp_2s_ancestral,
+dpmpp_sde, dpmpp_2m, dpmpp_2m_sde(_heun), dpmpp_3m_sde (and the _gpu forms), ddpm, lcm, ipndm,
+ipndm_v, deis, res_multistep(_ancestral), gradient_estimation, er_sde, seeds_2, seeds_3,
+exp_heun_2_x0(_sde), sa_solver(_pece), ddim, uni_pc, uni_pc_bh2 and the *_cfg_pp forms) is
+``sample_<name>(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``,
+generated from ``comfy_names.SAMPLERS`` (registry solver, fixed options, ComfyUI's options), so
+a ComfyUI custom node can hand it to ``comfy.samplers.KSAMPLER`` in place of ComfyUI's
+``comfy.k_diffusion.sampling.sample_<name>``. ``sample_dpm_fast`` keeps its own signature
+``(model, x, sigma_min, sigma_max, n, ...)``; ``sample_dpm_adaptive`` raises
+NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a precomputed plan).
+
+* Model kind, read as ComfyUI's functions read it: ``model.inner_model.model_patcher
+  .get_model_object("model_sampling")``. A model without it is a k-diffusion denoiser: where
+  k-diffusion has the name (the table above) today's function runs unchanged; the other names
+  run ComfyUI's eps-model form. With it, a model sampling whose class has ``CONST`` in its MRO
+  (checked by name) is a flow model, anything else an eps / v / EDM model (ComfyUI hands
+  every non-CONST sampler the state x = x0 + sigma eps).
+* **Rule where both have the name and differ: a model carrying ComfyUI's model_sampling gets
+  ComfyUI's form** (ipndm's and lms's last step returns the denoised value; euler_ancestral,
+  dpm_2_ancestral, dpmpp_2s_ancestral take the RF forms on flow models; dpmpp_sde,
+  dpmpp_2m_sde, dpmpp_3m_sde use the model's half-log-SNR and ComfyUI's first-level offset;
+  eta > 0 works for every ancestral / SDE name); a plain denoiser gets k-diffusion's.
+* The plan: ``comfy_names.solver_for`` maps the name and options to the registry solver,
+  built over ``comfy_names.plan_sigmas`` on the EDM process (eps kind: the state is x) or
+  the rectified-flow process (flow kind: the state is x = (1 - t) x0 + t eps itself; a first
+  level t = 1 is sigma = inf, pure noise), prediction "sample", with ComfyUI's own levels as
+  the plan's explicit model times: the model is called as ``model(x, sigma * s_in,
+  **extra_args)`` with exactly ComfyUI's sigma (eps) or t (flow) values at the grid's levels
+  (intermediate stage levels are computed in float64 and rounded to x's dtype). The samplers
+  marked ``comfy_names.SNR_OFFSET`` replace a first flow level >= 1 by
+  ``model_sampling.percent_to_sigma(1e-4)`` in the caller's sigmas tensor, as ComfyUI does.
+* ``s_noise`` is multiplied by ``model_sampling.noise_scale`` (default 1) where ComfyUI's
+  function does (not for lcm, ddpm, dpm_fast, the churn of euler / heun / dpm_2 / heunpp2,
+  nor the eps forms of euler / dpm_2 / dpmpp_2s ancestral). ComfyUI's defaults hold
+  (``res_multistep_ancestral`` and ``exp_heun_2_x0_sde`` default to eta = 1).
+* Noise: a caller's ``noise_sampler`` is called once per noisy update of the plan, in
+  ComfyUI's call order, as ``noise_sampler(a, b)`` in the model's units
+  (``comfy_names.NOISE_SAMPLER_ARGS``: b the level the update writes, the caller's tensor
+  entry where it is a grid level; a the step's first level, or the previous stage's level for
+  seeds_2 / seeds_3 / exp_heun_2_x0_sde), and its tensor goes into the fused update
+  (:class:`pyengine.runtime.SuppliedDraws`): the same noise sampler gives ComfyUI's path. No
+  call where ComfyUI adds no noise (res_multistep at eta = 0 calls it without effect in
+  ComfyUI; here it is not called). Without one, ComfyUI's defaults:
+  :func:`comfy_default_noise_sampler` ``(x, seed=extra_args.get("seed"))`` (torch.randn from
+  a generator on x's device seeded with seed, seed + 1 on the CPU; the global generator when
+  there is no seed), and for dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde (and _gpu) a
+  Brownian tree over the caller's positive levels seeded with the same seed (queried at
+  float32 times; torchsde needed, else the former with a warning). The churn noise of euler,
+  heun, dpm_2, heunpp2 is ``torch.randn_like(x)`` as in ComfyUI (heunpp2's unused draws on
+  steps without churn are not made).
+* CFG++ (``*_cfg_pp``): the unconditional denoised comes from ComfyUI's own hook: the
+  function appends a ``sampler_post_cfg_function`` to ``extra_args["model_options"]`` (and
+  sets ``disable_cfg1_optimization``), exactly as ComfyUI's CFG++ samplers do, and the plan is
+  built with guidance w = 1 so that its guided call reads (uncond, denoised) as its two
+  halves; the model is still called once per evaluation on x. A model that never calls the
+  hook raises RuntimeError.
+* ``callback`` receives {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step (x in
+  ComfyUI's state, sigma the caller's level).
+* Sigma helpers: :func:`comfy_sigmas` (ComfyUI's BasicScheduler by scheduler name over a
+  :class:`pyengine.schedules.ModelSampling`), :func:`split_sigmas`,
+  :func:`split_sigmas_denoise`, :func:`flip_sigmas`.
 
 Noise. Stochastic configurations call ``noise_sampler(sigma, sigma_next)`` exactly where
 k-diffusion calls it, and pass the tensor it returns into the fused update, so with the same
@@ -520,6 +582,8 @@ _TREE_DEFAULT = frozenset(n for n in _cn.SAMPLERS
                           if n.startswith(("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")))
 #: ComfyUI names that draw their churn noise with torch.randn_like (not the noise sampler).
 _CHURN_NAMES = frozenset({"euler", "heun", "dpm_2", "heunpp2"})
+#: ComfyUI's option names that comfy_names spells as the registry does.
+_COMFY_RENAME = {"lms": {"order": "max_order"}}
 #: ComfyUI names whose s_noise is not multiplied by model_sampling.noise_scale (churn, lcm,
 #: ddpm, dpm_fast), and those where only the flow (RF) form multiplies it.
 _UNSCALED = _CHURN_NAMES | {"lcm", "ddpm", "dpm_fast"}
@@ -585,8 +649,15 @@ def _comfy_default_noise(name, x, sigmas, seed):
                           f"distribution, other values)", stacklevel=4)
         else:
             pos = sigmas[sigmas > 0]
-            return BrownianTreeNoiseSampler(x, pos.min(), sigmas.max(), seed=seed)
+            return BrownianTreeNoiseSampler(x, pos.min(), sigmas.max(), seed=seed,
+                                            transform=_tree_time)
     return comfy_default_noise_sampler(x, seed)
+
+
+def _tree_time(sigma):
+    """The Brownian tree's time: the level as float32 on the CPU (ComfyUI queries its CPU
+    tree with float32 times)."""
+    return torch.as_tensor(sigma).detach().to("cpu", torch.float32)
 
 
 class _ComfyNoise:
@@ -611,8 +682,8 @@ class _ComfyNoise:
         return torch.tensor(c, dtype=self.levels.dtype, device=self.levels.device)
 
     def update_noise(self, op: Update, like):
-        if op.noise_index < 0:
-            return None
+        if op.noise_index < 0 or op.noise == 0.0:
+            return None            # ComfyUI calls no noise sampler where it adds no noise
         i = op.step
         if op.kind == "churn":
             return torch.randn_like(like)
@@ -708,7 +779,8 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
         raise TypeError(f"{fname}: ComfyUI's {fname} takes no noise_sampler (it draws no "
                         f"noise, or its churn noise with torch.randn_like)")
     opts = dict(_COMFY_DEFAULTS.get(name, {}))
-    opts.update(options)
+    for k, v in options.items():
+        opts[_COMFY_RENAME.get(name, {}).get(k, k)] = v
     try:
         solver, opts = _cn.solver_for(name, **opts)
     except ValueError as exc:

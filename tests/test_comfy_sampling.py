@@ -275,26 +275,58 @@ def test_plain_denoiser_keeps_k_diffusion_behaviour(gmm):
     # a ComfyUI-only name on a plain denoiser: ComfyUI's eps-model semantics
     got = S.sample_lms(lambda x, s: m(x, s[0]), x0.clone(), sig, disable=True)
     assert _err(got, R.ref_lms(m, x0.clone(), [float(v) for v in c], None, False)) < TOL
+    # ComfyUI's sample_lms spells its option ``order``
+    got = S.sample_lms(FakeComfyModel(gmm, False), x0.clone(), sig, disable=True, order=2)
+    want = R.ref_lms(m, x0.clone(), [float(v) for v in c], None, False, max_order=2)
+    assert _err(got, want) < TOL
+
+
+def ref_euler_ancestral_cfg_pp_t(m2, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    """ComfyUI's sample_euler_ancestral_cfg_pp in float64 torch scalars, so that a flow
+    level t = 1 takes ComfyUI's own values there (half-log-SNR -inf, alpha_s = 0,
+    get_ancestral_step(inf, .) through Python's min with a NaN)."""
+    sig = torch.tensor(sig, dtype=torch.float64)
+
+    def lam(s):
+        return s.logit().neg() if flow else s.log().neg()
+    for i in range(len(sig) - 1):
+        d0, du = m2(x, float(sig[i]))
+        if sig[i + 1] == 0:
+            x = d0
+            continue
+        a_s, a_t = sig[i] * lam(sig[i]).exp(), sig[i + 1] * lam(sig[i + 1]).exp()
+        d = (x - a_s * du) / sig[i]
+        f, t = sig[i] / a_s, sig[i + 1] / a_t
+        if eta:
+            up = min(t, eta * (t ** 2 * (f ** 2 - t ** 2) / f ** 2) ** 0.5)
+            down = (t ** 2 - up ** 2) ** 0.5
+        else:
+            down, up = t, 0.0
+        x = a_t * d0 + a_t * down * d
+        if eta > 0 and s_noise > 0:
+            x = x + a_t * ns() * s_noise * up
+    return x
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
 @pytest.mark.parametrize("name,ref", [("dpmpp_2m_cfg_pp", R.ref_dpmpp_2m_cfg_pp),
                                       ("res_multistep_cfg_pp", R.ref_res_multistep_cfg_pp),
-                                      ("euler_ancestral_cfg_pp", R.ref_euler_ancestral_cfg_pp)])
+                                      ("euler_ancestral_cfg_pp", ref_euler_ancestral_cfg_pp_t),
+                                      ("euler_cfg_pp", ref_euler_ancestral_cfg_pp_t)])
 def test_cfg_pp_through_post_cfg_hook(gmm, kind, name, ref):
     """The CFG++ names read the unconditional denoised through ComfyUI's post-CFG hook
-    (model_options['sampler_post_cfg_function'])."""
+    (model_options['sampler_post_cfg_function']); flow levels start at t = 1."""
     flow = kind == "flow"
     c, Z, x0 = _start(kind, 5, seed=12)
-    if flow and name == "euler_ancestral_cfg_pp":
-        c = c[1:]                       # its registry form has no t = 1 step (see README)
     uncond = GaussianMixture.random(d=D, M=2, seed=13)
     mc, mu = denoiser(gmm, flow), denoiser(uncond, flow)
 
     def m2(x, s):
         du = mu(x, s)
         return du + 3.5 * (mc(x, s) - du), du
-    kw = {"s_noise": NOISE_SCALE} if flow and name == "euler_ancestral_cfg_pp" else {}
+    kw = {"s_noise": NOISE_SCALE} if name == "euler_ancestral_cfg_pp" and flow else {}
+    if name == "euler_cfg_pp":
+        kw = {"eta": 0.0, "s_noise": 0.0}
     want = ref(m2, x0.clone(), [float(v) for v in c], R.Noise(Z), flow, **kw)
     extra = {"noise_sampler": R.Noise(Z)} if "noise_sampler" in C.SAMPLERS[name][2] else {}
     got = getattr(S, f"sample_{name}")(FakeComfyModel(gmm, flow, uncond=uncond), x0.clone(),

@@ -1163,13 +1163,20 @@ def euler_ancestral_cfg_pp(b, eta, s_noise):
     for i in range(b.n_steps):
         b.step = i
         s, t = sig[i], sig[i + 1]
-        x = b.xhat("x", s)
+        x = b.ref("x") if math.isinf(s) else b.xhat("x", s)
         D, Du = _evaluate_cfg(b, "x", s, cfg_pp=b.guidance_scale is not None)
         if t == 0:
             b.assign("x", D, t, kind="denoise")
             continue
-        down, up, _ = _k_ancestral(s, t, eta)
         noisy = eta > 0 and s_noise > 0
+        if math.isinf(s):
+            # flow t = 1 (ComfyUI: alpha_s = 0, d = x, get_ancestral_step(inf, sigma')):
+            # x_hat' = D + sigma' x (eta = 0) or D + s_noise sigma' z (eta > 0)
+            down, up = (t, 0.0) if eta == 0 else (0.0, t)
+            b.assign("x", D + down * x, t, noise=s_noise * up if noisy else 0.0,
+                     noisy=noisy, kind="euler_ancestral_cfg_pp")
+            continue
+        down, up, _ = _k_ancestral(s, t, eta)
         b.assign("x", D + (down / s) * (x - Du), t, noise=s_noise * up if noisy else 0.0,
                  noisy=noisy, kind="euler_ancestral_cfg_pp")
 
