@@ -74,7 +74,7 @@ NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a p
   entry where it is a grid level; a the step's first level, or the previous stage's level for
   seeds_2 / seeds_3 / exp_heun_2_x0_sde), and its tensor goes into the fused update
   (:class:`pyengine.runtime.SuppliedDraws`): the same noise sampler gives ComfyUI's path. No
-  call where ComfyUI adds no noise (res_multistep at eta = 0 calls it without effect in
+  call on a step to 0, nor at eta = 0 (res_multistep at eta = 0 calls it without effect in
   ComfyUI; here it is not called). Without one, ComfyUI's defaults:
   :func:`comfy_default_noise_sampler` ``(x, seed=extra_args.get("seed"))`` (torch.randn from
   a generator on x's device seeded with seed, seed + 1 on the CPU; the global generator when
@@ -682,8 +682,8 @@ class _ComfyNoise:
         return torch.tensor(c, dtype=self.levels.dtype, device=self.levels.device)
 
     def update_noise(self, op: Update, like):
-        if op.noise_index < 0 or op.noise == 0.0:
-            return None            # ComfyUI calls no noise sampler where it adds no noise
+        if op.noise_index < 0 or op.sigma == 0.0:
+            return None            # ComfyUI draws no noise on a step to 0
         i = op.step
         if op.kind == "churn":
             return torch.randn_like(like)
@@ -727,6 +727,22 @@ def _comfy_plan(name: str, solver: str, options: dict, grid: np.ndarray, flow: b
 
 
 _COMFY_PLANS: dict = {}
+
+
+def _sa_interval(model_sampling, flow: bool) -> dict:
+    """sa_solver's default stochastic interval is [percent_to_sigma(0.2), (0.8)] of the
+    model's own sampling; the registry solver takes it as percents of its process's model
+    sampling (flow with shift 1: t = 1 - p; EDM: log-uniform over [0.002, 80])."""
+    out = {}
+    for key, p in (("tau_start", 0.2), ("tau_end", 0.8)):
+        c = float(model_sampling.percent_to_sigma(p))
+        if flow:
+            q = 1.0 - c
+        else:
+            lo, hi = math.log(EDM().sigma_min), math.log(EDM().sigma_max)
+            q = 1.0 - (math.log(c) - lo) / (hi - lo) if c > 0 else 1.0
+        out[key] = min(max(q, 0.0), 1.0)
+    return out
 
 
 class _CfgPPModel:
@@ -798,6 +814,8 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
         opts["s_noise"] = float(opts.get("s_noise", 1.0)) * scale   # ComfyUI's default 1
     if nfe is not None:
         opts["nfe"] = nfe
+    if solver == "sa_solver" and hasattr(model_sampling, "percent_to_sigma"):
+        opts.update(_sa_interval(model_sampling, flow))
     # ComfyUI's levels as its loop sees them (offset_first_sigma_for_snr for the SNR samplers)
     lv = sigmas if levels is None else levels
     if flow and name in _cn.SNR_OFFSET and float(lv[0]) >= 1:

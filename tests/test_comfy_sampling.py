@@ -32,6 +32,7 @@ from pyengine.models import GaussianMixture
 import test_solvers_comfy as R  # noqa: E402  (the float64 restatements of ComfyUI's loops)
 
 B, D = 3, 5
+SD = pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
 TOL = 1e-12
 FLOW_SHIFT = 3.0
 NOISE_SCALE = 0.8          # the fake flow model's model_sampling.noise_scale
@@ -57,7 +58,13 @@ class FlowSampling(CONST):
 
 
 class EpsSampling:
-    """A discrete eps model's sampling: no CONST in its MRO, no noise_scale."""
+    """A discrete eps model's sampling (SD's table): no CONST in its MRO, no noise_scale."""
+
+    def __init__(self):
+        self._ms = pe.schedules.ModelSampling.discrete(SD.sigmas)
+
+    def percent_to_sigma(self, p):
+        return self._ms.percent_to_sigma(p)
 
 
 class _Patcher:
@@ -118,11 +125,24 @@ def levels(kind, n):
     """ComfyUI's sigmas for the kind: karras over a discrete SD table (eps), ComfyUI's
     'simple' schedule of a shift-3 flow model (starts at t = 1)."""
     if kind == "eps":
-        ms = pe.schedules.ModelSampling.discrete(
-            pe.processes.VP.discrete("scaled_linear", beta_start=0.00085,
-                                     beta_end=0.012).sigmas)
-        return C.scheduler_sigmas("karras", ms, n)
+        return C.scheduler_sigmas("karras", pe.schedules.ModelSampling.discrete(SD.sigmas), n)
     return C.scheduler_sigmas("simple", pe.schedules.ModelSampling.flow_shift(FLOW_SHIFT), n)
+
+
+def ref_dpmpp_2s_ancestral(m, x, sig, ns, flow, eta=1.0, s_noise=1.0):
+    """ComfyUI's sample_dpmpp_2s_ancestral(_RF); the RF form's first stage at t = 1 is
+    sigma_s = 0.9999 (no half-log-SNR there), the rest as tests/test_solvers_comfy.py."""
+    if not flow or sig[0] < 1:
+        return R.ref_dpmpp_2s_ancestral(m, x, sig, ns, flow, eta, s_noise)
+    d0 = m(x, sig[0])
+    down, renoise, f = R.rf_anc(sig[0], sig[1], eta)
+    if sig[1] == 0:
+        return x + (x - d0) / sig[0] * (down - sig[0])
+    u = (0.9999 / sig[0]) * x + (1 - 0.9999 / sig[0]) * d0
+    x = (down / sig[0]) * x + (1 - down / sig[0]) * m(u, 0.9999)
+    if eta > 0:
+        x = f * x + ns() * s_noise * renoise
+    return R.ref_dpmpp_2s_ancestral(m, x, sig[1:], ns, flow, eta, s_noise)
 
 
 CASES = [   # (ComfyUI name, reference, reference kwargs, noise scaled on flow models)
@@ -139,6 +159,23 @@ CASES = [   # (ComfyUI name, reference, reference kwargs, noise scaled on flow m
     ("er_sde", R.ref_er_sde, {}, True),
     ("lcm", R.ref_lcm, {}, False),
     ("ddpm", R.ref_ddpm, {}, False),
+    # the other names with a restatement in tests/test_solvers_comfy.py
+    ("ddim", R.ref_euler, {}, False),
+    ("dpm_2", R.ref_dpm_2, {}, False),
+    ("dpm_2_ancestral", R.ref_dpm_2_ancestral, {}, True),
+    ("dpmpp_2s_ancestral", ref_dpmpp_2s_ancestral, {}, True),
+    ("dpmpp_3m_sde", R.ref_dpmpp_3m_sde, {}, True),
+    ("dpmpp_2m_sde_heun", R.ref_dpmpp_2m_sde, {"solver_type": "heun"}, True),
+    ("heunpp2", R.ref_heunpp2, {}, False),
+    ("ipndm_v", R.ref_ipndm, {"variable": True}, False),
+    ("deis", R.ref_deis, {}, False),
+    ("gradient_estimation", R.ref_gradient_estimation, {}, False),
+    ("seeds_2", R.ref_seeds, {}, True),
+    ("seeds_3", R.ref_seeds, {"rs": (1 / 3, 2 / 3), "solver_type": "phi_2"}, True),
+    ("exp_heun_2_x0", R.ref_seeds, {"eta": 0.0, "s_noise": 0.0, "rs": (1.0,),
+                                    "solver_type": "phi_2"}, False),
+    ("exp_heun_2_x0_sde", R.ref_seeds, {"eta": 1.0, "rs": (1.0,), "solver_type": "phi_2"},
+     True),
 ]
 
 
@@ -166,7 +203,7 @@ def test_matches_comfyui(gmm, kind, n, name, ref, ref_kw, scaled):
         cref[0] = model.inner_model.model_patcher.ms.percent_to_sigma(1e-4)
     kw = dict(ref_kw)
     if flow and scaled:
-        kw["s_noise"] = NOISE_SCALE
+        kw["s_noise"] = NOISE_SCALE * kw.get("s_noise", 1.0)
     want = ref(denoiser(gmm, flow), x0.clone(), cref, R.Noise(Z), flow, **kw)
     extra = {"noise_sampler": R.Noise(Z)} if "noise_sampler" in C.SAMPLERS[name][2] else {}
     got = getattr(S, f"sample_{name}")(model, x0.clone(), torch.tensor(c), disable=True,
@@ -184,6 +221,25 @@ def test_uni_pc_matches_comfyui(gmm, kind, name, variant):
     want = R.ref_unipc_comfy(denoiser(gmm, flow), x0.clone(), [float(v) for v in c], variant)
     got = getattr(S, f"sample_{name}")(FakeComfyModel(gmm, flow), x0.clone(), torch.tensor(c),
                                        disable=True)
+    assert _err(got, want) < TOL
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_sa_solver_matches_comfyui(gmm, kind, name):
+    """ComfyUI's default stochastic interval is the model's own percent_to_sigma(0.2..0.8)."""
+    flow = kind == "flow"
+    c, Z, x0 = _start(kind, 12, seed=21)
+    model = FakeComfyModel(gmm, flow)
+    ms = model.inner_model.model_patcher.ms
+    cref = [float(v) for v in c]
+    if flow:
+        cref[0] = ms.percent_to_sigma(1e-4)
+    want = R.ref_sa_solver(denoiser(gmm, flow), x0.clone(), cref, R.Noise(Z), flow, ms,
+                           s_noise=NOISE_SCALE if flow else 1.0,
+                           use_pece=name.endswith("pece"))
+    got = getattr(S, f"sample_{name}")(model, x0.clone(), torch.tensor(c), disable=True,
+                                       noise_sampler=R.Noise(Z))
     assert _err(got, want) < TOL
 
 
