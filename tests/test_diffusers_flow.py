@@ -270,6 +270,10 @@ def test_drop_in_img2img_start(make, steps, begin):
 
 
 def test_refusals_name_the_option():
+    # diffusers' v formula on flow sigmas is the VP one (x0 = (1 - t) x - t v)
+    with pytest.raises(NotImplementedError, match="v_prediction"):
+        from_diffusers(D.UniPCMultistepScheduler(use_flow_sigmas=True,
+                                                 prediction_type="v_prediction"), 8)
     with pytest.raises(NotImplementedError, match="invert_sigmas=True, stochastic_sampling"):
         from_diffusers(FM(invert_sigmas=True, stochastic_sampling=True), 6)
     with pytest.raises(NotImplementedError, match="use_flow_sigmas"):

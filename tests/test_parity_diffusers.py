@@ -441,6 +441,10 @@ X0_CASES = [
         prediction_type="v_prediction", clip_sample_range=0.5), (7,), (0.0,)),
     ("ddim thresholding", lambda: D.DDIMScheduler(thresholding=True, sample_max_value=2.0),
      (10,), (0.0, 1.0)),
+    # the last step is from alpha_bar_0 to alpha_bar_0: not the identity with a clipped x0
+    # and the model's own noise estimate
+    ("ddim clip, zero-length last step", lambda: D.DDIMScheduler(set_alpha_to_one=False),
+     (3,), (0.0, 1.0)),
     ("ddpm default (clip_sample=True)", lambda: D.DDPMScheduler(), (1, 10), (None,)),
     ("ddpm thresholding, fixed_large", lambda: D.DDPMScheduler(
         thresholding=True, variance_type="fixed_large"), (8,), (None,)),
@@ -518,6 +522,10 @@ CLASSIC_CASES = [
     ("pndm plms (SD 1.5)", lambda: D.PNDMScheduler(
         skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **SD), (2, 3, 5, 25),
      (None,)),
+    # 2 steps, timestep 0 last: the second step goes from alpha_bar_0 to alpha_bar_0 (length
+    # 0) and is what makes the first a pseudo-Heun pair
+    ("pndm plms v, 2 steps ending on a zero-length step", lambda: D.PNDMScheduler(
+        skip_prk_steps=True, prediction_type="v_prediction"), (2,), (None,)),
     ("pndm plms v, alpha_bar final 1", lambda: D.PNDMScheduler(
         skip_prk_steps=True, prediction_type="v_prediction", set_alpha_to_one=True), (1, 7),
      (None,)),

@@ -225,6 +225,12 @@ def _s_vp(sigma: float) -> float:
 
 def _prediction(name: str, cfg, allowed=("epsilon", "sample", "v_prediction")) -> str:
     p = cfg.get("prediction_type", "epsilon")
+    if p == "v_prediction" and cfg.get("use_flow_sigmas", False):
+        raise NotImplementedError(
+            f"{name}(prediction_type='v_prediction', use_flow_sigmas=True): diffusers then "
+            f"takes x0 = (1 - t) x - t v, the VP formula, which on the flow (alpha^2 + "
+            f"sigma^2 != 1) is not the x0 of a v-model (that is ((1 - t) x - t v) / ((1 - t)^2 "
+            f"+ t^2)); use prediction_type='flow_prediction' (or epsilon / sample)")
     if p == "flow_prediction" and "flow_prediction" not in allowed:
         if cfg.get("use_flow_sigmas", False):
             return "flow"
@@ -894,7 +900,13 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
         return
     where = (f"{name}: the grid ends with a step of length 0 (sigma {g[-1]:.6g} twice, "
              f"final_sigmas_type='sigma_min')")
-    if r.solver == "unipc" or (r.solver == "dpm_singlestep" and r.last_order > 1):
+    # DDIM with a clipped x0 and the model's own noise estimate moves the state even over a
+    # step of length 0 (x_hat' = D' + sigma eps != x_hat)
+    ddim_clipped = r.solver == "ddim" and r.x0 is not None and not r.x0["eps_from_clipped"]
+    # PNDM's first step is a pseudo-Heun pair that needs a second step: with two steps the
+    # zero-length last one is what makes the first a pair
+    if r.solver in ("unipc", "pndm_plms") or \
+            (r.solver == "dpm_singlestep" and r.last_order > 1) or ddim_clipped:
         # The step is not the identity as a whole: UniPC still corrects the previous step
         # there with the model output at the repeated level (then its first-order predictor
         # over h = 0 is the identity), and a singlestep block spanning it updates from the
@@ -1000,8 +1012,8 @@ def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
     if r.noise == "brownian":
         snapshot = copy.deepcopy(sch)
         r.noise_source = lambda: _BrownianDraws(snapshot)
-    _drop_zero_length_final_step(r, name)
     r.x0 = _x0_processing(name, sch.config, r, clipped_eps)
+    _drop_zero_length_final_step(r, name)
     return r
 
 
@@ -1015,18 +1027,16 @@ _CLIP_SAMPLE = ("DDIMScheduler", "DDPMScheduler", "HeunDiscreteScheduler", "LCMS
 
 
 def _x0_processing(name: str, cfg, r: _Recipe, clipped_eps: bool) -> dict | None:
-    """clip_x0's options for the scheduler's clip_sample / thresholding, or None.
-
-    The noise estimate after the clip: DDIM keeps the model's own unless
-    ``use_clipped_model_output``; Heun and DPM-Solver's noise-prediction form derive it from
-    the clipped x0; the other steps read x0 only."""
+    """clip_x0's options for the scheduler's clip_sample / thresholding, or None."""
     thr = bool(cfg.get("thresholding", False)) and name in _THRESHOLDING
     clip = bool(cfg.get("clip_sample", False)) and name in _CLIP_SAMPLE
     if not (thr or clip):
         return None
-    eps_clipped = (name in ("HeunDiscreteScheduler", "DEISMultistepScheduler") or clipped_eps
-                   or r.options.get("algorithm") == "dpmsolver"
-                   or cfg.get("algorithm_type") == "dpmsolver")
+    # DDIM alone keeps the model's own noise estimate next to the clipped x0 (unless
+    # use_clipped_model_output); every other step reads x0 only, or derives its noise
+    # estimate from the clipped x0 (Heun, DEIS, DPM-Solver's noise form, and the DPM-Solver
+    # first-order steps that run as the ddim solver)
+    eps_clipped = name != "DDIMScheduler" or clipped_eps
     if thr:
         return dict(thresholding=True, clip_sample_range=math.inf,
                     dynamic_thresholding_ratio=float(cfg.dynamic_thresholding_ratio),
