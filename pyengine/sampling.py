@@ -81,8 +81,9 @@ NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a p
   there is no seed), and for dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde (and _gpu) a
   Brownian tree over the caller's positive levels seeded with the same seed (queried at
   float32 times; torchsde needed, else the former with a warning). The churn noise of euler,
-  heun, dpm_2, heunpp2 is ``torch.randn_like(x)`` as in ComfyUI (heunpp2's unused draws on
-  steps without churn are not made).
+  heun, dpm_2, heunpp2 is ``torch.randn_like(x)`` drawn where ComfyUI draws it (heunpp2:
+  at every step once churn is on anywhere, used or not; ComfyUI's heunpp2 draws even with no
+  churn at all, which pyengine does not).
 * CFG++ (``*_cfg_pp``): the unconditional denoised comes from ComfyUI's own hook: the
   function appends a ``sampler_post_cfg_function`` to ``extra_args["model_options"]`` (and
   sets ``disable_cfg1_optimization``), exactly as ComfyUI's CFG++ samplers do, and the plan is
@@ -667,10 +668,12 @@ class _ComfyNoise:
     dpm_2 / heunpp2 is ``torch.randn_like`` as in ComfyUI. A draws source of the walk."""
 
     def __init__(self, fn, levels: torch.Tensor, grid: np.ndarray, flow: bool, chained: bool,
-                 churn: bool):
+                 every_step: torch.Tensor | None = None):
         self.fn, self.levels, self.grid = fn, levels, grid
-        self.flow, self.chained, self.churn = flow, chained, churn
+        self.flow, self.chained = flow, chained
         self.last: dict[int, torch.Tensor] = {}
+        # heunpp2 draws its churn noise at the start of every step, used or not
+        self.every_step, self.churned = every_step, set()
 
     def _level(self, sigma: float, i: int) -> torch.Tensor:
         """The model-unit level of pyengine ``sigma`` at step i (the caller's entry where the
@@ -686,6 +689,7 @@ class _ComfyNoise:
             return None            # ComfyUI draws no noise on a step to 0
         i = op.step
         if op.kind == "churn":
+            self.churned.add(i)
             return torch.randn_like(like)
         sigma = op.sigma if math.isfinite(op.sigma) or math.isinf(op.sigma) else \
             float(self.grid[i + 1])
@@ -694,8 +698,13 @@ class _ComfyNoise:
         self.last[i] = b
         return self.fn(a, b)
 
+    def at_eval(self, op) -> None:
+        if self.every_step is not None and op.step not in self.churned:
+            self.churned.add(op.step)
+            torch.randn_like(self.every_step)          # ComfyUI's unused draw
+
     def source(self) -> SuppliedDraws:
-        return SuppliedDraws(self.update_noise)
+        return SuppliedDraws(self.update_noise, self.at_eval)
 
 
 def _comfy_plan(name: str, solver: str, options: dict, grid: np.ndarray, flow: bool,
@@ -830,12 +839,12 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
         raise ValueError(f"{fname}: {exc}") from None
 
     noise = None
+    every = x if name == "heunpp2" and plan.n_noise else None
     if plan.n_noise:
         if noise_sampler is None and "noise_sampler" in _cn.SAMPLERS[name][2]:
             noise_sampler = _comfy_default_noise(name, x, sigmas, extra_args.get("seed"))
         noise = _ComfyNoise(noise_sampler, lv, grid, flow,
-                            _cn.NOISE_SAMPLER_ARGS.get(name) == "stage",
-                            name in _CHURN_NAMES).source()
+                            _cn.NOISE_SAMPLER_ARGS.get(name) == "stage", every).source()
 
     n = len(grid) - 1
     bar = _progress(n, disable)

@@ -244,6 +244,44 @@ def test_sa_solver_matches_comfyui(gmm, kind, name):
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name,ref", [("euler", R.ref_euler), ("heun", R.ref_heun),
+                                      ("dpm_2", R.ref_dpm_2), ("heunpp2", R.ref_heunpp2)])
+def test_churn_noise_is_comfyuis_randn_like(gmm, kind, name, ref):
+    """Churn (s_churn > 0 on part of the schedule): ComfyUI's torch.randn_like(x) from the
+    global generator, drawn where ComfyUI draws it (heunpp2: every step)."""
+    flow = kind == "flow"
+    c, _, x0 = _start(kind, 8, seed=17)
+    opts = dict(s_churn=2.0, s_tmin=0.05, s_tmax=0.6 if flow else 3.0, s_noise=1.1)
+    draws = []
+
+    def ns():
+        draws.append(torch.randn_like(x0))
+        return draws[-1]
+    cl = [float(v) for v in c]
+    torch.manual_seed(99)
+    ns_ref = ns
+    if name == "heunpp2":                # ComfyUI draws at every step, used or not
+        for _ in range(len(cl) - 1):
+            ns()
+        ns_ref = step_ns_filter(draws, cl, opts)
+    want = ref(denoiser(gmm, flow), x0.clone(), cl, ns_ref, flow, **opts)
+    torch.manual_seed(99)
+    got = getattr(S, f"sample_{name}")(FakeComfyModel(gmm, flow), x0.clone(), torch.tensor(c),
+                                       disable=True, **opts)
+    assert _err(got, want) < TOL
+
+
+def step_ns_filter(draws, cl, opts):
+    """The churn draws a loop that draws at every step uses: those of the churned steps."""
+    n = len(cl) - 1
+    used = [z for i, z in enumerate(draws[:n])
+            if opts["s_tmin"] <= cl[i] <= opts["s_tmax"] and min(opts["s_churn"] / n,
+                                                                  2 ** 0.5 - 1) > 0]
+    it = iter(used)
+    return lambda: next(it)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
 def test_model_sees_comfyuis_levels(gmm, kind):
     """The model is called with exactly ComfyUI's levels (float32 sigmas, float32 x: the
     float32 values themselves), t = 1 included on flow models."""
@@ -437,3 +475,21 @@ def test_sigma_helpers():
     assert lo.numel() == 3 and torch.equal(lo, s[-3:]) and torch.equal(hi, s[:-2])
     f = S.flip_sigmas(s)
     assert float(f[0]) == pytest.approx(1e-4) and torch.equal(f[1:], s.flip(0)[1:])
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name,ref", [("dpmpp_2m", R.ref_dpmpp_2m), ("uni_pc", None)])
+def test_float32_state(gmm, kind, name, ref):
+    """float32 x and sigmas (ComfyUI's usual dtypes): the float64 result to float32 rounding."""
+    flow = kind == "flow"
+    c, _, x0 = _start(kind, 10, seed=23)
+    c32 = torch.tensor(c, dtype=torch.float32)
+    cl = [float(v) for v in c32]
+    m = denoiser(gmm, flow)
+    want = R.ref_unipc_comfy(m, x0.clone(), cl, "bh1") if ref is None else \
+        ref(m, x0.clone(), cl, None, flow)
+    model = FakeComfyModel(gmm, flow)
+    model.m = lambda x, s: m(x.double(), s).float()
+    got = getattr(S, f"sample_{name}")(model, x0.float(), c32, disable=True)
+    assert got.dtype == torch.float32
+    assert _err(got.double(), want) < 2e-5
