@@ -80,10 +80,11 @@ NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a p
   a generator on x's device seeded with seed, seed + 1 on the CPU; the global generator when
   there is no seed), and for dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde (and _gpu) a
   Brownian tree over the caller's positive levels seeded with the same seed (queried at
-  float32 times; torchsde needed, else the former with a warning). The churn noise of euler,
-  heun, dpm_2, heunpp2 is ``torch.randn_like(x)`` drawn where ComfyUI draws it (heunpp2:
-  at every step once churn is on anywhere, used or not; ComfyUI's heunpp2 draws even with no
-  churn at all, which pyengine does not).
+  float32 times; torchsde needed, else the former with a warning).
+  ``noise_sampler=PhiloxNoise(seed)`` draws pyengine's in-kernel noise instead. The churn
+  noise of euler, heun, dpm_2, heunpp2 is ``torch.randn_like(x)`` drawn where ComfyUI draws
+  it (heunpp2: at every step once churn is on anywhere, used or not; ComfyUI's heunpp2 draws
+  even with no churn at all, which pyengine does not).
 * CFG++ (``*_cfg_pp``): the unconditional denoised comes from ComfyUI's own hook: the
   function appends a ``sampler_post_cfg_function`` to ``extra_args["model_options"]`` (and
   sets ``disable_cfg1_optimization``), exactly as ComfyUI's CFG++ samplers do, and the plan is
@@ -838,9 +839,11 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
     except (ValueError, ZeroDivisionError) as exc:
         raise ValueError(f"{fname}: {exc}") from None
 
-    noise = None
+    noise, seed = None, 0
     every = x if name == "heunpp2" and plan.n_noise else None
-    if plan.n_noise:
+    if isinstance(noise_sampler, PhiloxNoise):
+        seed = noise_sampler.seed                      # the plan's own in-kernel draws
+    elif plan.n_noise:
         if noise_sampler is None and "noise_sampler" in _cn.SAMPLERS[name][2]:
             noise_sampler = _comfy_default_noise(name, x, sigmas, extra_args.get("seed"))
         noise = _ComfyNoise(noise_sampler, lv, grid, flow,
@@ -878,8 +881,8 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
     be = backends.get(None, device=x.device, dtype=x.dtype)
     try:
         with torch.no_grad():
-            return run_plan(plan, fn, x, backend=be, callback=on_eval, extra_args=call_args,
-                            noise=noise)
+            return run_plan(plan, fn, x, seed=seed, backend=be, callback=on_eval,
+                            extra_args=call_args, noise=noise)
     finally:
         if bar is not None:
             bar.close()

@@ -493,3 +493,17 @@ def test_float32_state(gmm, kind, name, ref):
     got = getattr(S, f"sample_{name}")(model, x0.float(), c32, disable=True)
     assert got.dtype == torch.float32
     assert _err(got.double(), want) < 2e-5
+
+
+def test_philox_noise(gmm):
+    """noise_sampler=PhiloxNoise(seeds): pyengine's in-kernel noise, batch-invariant."""
+    c, _, x0 = _start("flow", 6, seed=2)
+    sig = torch.tensor(c)
+    full = S.sample_er_sde(FakeComfyModel(gmm, True), x0, sig, disable=True,
+                           noise_sampler=S.PhiloxNoise([1, 2, 3]))
+    one = S.sample_er_sde(FakeComfyModel(gmm, True), x0[2:], sig, disable=True,
+                          noise_sampler=S.PhiloxNoise([3]))
+    assert _err(one, full[2:]) < 1e-12
+    other = S.sample_er_sde(FakeComfyModel(gmm, True), x0, sig, disable=True,
+                            noise_sampler=S.PhiloxNoise([1, 2, 4]))
+    assert _err(other[:2], full[:2]) < 1e-12 and _err(other[2:], full[2:]) > 1e-3
