@@ -893,7 +893,9 @@ def dpm_fast(b, nfe, eta, s_noise):
         if eta:
             sd, _ = _k_ancestral(c, cn, eta)[:2]
             t_to = min(_lam(sd), _lam(sp.c(sig[-1]))) if sig[-1] > 0 else _lam(sd)
-            su = math.sqrt(max(cn ** 2 - math.exp(-2 * t_to), 0.0))
+            # 0 exactly when clamped to the end level (ComfyUI's t_next_ = t_next there),
+            # not the rounding of cn^2 - exp(-2 lam(cn))
+            su = 0.0 if t_to == _lam(cn) else math.sqrt(max(cn ** 2 - math.exp(-2 * t_to), 0.0))
         else:
             t_to, su = _lam(cn), 0.0
         t0 = _lam(c)
