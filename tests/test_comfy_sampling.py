@@ -429,14 +429,21 @@ def test_cfg_pp_through_post_cfg_hook(gmm, kind, name, ref):
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
-def test_dpm_fast(gmm, kind):
+@pytest.mark.parametrize("n,eta", [(7, 0.0), (6, 0.7), (8, 0.7)])
+def test_dpm_fast(gmm, kind, n, eta):
+    """ComfyUI's sample_dpm_fast(model, x, sigma_min, sigma_max, n) (k-diffusion's
+    DPMSolver.dpm_solver_fast), flow models from t = 1; eta > 0 with the caller's noise."""
     from pyengine.solvers.comfy import dpm_fast_orders, dpm_fast_sigmas
     flow = kind == "flow"
-    lo, hi, n = (0.04, 0.95, 7) if flow else (0.04, 12.0, 7)
-    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    lo, hi = (0.04, 1.0) if flow else (0.04, 12.0)
+    g = torch.Generator().manual_seed(6)
+    Z = torch.randn(16, B, D, generator=g, dtype=torch.float64)
+    x0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     cl = [float(v) for v in dpm_fast_sigmas(lo, hi, n)]
-    want = R.ref_dpm_fast(denoiser(gmm, flow), x0.clone(), cl, dpm_fast_orders(n), None)
-    got = S.sample_dpm_fast(FakeComfyModel(gmm, flow), x0.clone(), lo, hi, n, disable=True)
+    want = R.ref_dpm_fast(denoiser(gmm, flow), x0.clone(), cl, dpm_fast_orders(n), R.Noise(Z),
+                          eta=eta)
+    got = S.sample_dpm_fast(FakeComfyModel(gmm, flow), x0.clone(), lo, hi, n, disable=True,
+                            eta=eta, noise_sampler=R.Noise(Z))
     assert _err(got, want) < TOL
 
 
