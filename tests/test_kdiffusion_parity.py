@@ -386,3 +386,56 @@ def test_philox_noise_is_batch_invariant():
     again = ps.sample_euler_ancestral(Denoiser(), x, sigmas, disable=True,
                                       noise_sampler=ps.PhiloxNoise([10, 12]))
     assert rel(again[:1], full[:1]) < 1e-6 and rel(again[1:], full[1:]) > 1e-3
+
+
+class _ComfyEps:
+    """A ComfyUI-shaped wrapper (model.inner_model.model_patcher.get_model_object
+    ("model_sampling")) around a denoiser: an eps model, whose ComfyUI sampler forms are
+    k-diffusion's for the names below."""
+
+    class _Sampling:                       # not CONST: the eps kind, no noise_scale
+        pass
+
+    def __init__(self, dtype):
+        self.d = Denoiser(dtype)
+        ms = self._Sampling()
+        patcher = types.SimpleNamespace(get_model_object=lambda name: ms)
+        self.inner_model = types.SimpleNamespace(model_patcher=patcher)
+
+    def __call__(self, x, sigma, **kw):
+        return self.d(x, sigma, **kw)
+
+
+# ComfyUI name, kwargs, grid: where ComfyUI's eps form and k-diffusion's function coincide
+COMFY_AS_K = [
+    ("sample_dpm_2_ancestral", {"eta": 0.8}, "karras10"),
+    ("sample_dpmpp_2s_ancestral", {"eta": 1.0, "s_noise": 0.9}, "karras10"),
+    ("sample_dpmpp_sde", {"eta": 0.7, "r": 0.4}, "karras10"),
+    ("sample_dpmpp_3m_sde", {"eta": 1.0}, "exp7"),
+    ("sample_euler_ancestral", {"eta": 0.9}, "exp7"),
+    ("sample_lms", {}, "karras10_no_zero"),        # k-diffusion's lms steps to 0 itself
+]
+
+
+@needs_k
+@pytest.mark.parametrize("name,kw,gname", COMFY_AS_K, ids=[c[0] for c in COMFY_AS_K])
+def test_comfy_names_on_eps_models_agree_with_k_diffusion(name, kw, gname):
+    """pyengine's ComfyUI-name functions, given a model that carries ComfyUI's (eps)
+    model_sampling, against k-diffusion's function of that name on the bare denoiser, with
+    the same noise sampler (the eta > 0 forms k-diffusion's names refuse here run)."""
+    dtype = torch.float64
+    sigmas = grids(dtype)[gname]
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=dtype) * sigmas[0]
+    nk, npe = ListNoise(dtype), ListNoise(dtype)
+    stochastic = name != "sample_lms"
+    ref = getattr(K, name)(Denoiser(dtype), x, sigmas, disable=True,
+                           **({"noise_sampler": nk} if stochastic else {}), **kw)
+    out = getattr(ps, name)(_ComfyEps(dtype), x, sigmas, disable=True,
+                            **({"noise_sampler": npe} if stochastic else {}), **kw)
+    err = rel(out, ref)
+    record(f"comfy {name}{kw}", err)
+    assert err < 1e-12, f"{name}: {err:.2e}"
+    if stochastic:
+        assert len(npe.args) == len(nk.args) > 0
+        for a, b in zip(npe.args, nk.args):
+            assert a == pytest.approx(b, rel=1e-12)
