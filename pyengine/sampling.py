@@ -586,6 +586,19 @@ _TREE_DEFAULT = frozenset(n for n in _cn.SAMPLERS
 _CHURN_NAMES = frozenset({"euler", "heun", "dpm_2", "heunpp2"})
 #: ComfyUI's option names that comfy_names spells as the registry does.
 _COMFY_RENAME = {"lms": {"order": "max_order"}}
+#: Arguments of ComfyUI's functions that the registry solver takes under the same name
+#: although comfy_names does not list them (ComfyUI's KSAMPLER never passes them).
+_COMFY_PASS = {"sa_solver": ("use_pece",), "dpmpp_2m_sde_heun": ("solver_type",),
+               "dpmpp_2m_sde_heun_gpu": ("solver_type",)}
+#: Arguments of ComfyUI's functions supported at their default only: (default, reason).
+_COMFY_ONLY = {
+    "lcm": {"noise_clip_std": (0.0, _cn.NOT_PROVIDED["lcm[noise_clip_std>0]"])},
+    "deis": {"deis_mode": ("tab", _cn.NOT_PROVIDED["deis[deis_mode=rhoab]"])},
+    "sa_solver": {"tau_func": (None, _cn.NOT_PROVIDED["sa_solver[tau_func]"])},
+    "sa_solver_pece": {"tau_func": (None, _cn.NOT_PROVIDED["sa_solver[tau_func]"])},
+    "er_sde": {"noise_scaler": (None, "a caller's noise_scaler (a Python function of the "
+                                      "level) is not mapped; ComfyUI's default is built in")},
+}
 #: ComfyUI names whose s_noise is not multiplied by model_sampling.noise_scale (churn, lcm,
 #: ddpm, dpm_fast), and those where only the flow (RF) form multiplies it.
 _UNSCALED = _CHURN_NAMES | {"lcm", "ddpm", "dpm_fast"}
@@ -805,12 +818,22 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
         raise TypeError(f"{fname}: ComfyUI's {fname} takes no noise_sampler (it draws no "
                         f"noise, or its churn noise with torch.randn_like)")
     opts = dict(_COMFY_DEFAULTS.get(name, {}))
+    passed = {}
     for k, v in options.items():
+        if k in _COMFY_ONLY.get(name, {}):
+            default, why = _COMFY_ONLY[name][k]
+            if v is not default and v != default:
+                raise NotImplementedError(f"pyengine.sampling.{fname}: {k}={v!r}: {why}")
+            continue
+        if k in _COMFY_PASS.get(name, ()):
+            passed[k] = v
+            continue
         opts[_COMFY_RENAME.get(name, {}).get(k, k)] = v
     try:
         solver, opts = _cn.solver_for(name, **opts)
     except ValueError as exc:
         raise TypeError(f"{fname}: {exc}") from None
+    opts.update(passed)
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas, device=x.device)
     if sigmas.numel() < 2:

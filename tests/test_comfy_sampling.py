@@ -458,6 +458,26 @@ def test_refusals_and_errors(gmm):
         S.sample_uni_pc(model, x0, torch.tensor(c), bogus=1)
     with pytest.raises(ValueError, match="eta"):
         S.sample_euler_ancestral(model, x0, torch.tensor(c), eta=-1.0)
+    # ComfyUI arguments supported at their default only, refused otherwise with the reason
+    sig = torch.tensor(c)
+    for name, arg, ok, bad, why in [("lcm", "noise_clip_std", 0.0, 2.0, "clamp"),
+                                    ("deis", "deis_mode", "tab", "rhoab", "rhoab"),
+                                    ("sa_solver", "tau_func", None, abs, "tau_func"),
+                                    ("er_sde", "noise_scaler", None, abs, "noise_scaler")]:
+        fn = getattr(S, f"sample_{name}")
+        fn(model, x0, sig, disable=True, **{arg: ok})
+        with pytest.raises(NotImplementedError, match=why):
+            fn(model, x0, sig, disable=True, **{arg: bad})
+    a = S.sample_dpmpp_2m_sde_heun(model, x0, sig, disable=True, solver_type="midpoint",
+                                   noise_sampler=lambda a, b: torch.zeros_like(x0))
+    b = S.sample_dpmpp_2m_sde(model, x0, sig, disable=True,
+                              noise_sampler=lambda a, b: torch.zeros_like(x0))
+    assert torch.equal(a, b)
+    zeros = lambda a, b: torch.zeros_like(x0)  # noqa: E731
+    assert torch.equal(S.sample_sa_solver(model, x0, sig, disable=True, use_pece=True,
+                                          noise_sampler=zeros),
+                       S.sample_sa_solver_pece(model, x0, sig, disable=True,
+                                               noise_sampler=zeros))
     plain = lambda x, s: x  # noqa: E731
     with pytest.raises(RuntimeError, match="post_cfg"):
         S.sample_dpmpp_2m_cfg_pp(model, x0, torch.tensor(c))   # a model without the hook
