@@ -43,6 +43,9 @@ a ComfyUI custom node can hand it to ``comfy.samplers.KSAMPLER`` in place of Com
 ``comfy.k_diffusion.sampling.sample_<name>``. ``sample_dpm_fast`` keeps its own signature
 ``(model, x, sigma_min, sigma_max, n, ...)``; ``sample_dpm_adaptive`` raises
 NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a precomputed plan).
+ComfyUI arguments taken at their defaults only (another value raises NotImplementedError with
+the reason): lcm's noise_clip_std, deis's deis_mode, sa_solver's tau_func, er_sde's
+noise_scaler.
 
 * Model kind, read as ComfyUI's functions read it: ``model.inner_model.model_patcher
   .get_model_object("model_sampling")``. A model without it is a k-diffusion denoiser: where
@@ -51,10 +54,13 @@ NotImplementedError (``comfy_names.NOT_PROVIDED``: adaptive steps do not fit a p
   (checked by name) is a flow model, anything else an eps / v / EDM model (ComfyUI hands
   every non-CONST sampler the state x = x0 + sigma eps).
 * **Rule where both have the name and differ: a model carrying ComfyUI's model_sampling gets
-  ComfyUI's form** (ipndm's and lms's last step returns the denoised value; euler_ancestral,
+  ComfyUI's form** (ipndm's last step returns the denoised value; euler_ancestral,
   dpm_2_ancestral, dpmpp_2s_ancestral take the RF forms on flow models; dpmpp_sde,
   dpmpp_2m_sde, dpmpp_3m_sde use the model's half-log-SNR and ComfyUI's first-level offset;
-  eta > 0 works for every ancestral / SDE name); a plain denoiser gets k-diffusion's.
+  eta > 0 works for every ancestral / SDE name); a plain denoiser gets k-diffusion's. The
+  names this module did not have before (lms, dpm_fast, ...) follow ComfyUI for every model
+  (ComfyUI's lms returns the denoised value on a step to 0 where k-diffusion's takes its
+  multistep step; they agree on grids that do not end at 0).
 * The plan: ``comfy_names.solver_for`` maps the name and options to the registry solver,
   built over ``comfy_names.plan_sigmas`` on the EDM process (eps kind: the state is x) or
   the rectified-flow process (flow kind: the state is x = (1 - t) x0 + t eps itself; a first
