@@ -296,7 +296,7 @@ def main():
     text = head + "\n\n" + table(results) + "\n"
     if args.sweep:
         text += ("\nThe step alone (K=2, float32, one sample, median us; the kernel runs two "
-                 "threads from 2^18 elements, 2^16 with noise):\n\n"
+                 "threads where its thresholds and timings say so):\n\n"
                  + sweep(args.budget, args.rounds, args.pythonpath) + "\n")
     print(text)
     if args.out:
