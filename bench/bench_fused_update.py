@@ -36,7 +36,6 @@ import inspect
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import pyengine as pe  # noqa: E402
+from pyengine.benchmark import Timer as _ProjectTimer  # noqa: E402
 from pyengine import backends  # noqa: E402
 from pyengine.backends import dispatch, torch_ref  # noqa: E402
 from pyengine.noise import seeds_tensor  # noqa: E402
@@ -71,43 +71,13 @@ UPDATES = [
 # ---------------------------------------------------------------------------------------
 
 
-class Timer:
+class Timer(_ProjectTimer):
+    """The project's one timer (:class:`pyengine.benchmark.Timer`) with this benchmark's
+    settings: 3 warm-up calls, at most 2000 timed calls."""
+
     def __init__(self, device: str, min_reps: int, min_seconds: float):
-        self.cuda = device == "cuda"
-        self.min_reps, self.min_seconds = min_reps, min_seconds
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def __call__(self, fn, setup=None):
-        """(median us, p10 us, p90 us) of fn(); setup() runs untimed before each call."""
-        for _ in range(3):
-            if setup:
-                setup()
-            fn()
-        self.sync()
-        times = []
-        start = time.perf_counter()
-        while len(times) < self.min_reps or time.perf_counter() - start < self.min_seconds:
-            if setup:
-                setup()
-            self.sync()
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-            if len(times) >= 2000:
-                break
-        q = np.percentile(times, [10, 50, 90])
-        return float(q[1]), float(q[0]), float(q[2])
+        super().__init__(device, min_reps=min_reps, min_seconds=min_seconds, warmup=3,
+                         max_reps=2000)
 
 
 def copy_bandwidth(timer: Timer, device: str) -> tuple[float, dict]:
