@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import parameterization as param
-
-#: The most buffers one fused update may read (the kernels' compile-time maximum).
-K_MAX = 8
+from .fused_update import K_MAX  # the most buffers one fused update reads (defined there once)
 
 __all__ = ["K_MAX", "Custom", "Eval", "GuidanceRescale", "Lin", "Plan", "PlanBuilder", "Update"]
 
