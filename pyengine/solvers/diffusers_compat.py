@@ -41,7 +41,7 @@ class ProcessX0(Custom):
     [-clip_range, clip_range], or dynamically thresholded: per sample, q = the ``ratio``
     quantile of |x0| over all non-batch elements, clamped to [1, max_value], and
     x0 <- clamp(x0, -q, q) / q (diffusers' ``_threshold_sample``). The numbers depend on the
-    data, so this is a custom op; its tensor code is in :mod:`pyengine.solvers.x0_ops`."""
+    data, so this is a custom op; its tensor code is in :mod:`pyengine.runtime.custom`."""
 
     writes_state = False
     draws = False
@@ -422,4 +422,3 @@ def deis_logrho(b, order, lower_order_final, order_list):
             hist = [(b.ref(slot), s)] + hist[:1]
 
 
-from . import x0_ops  # noqa: E402,F401  (the executor's tensor code of ProcessX0)
