@@ -111,3 +111,11 @@ def test_cpu_kernel_clean_under_asan_and_ubsan(sanitized_binary):
     assert proc.returncode == 0, report
     assert "ERROR: AddressSanitizer" not in report and "runtime error:" not in report, report
     assert "checks passed" in proc.stdout
+    # the noise's AVX2 loops too, on a machine whose CPU would take the AVX-512 ones
+    env["PYENGINE_CPU_NO_AVX512"] = "1"
+    proc = subprocess.run([str(sanitized_binary)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in report and "runtime error:" not in report, report
+    assert "checks passed" in proc.stdout

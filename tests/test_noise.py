@@ -335,3 +335,37 @@ def test_triton_interpreter_normals_bitwise_equal_the_definition():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"DIFFER 0 OF {3 * int(args[2])}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+_CPP_CHILD = """
+import sys, torch
+from pyengine import noise as N
+from pyengine.backends import cpp
+from pyengine.fused_update import fused_update
+seeds = N.seeds_tensor([0, 2 ** 64 - 1, int(sys.argv[1])], 3)
+step, numel = int(sys.argv[2]), int(sys.argv[3])
+want = N.philox_normal(seeds, step, numel)
+out = torch.empty(3, numel)
+fused_update(out, [torch.zeros_like(out)], [1.0], 1.0, seeds, step, backend="cpp")
+print("DIFFER", int((cpp.philox_normal(seeds, step, numel) != want).sum()),
+      int((out != want).sum()))
+"""
+
+
+def test_cpp_normals_without_avx512_bitwise_equal_the_definition():
+    """CPUs without AVX-512 make the noise with the AVX2 loops (8 lanes): the same bits. On a
+    machine with AVX-512 the child forces that path (PYENGINE_CPU_NO_AVX512=1)."""
+    import os
+    import subprocess
+    import sys
+    from pyengine.backends import cpp
+    if cpp.unavailable_reason() is not None:
+        pytest.skip(cpp.unavailable_reason())
+    g = np.random.default_rng()
+    args = [str(int(g.integers(0, 2 ** 63))), str(int(g.integers(0, 2 ** 32))),
+            str(int(g.integers(1000, 40000)) | 1)]
+    env = dict(os.environ, PYENGINE_CPU_NO_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", _CPP_CHILD, *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DIFFER 0 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

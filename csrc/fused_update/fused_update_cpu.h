@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -446,8 +447,12 @@ void philox_block_avx512(float* __restrict z, uint64_t seed, uint32_t step, int6
   normals_from_words(z, w, nq);
 }
 
+// PYENGINE_CPU_NO_AVX512=1 in the environment keeps the noise on the AVX2 loops (tests check
+// that path on machines that have AVX-512; CPUs without it always take it).
 inline bool cpu_has_avx512() {
   static const bool have = [] {
+    const char* off = std::getenv("PYENGINE_CPU_NO_AVX512");
+    if (off && off[0] && off[0] != '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
