@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -83,7 +85,7 @@ from ..runtime.walk import PhiloxDraws, Program, SuppliedDraws, Walker
 from ..sampler import Sampler
 
 __all__ = ["from_diffusers", "DiffusersSampler", "SUPPORTED", "EDMPreconditioned",
-           "FusedScheduler", "FusedSchedulerOutput"]
+           "FusedScheduler", "FusedSchedulerOutput", "fused_class"]
 
 
 class DiffusersSampler(Sampler):
@@ -1089,13 +1091,19 @@ def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
 
 
 class FusedSchedulerOutput:
-    """What :meth:`FusedScheduler.step` returns: ``prev_sample``, and ``pred_original_sample``
-    (x0_hat of the step's model output), computed by one fused update on first access."""
+    """What :meth:`FusedScheduler.step` returns, shaped as the wrapped class's own output
+    (diffusers' ``BaseOutput``: attributes, ``out["prev_sample"]``, ``out[0]``, ``keys()`` /
+    ``values()`` / ``items()``, ``to_tuple()``): ``prev_sample`` and, where that class returns
+    them, ``pred_original_sample`` (x0_hat of the step's model output) or LCM's ``denoised``,
+    each computed by one fused update on first access."""
 
-    def __init__(self, prev_sample: torch.Tensor, x0=None, denoised=None):
+    def __init__(self, prev_sample: torch.Tensor, x0=None, denoised=None, fields=None):
         self.prev_sample = prev_sample
         self._x0 = x0
         self._denoised = denoised
+        if fields is None:
+            fields = ("prev_sample",) + (("denoised",) if denoised is not None else ())
+        self._fields = tuple(fields)
 
     @property
     def pred_original_sample(self):
@@ -1111,14 +1119,76 @@ class FusedSchedulerOutput:
             self._denoised = self._denoised()
         return self._denoised
 
+    def keys(self):
+        # as BaseOutput: the fields that are set
+        return [k for k in self._fields if getattr(self, k) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
     def to_tuple(self) -> tuple:
-        if self._denoised is not None:
-            return (self.prev_sample, self.denoised)
-        return (self.prev_sample,)
+        return tuple(self.values())
 
     def __getitem__(self, key):
         # like diffusers' outputs: by name, or by position in to_tuple()
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        if isinstance(key, str):
+            if key not in self._fields or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+#: the fields of each class's step output, in its ``return_dict=False`` tuple order
+_OUTPUT_FIELDS = {
+    **{n: ("prev_sample", "pred_original_sample") for n in (
+        "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "EDMEulerScheduler",
+        "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+        "DPMSolverSDEScheduler")},
+    "LCMScheduler": ("prev_sample", "denoised"),
+}
+
+#: classes whose scale_model_input returns the sample (the timestep unread)
+_IDENTITY_INPUT = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                   "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+                   "TCDScheduler", "PNDMScheduler", "DEISMultistepScheduler",
+                   "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b) or (a is None and b is None)
+    except Exception:       # tensors, arrays
+        return a is b
+
+
+class _StepMethod:
+    """``FusedScheduler.step``: bound with the signature of the wrapped class's own ``step``
+    (``inspect.signature(scheduler.step)`` is what pipelines read to decide whether to pass
+    ``eta`` and ``generator``)."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            wrapped = getattr(objtype, "_wrapped_class", None)
+            fn = functools.partial(FusedScheduler._step)
+            fn.__signature__ = inspect.signature(wrapped.step if wrapped is not None
+                                                 else FusedScheduler._step)
+            return fn
+        fn = functools.partial(FusedScheduler._step, obj)
+        fn.__signature__ = obj._step_signature
+        return fn
 
 
 def _scheduler_space(plan, convs: list[float], final_conv: float, output: str):
@@ -1288,6 +1358,7 @@ class FusedScheduler:
         self._orig = scheduler
         self._name = name
         self._inner = copy.deepcopy(scheduler)
+        self._step_signature = inspect.signature(self._inner.step)
         self._backend_name = backend
         self._noise = noise
         self._seed = seed
@@ -1306,10 +1377,85 @@ class FusedScheduler:
         """The drop-in for ``scheduler`` (a diffusers scheduler instance, not modified)."""
         return cls(scheduler, **kwargs)
 
+    #: the diffusers class a :func:`fused_class` class wraps (None: read ``_class_name``)
+    _wrapped_class = None
+    _fused_kwargs: dict = {}
+
+    @classmethod
+    def _wrap(cls, scheduler) -> FusedScheduler:
+        obj = cls.__new__(cls)
+        FusedScheduler.__init__(obj, scheduler, **cls._fused_kwargs)
+        return obj
+
+    @classmethod
+    def _class_for(cls, config):
+        if cls._wrapped_class is not None:
+            return cls._wrapped_class
+        name = (config or {}).get("_class_name") if isinstance(config, dict) else \
+            getattr(config, "get", lambda k: None)("_class_name")
+        if not name:
+            raise ValueError("FusedScheduler.from_config: the config names no scheduler class "
+                             "(no '_class_name'); use fused_class(SchedulerClass).from_config")
+        import diffusers
+        sch_cls = getattr(diffusers, name, None)
+        if sch_cls is None:
+            raise ValueError(f"FusedScheduler.from_config: config's _class_name {name!r} is no "
+                             f"diffusers class")
+        return sch_cls
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """The drop-in wrapping ``SchedulerClass.from_config(config, **kwargs)``; the class is
+        the one :func:`fused_class` was given, or the config's ``_class_name``."""
+        if config is not None and hasattr(config, "config") and \
+                not isinstance(config, dict):
+            config = config.config          # a scheduler (diffusers accepts it, deprecated)
+        sch_cls = cls._class_for(config)
+        made = sch_cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if return_unused_kwargs:
+            return cls._wrap(made[0]), made[1]
+        return cls._wrap(made)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None,
+                        return_unused_kwargs: bool = False, **kwargs):
+        """The drop-in wrapping the scheduler saved at ``pretrained_model_name_or_path``
+        (``SchedulerClass.from_pretrained``, same arguments)."""
+        sch_cls = cls._wrapped_class
+        if sch_cls is None:
+            from diffusers import SchedulerMixin
+            config = SchedulerMixin.load_config(pretrained_model_name_or_path,
+                                                subfolder=subfolder, **kwargs)
+            sch_cls = cls._class_for(config)
+        made = sch_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                       return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if return_unused_kwargs:
+            return cls._wrap(made[0]), made[1]
+        return cls._wrap(made)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save the wrapped scheduler's config (its class name: loading it back without
+        pyengine gives the diffusers scheduler)."""
+        self._inner.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        self._inner.save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def register_to_config(self, **kwargs):
+        """Change config fields (as diffusers' ``register_to_config``): the next
+        ``set_timesteps`` builds its plan from the new config."""
+        self._inner.register_to_config(**kwargs)
+        _reject_common(self._name, self._inner.config)
+        cfg = self._inner.config
+        if self._edm is not None:
+            sign = -1.0 if cfg.prediction_type == "v_prediction" else 1.0
+            self._edm = (float(cfg.sigma_data), sign)
+        self._walk, self._plans = None, {}
+
     # -- what pipelines read ---------------------------------------------------------------
     @property
     def config(self):
-        return self._orig.config
+        return self._inner.config
 
     @property
     def order(self) -> int:
@@ -1339,9 +1485,13 @@ class FusedScheduler:
         # Anything else (sigmas, alphas_cumprod, num_inference_steps, ...) from the wrapped
         # scheduler, as set up by the last set_timesteps.
         inner = self.__dict__.get("_inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
+        if inner is None or name.startswith("__"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        try:
+            return getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute "
+                                 f"'{name}'") from None
 
     def __repr__(self) -> str:
         return f"FusedScheduler({self._name}, noise={self._noise!r})"
@@ -1381,7 +1531,12 @@ class FusedScheduler:
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs):
         """The model input for the current evaluation: the state itself, x_hat * s for the
-        Euler-type schedulers, c_in x_hat for EDM."""
+        Euler-type schedulers, c_in x_hat for EDM. Before ``set_timesteps`` it is the wrapped
+        scheduler's own (its training schedule, as diffusers does)."""
+        if not self._ready:
+            return self._inner.scale_model_input(sample, timestep, *args, **kwargs)
+        if self._name in _IDENTITY_INPUT:
+            return sample           # the timestep is not read (diffusers ignores it too)
         w = self._current(timestep, None)
         k = min(w.k, w.n - 1)
         sigma = w.sigma(k)
@@ -1391,19 +1546,58 @@ class FusedScheduler:
             return sample / math.sqrt(sigma * sigma + 1.0)
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True, eta: float | None = None,
-             use_clipped_model_output: bool = False,
-             variance_noise: torch.Tensor | None = None, **kwargs):
+    step = _StepMethod()
+
+    def _step_args(self, args, kwargs) -> dict:
+        """``step``'s arguments bound as the wrapped class's own ``step`` binds them (DDIM's
+        4th positional argument is eta, Euler's s_churn, DPM-Solver's generator): a keyword
+        the class does not take is a TypeError naming it, as it is in diffusers."""
+        sig = self._step_signature
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"FusedScheduler({self._name}).step{sig}: {exc} (the drop-in's step "
+                            f"takes the arguments of {self._name}.step)") from None
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        for p in sig.parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                a.update(a.pop(p.name, {}))
+            elif p.kind is p.VAR_POSITIONAL:
+                a.pop(p.name, None)
+        return a
+
+    def _step(self, *args, **kwargs):
         """One model output in, the fused update(s) up to the next model call, the next state
         out (in the wrapped scheduler's space)."""
-        for key, val in kwargs.items():
-            if _STEP_DEFAULTS.get(key, object()) == val:
-                continue            # EulerDiscreteScheduler.step's defaults: no churn
+        if not self._ready:
+            # before set_timesteps: the wrapped scheduler's own step on its training schedule
+            # (diffusers' Euler-type schedulers step there; DDIM / DDPM raise their own error)
+            return self._inner.step(*args, **kwargs)
+        a = self._step_args(args, kwargs)
+        model_output, timestep, sample = a.pop("model_output"), a.pop("timestep"), \
+            a.pop("sample")
+        generator = a.pop("generator", None)
+        return_dict = a.pop("return_dict", True)
+        eta = a.pop("eta", None)
+        use_clipped_model_output = a.pop("use_clipped_model_output", False)
+        variance_noise = a.pop("variance_noise", None)
+        defaults = {k: p.default for k, p in self._step_signature.parameters.items()}
+        for key, val in a.items():
+            if key in _STEP_DEFAULTS and _STEP_DEFAULTS[key] == val:
+                continue
+            if key in defaults and defaults[key] is not inspect.Parameter.empty and \
+                    _same(defaults[key], val):
+                continue            # at the class's own default (Euler: no churn)
             if self._name == "FlowMatchEulerDiscreteScheduler" and key in _CHURN_KEYS:
                 continue            # FlowMatchEuler's step() takes them and never reads them
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
+        if self._walk is None and self._begin_index is None and \
+                self._detached(timestep):
+            # a timestep outside the schedule, in a class whose step reads it (DDIM, DDPM,
+            # PNDM compute the previous timestep from it): diffusers' own step at that time
+            return self._inner.step(*args, **kwargs)
         if eta is None:
             eta = _DEFAULT_ETA.get(self._name, 0.0)
         try:
@@ -1477,7 +1671,7 @@ class FusedScheduler:
         if self._name == "LCMScheduler":
             denoised = self._lcm_denoised(be, e, sample, x0, w.sampler)
         self._advance(w)
-        out = FusedSchedulerOutput(prev, x0, denoised)
+        out = FusedSchedulerOutput(prev, x0, denoised, _OUTPUT_FIELDS.get(self._name))
         return out if return_dict else out.to_tuple()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -1492,7 +1686,8 @@ class FusedScheduler:
             self._inner._step_index = w.begin + w.k
 
     def _output(self, prev, x0, return_dict):
-        return FusedSchedulerOutput(prev, x0) if return_dict else (prev,)
+        out = FusedSchedulerOutput(prev, x0, None, _OUTPUT_FIELDS.get(self._name))
+        return out if return_dict else out.to_tuple()
 
     def _lcm_denoised(self, be, e, sample, x0, sampler):
         """c_skip(t) sample + c_out(t) x0 with LCMScheduler's boundary scalings (lazy)."""
@@ -1552,11 +1747,27 @@ class FusedScheduler:
     def _default_opts(self) -> tuple:
         return (_DEFAULT_ETA.get(self._name, 0.0), False)
 
+    def _detached(self, timestep) -> bool:
+        """True for a timestep outside the schedule in a class that steps from the timestep
+        itself (no step index: DDIM, DDPM, PNDM)."""
+        if timestep is None or hasattr(self._inner, "index_for_timestep"):
+            return False
+        ts = self._inner.timesteps
+        t = torch.as_tensor(timestep, device=ts.device).to(ts.dtype)
+        return not bool((ts == t).any())
+
     def _lookup(self, timestep) -> int:
-        """Where a run starts when set_begin_index was not called (diffusers' rule: the
-        timestep's index, the second one when it repeats). The one host sync of a run."""
+        """Where a run starts when set_begin_index was not called: diffusers' rule (the
+        timestep's index, the second one when it repeats; a timestep not in the schedule
+        falls back as the wrapped class does, e.g. to the last entry for DPM-Solver and
+        UniPC). The one host sync of a run."""
         if timestep is None:
             return 0
+        if hasattr(self._inner, "index_for_timestep"):
+            t = timestep
+            if isinstance(t, torch.Tensor):
+                t = t.to(self._inner.timesteps.device)
+            return int(self._inner.index_for_timestep(t))
         ts = self._inner.timesteps
         t = torch.as_tensor(timestep, device=ts.device).to(ts.dtype)
         hits = (ts == t).nonzero()
@@ -1611,3 +1822,28 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
         r.options["disable_corrector"] = [j - g for j in r.options["disable_corrector"]
                                           if j >= g]
     return r
+
+
+def fused_class(scheduler_class, **fused_kwargs) -> type:
+    """A class that stands where the diffusers ``scheduler_class`` does: its constructor
+    (same signature), ``from_config`` and ``from_pretrained`` build a ``scheduler_class``
+    and return its drop-in, ``FusedScheduler(instance, **fused_kwargs)``. For code that
+    constructs schedulers from a class (``Pipeline.from_pretrained(..., scheduler=...)``
+    takes an instance: use :meth:`FusedScheduler.from_scheduler` there)."""
+    import inspect
+    name = getattr(scheduler_class, "__name__", repr(scheduler_class))
+    if name not in _BUILDERS:
+        _refuse_class(name)
+        raise NotImplementedError(f"fused_class does not support {name}; supported: "
+                                  f"{', '.join(SUPPORTED)}")
+
+    def __init__(self, *args, **kwargs):
+        FusedScheduler.__init__(self, scheduler_class(*args, **kwargs), **fused_kwargs)
+    __init__.__signature__ = inspect.signature(scheduler_class.__init__)
+    ns = {"__init__": __init__, "_wrapped_class": scheduler_class,
+          "_fused_kwargs": dict(fused_kwargs), "__doc__": f"pyengine's drop-in for {name}.",
+          "__module__": __name__}
+    for attr in ("_deprecated_kwargs", "_compatibles", "config_name", "has_compatibles"):
+        if hasattr(scheduler_class, attr):
+            ns[attr] = getattr(scheduler_class, attr)
+    return type("Fused" + name, (FusedScheduler,), ns)
