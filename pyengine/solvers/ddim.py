@@ -7,20 +7,27 @@ import math
 
 from ._common import ancestral_step
 from .registry import register
+from .stochasticity import ancestral_eta
 
 
 @register("ddim", order=1, nfe_per_step=1, stochastic=False, family="ddim",
           summary="DDIM (Song 2021 eq. 12): x_hat' = D + sqrt(sigma'^2 - std^2) eps + std z, "
-                  "std = eta sigma' sqrt(1 - sigma'^2/sigma^2); eta=0 is the PF-ODE",
-          options=("eta",), eta=0.0)
-def ddim(b, eta):
+                  "std = eta sigma' sqrt(1 - sigma'^2/sigma^2); eta=0 is the PF-ODE; "
+                  "stochasticity=lambda: the SEEDS lambda family (per-step eta with "
+                  "e^{-2 lambda h} = 1 - eta^2 (1 - sigma'^2/sigma^2))",
+          options=("eta", "stochasticity"), eta=0.0, stochasticity=None)
+def ddim(b, eta, stochasticity):
+    """DDIM with ``eta`` (diffusers' and the paper's), or ``stochasticity`` = lambda in [0, 1]
+    (pyengine.solvers.stochasticity): each step then uses the eta that makes it the
+    lambda-family step, eta_i^2 = (1 - e^{-2 lambda h_i}) / (1 - sigma_{i+1}^2/sigma_i^2)."""
     sig = b.sigmas
     for i in range(b.n_steps):
         b.step = i
-        _, std = ancestral_step(sig[i], sig[i + 1], eta)
+        e = eta if stochasticity is None else ancestral_eta(sig[i], sig[i + 1], stochasticity)
+        _, std = ancestral_step(sig[i], sig[i + 1], e)
         D, eps = b.evaluate("x", sig[i])
         b.assign("x", D + math.sqrt(max(sig[i + 1] ** 2 - std ** 2, 0.0)) * eps, sig[i + 1],
-                 noise=std, noisy=eta > 0)
+                 noise=std, noisy=e > 0)
 
 
 @register("ddpm", order=1, nfe_per_step=1, stochastic=True, family="ddim",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from .registry import register
+from .stochasticity import noise_fraction
 
 __all__ = ["diffusers_order_list"]
 
@@ -87,9 +88,30 @@ def _dpm_solver_singlestep(b, order: int) -> None:
 
 @register("dpm_solver_1", order=1, nfe_per_step=1, stochastic=False, family="dpm",
           summary="DPM-Solver-1: x_hat' = x_hat - sigma' (e^h - 1) eps (Lu 2022 DPM-Solver eq. "
-                  "3.7; DDIM in lambda)")
-def dpm_solver_1(b):
-    _dpm_solver_singlestep(b, 1)
+                  "3.7; DDIM in lambda); stochasticity=lambda: x_hat' = x_hat - sigma' (e^h - "
+                  "e^{-lambda h}) eps + sigma' sqrt(1 - e^{-2 lambda h}) z (the SEEDS lambda "
+                  "family, first order)", options=("stochasticity",), stochasticity=None)
+def dpm_solver_1(b, stochasticity):
+    """DPM-Solver-1; ``stochasticity`` = lambda in (0, 1] makes it the first-order step of the
+    SEEDS lambda family in noise prediction (pyengine.solvers.stochasticity),
+    x_hat' = x_hat - sigma' (e^h - e^{-lambda h}) eps + sigma' sqrt(1 - e^{-2 lambda h}) z,
+    x_hat' = D on the step to sigma 0; None or 0 is DPM-Solver-1 itself."""
+    if not stochasticity:
+        _dpm_solver_singlestep(b, 1)
+        return
+    lam = float(stochasticity)
+    sig = b.sigmas
+    for i in range(b.n_steps):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        D0, eps0 = b.evaluate("x", s, dst="e0")
+        if t == 0:
+            b.assign("x", D0, t)
+            continue
+        h = _lam(t) - _lam(s)
+        b.assign("x", x - t * (math.exp(h) - math.exp(-lam * h)) * eps0, t,
+                 noise=t * noise_fraction(s, t, lam), noisy=True, kind="seeds1")
 
 
 @register("dpm_solver_2", order=2, nfe_per_step=2, stochastic=False, family="dpm",
@@ -267,12 +289,17 @@ def dpmpp_3m_corrected(b, solver_type, lower_order_final):
                   "+ D1/2) + s_noise sigma' sqrt(1 - e^{-2 eta h}) z, D1 = (D0 - D_-1)/r (Lu "
                   "2022 DPM-Solver++ SDE 2M; k-diffusion sample_dpmpp_2m_sde, diffusers "
                   "sde-dpmsolver++); eta=0 is dpmpp_2m",
-          options=("eta", "s_noise", "solver_type", "lower_order_final"), eta=1.0, s_noise=1.0,
-          solver_type="midpoint", lower_order_final=True,
+          options=("eta", "s_noise", "solver_type", "lower_order_final", "stochasticity"),
+          eta=1.0, s_noise=1.0, solver_type="midpoint", lower_order_final=True,
+          stochasticity=None,
           variants=(("dpmpp_2m_sde[eta=0]", {"eta": 0.0}, 2, 1),))
-def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final):
+def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final, stochasticity):
     """SDE-DPM-Solver++(2M) (Lu 2022b). With eta > 0 every step draws noise, the step to
-    sigma 0 too (as diffusers); eta = 0 gives exactly the plan of dpmpp_2m."""
+    sigma 0 too (as diffusers); eta = 0 gives exactly the plan of dpmpp_2m. Its eta is the
+    SEEDS lambda: ``stochasticity`` (lambda in [0, 1], pyengine.solvers.stochasticity), when
+    given, is used as eta."""
+    if stochasticity is not None:
+        eta = stochasticity
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     _multistep(b, max_order=2, solver_type=solver_type, lower_order_final=lower_order_final,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ._common import CHURN_DEFAULTS, CHURN_OPTIONS, ancestral_step, churn
 from .registry import register
+from .stochasticity import ancestral_eta
 
 
 @register("euler", order=1, nfe_per_step=1, stochastic=False, family="euler",
@@ -22,16 +23,23 @@ def euler(b, s_churn, s_tmin, s_tmax, s_noise):
 
 @register("euler_ancestral", order=1, nfe_per_step=1, stochastic=True, family="euler",
           summary="Euler ancestral: x_hat' = x_hat + (sigma_down - sigma) eps + s_noise sigma_up z "
-                  "(k-diffusion sample_euler_ancestral)", options=("eta", "s_noise"),
-          eta=1.0, s_noise=1.0, featured=True)
-def euler_ancestral(b, eta, s_noise):
+                  "(k-diffusion sample_euler_ancestral); stochasticity=lambda: the SEEDS "
+                  "lambda family (per-step eta with e^{-2 lambda h} = 1 - eta^2 (1 - "
+                  "sigma'^2/sigma^2))", options=("eta", "s_noise", "stochasticity"),
+          eta=1.0, s_noise=1.0, stochasticity=None, featured=True)
+def euler_ancestral(b, eta, s_noise, stochasticity):
+    """k-diffusion's ancestral Euler with ``eta``, or ``stochasticity`` = lambda in [0, 1]
+    (pyengine.solvers.stochasticity): per-step eta as in :func:`ddim`; the step is then
+    DDIM's. With ``stochasticity`` a step draws noise only where lambda > 0 (0 gives exactly
+    the plan of ``euler``); with ``eta`` every step draws, as k-diffusion."""
     sig = b.sigmas
     for i in range(b.n_steps):
         b.step = i
-        down, up = ancestral_step(sig[i], sig[i + 1], eta)
+        e = eta if stochasticity is None else ancestral_eta(sig[i], sig[i + 1], stochasticity)
+        down, up = ancestral_step(sig[i], sig[i + 1], e)
         _, eps = b.evaluate("x", sig[i])
         b.assign("x", b.xhat("x", sig[i]) + (down - sig[i]) * eps, sig[i + 1],
-                 noise=s_noise * up, noisy=True)
+                 noise=s_noise * up, noisy=stochasticity is None or e > 0)
 
 
 @register("heun", order=2, nfe_per_step=2, stochastic=False, family="euler",

@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["SolverInfo", "Option", "register", "get", "list_solvers", "featured",
            "check_options", "check_scalar", "check_timesteps", "REGISTRY", "OPTION_SPECS",
-           "PLAN_SCALARS", "MAX_STEPS"]
+           "EXCLUSIVE", "PLAN_SCALARS", "MAX_STEPS"]
 
 #: The most steps a plan may have. A plan is built on the host in Python: dpmpp_2m takes
 #: 1.2 s for 10^4 steps and 12 s for 10^5 (2-core EPYC), so 10^7 would take most of an hour.
@@ -23,15 +23,20 @@ MAX_STEPS = 10_000
 @dataclass(frozen=True)
 class Option:
     """Type and range of one scalar option: ``kind`` "real" (finite unless ``allow_inf``),
-    "int", "bool" or "choice"; bounds ``lo``/``hi`` inclusive (``lo_open``: lo excluded)."""
+    "int", "bool" or "choice"; bounds ``lo``/``hi`` inclusive (``lo_open``: lo excluded);
+    ``allow_none``: None is a value too (meaning the solver's fallback)."""
     kind: str
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     allow_inf: bool = False
     choices: tuple = ()
+    allow_none: bool = False
 
     def describe(self) -> str:
+        if self.allow_none:
+            return Option(self.kind, self.lo, self.hi, self.lo_open, self.allow_inf,
+                          self.choices).describe() + " or None"
         if self.kind == "bool":
             return "True or False"
         if self.kind == "choice":
@@ -47,6 +52,8 @@ class Option:
     def check(self, name: str, value, where: str = ""):
         """``value`` as a Python scalar of this kind; ValueError naming ``name`` if not."""
         bad = ValueError(f"{where}{name} must be {self.describe()}, got {value!r}")
+        if value is None and self.allow_none:
+            return None
         if self.kind == "choice":
             if isinstance(value, str) and value in self.choices:
                 return value
@@ -98,7 +105,14 @@ OPTION_SPECS: dict[str, Option] = {
     "variant": Option("choice", choices=("bh1", "bh2")),
     "lower_order_final": Option("bool"),
     "corrector": Option("bool"),
+    # the lambda of the SEEDS family (pyengine.solvers.stochasticity): 0 the PF-ODE, 1 the
+    # reverse SDE; None: the solver's own eta
+    "stochasticity": Option("real", lo=0.0, hi=1.0, allow_none=True),
 }
+
+#: option -> the option it excludes: a solver accepting both refuses both given at values
+#: other than their defaults (stochasticity is the solver-independent form of that eta).
+EXCLUSIVE: dict[str, str] = {"stochasticity": "eta"}
 
 #: The plan-wide scalars of build_plan / Sampler (None, where allowed, is checked by the
 #: caller before).
@@ -196,6 +210,12 @@ def check_options(info: SolverInfo, options: dict) -> dict:
         spec = info.specs.get(key)
         if spec is not None:
             out[key] = spec.check(key, options[key], f"solver {info.name!r}: ")
+    for a, b in EXCLUSIVE.items():
+        if a in options and b in options and out[a] != info.defaults.get(a) and \
+                out[b] != info.defaults.get(b):
+            raise ValueError(f"solver {info.name!r}: give {a}={options[a]!r} or {b}="
+                             f"{options[b]!r}, not both ({a} is the solver-independent form "
+                             f"of {b}; docs/solvers.md)")
     return out
 
 
