@@ -1,24 +1,12 @@
-"""The one stochasticity knob of pyengine's own samplers: the lambda family of SEEDS
-(Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling from
-Diffusion Models"), which interpolates between the probability-flow ODE (lambda = 0) and the
-reverse SDE (lambda = 1).
+"""The lambda family of SEEDS (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for
+Fast High-Quality Sampling from Diffusion Models"): lambda = 0 the PF-ODE, 1 the reverse SDE.
+Its first-order step in x_hat = x / s, h = log(sigma / sigma'):
 
-In the half-log-SNR l = -log sigma of the scaled state x_hat = x / s, a step from sigma to
-sigma' has h = l' - l = log(sigma / sigma') and its first-order exponential-integrator form is
+    x_hat' = e^{-(1+lambda)h} x_hat + (1 - e^{-(1+lambda)h}) D + sigma' sqrt(1 - e^{-2 lambda h}) z
 
-    x_hat' = (sigma'/sigma) e^{-lambda h} x_hat + (1 - (sigma'/sigma) e^{-lambda h}) D
-             + sigma' sqrt(1 - e^{-2 lambda h}) z,
-
-with (sigma'/sigma) e^{-lambda h} = e^{-(1 + lambda) h}. The noise std sigma' sqrt(1 - e^{-2
-lambda h}) together with the shrunk x_hat - D keeps the noise part's variance at sigma'^2 for
-every lambda (the marginals are those of the PF-ODE). SDE-DPM-Solver++(2M)'s ``eta`` is this
-lambda; the ancestral ``eta`` of DDIM / Euler-ancestral is the same first-order step with
-std = eta sigma' sqrt(1 - sigma'^2/sigma^2), so
-
-    e^{-2 lambda h} = 1 - eta^2 (1 - sigma'^2 / sigma^2)      (eta^2 -> lambda as h -> 0)
-
-and eta = 1 is lambda = 1 on every step, eta = 0 is lambda = 0. The registry option is
-``stochasticity`` (lambda in [0, 1]; None: the solver's own ``eta``); docs/solvers.md.
+SDE-DPM-Solver++'s eta is lambda; DDIM's / ancestral eta gives the same step where
+e^{-2 lambda h} = 1 - eta^2 (1 - sigma'^2/sigma^2). The registry option ``stochasticity``
+(derivation, solvers and tests: docs/solvers.md).
 """
 
 from __future__ import annotations
