@@ -52,13 +52,16 @@ def _deterministic(info, options) -> bool:
     sig = S.exponential(5, SIGMA_MIN, SIGMA_MAX, append_zero=False)
     if info.family == "inversion":
         sig = sig[::-1].copy()
-    return pe.build_plan(pe.processes.EDM(), info.name, sig, "sample", **options).n_noise == 0
+    plan = pe.build_plan(pe.processes.EDM(), info.name, sig, "sample", **options)
+    # an ODE plan: no noise draw and no data-dependent op (clip_x0's clamp)
+    return plan.n_noise == 0 and not any(isinstance(op, pe.plan.Custom) for op in plan.ops)
 
 
 #: Configurations whose declared order the inversion does not show over NS: ComfyUI's LMS
 #: (1.40 over 16..64 steps, 1.97 / 2.00 only over 128..256) and ipndm_v at order 4 (erratic
 #: variable-step weights on the upward grid: 2.86 over 16..64, 1.45 / 1.81 over 128..256).
 ASYMPTOTIC_ONLY = {"lms": "order 2 only beyond 128 steps upward",
+                   "lms_integrated": "the same LMS weights as lms (slope 1.40 over 16..64)",
                    "ipndm_v_4": "variable-step order-4 weights erratic upward"}
 
 

@@ -98,6 +98,7 @@ class _X0Builder:
 
 
 _X0_SPECS = {
+    "base": Option("solver"),
     "clip_sample_range": Option("real", lo=0.0, lo_open=True, allow_inf=True),
     "thresholding": Option("bool"),
     "dynamic_thresholding_ratio": Option("real", lo=0.0, hi=1.0, lo_open=True),
@@ -111,7 +112,7 @@ _X0_SPECS = {
                   "clamped to [-clip_sample_range, clip_sample_range] or dynamically "
                   "thresholded (Saharia et al. 2022) after every model call (diffusers' "
                   "clip_sample / thresholding): one custom op per model call",
-          options=tuple(["base", "base_options"] + list(_X0_SPECS)), specs=_X0_SPECS,
+          options=tuple(["base_options"] + list(_X0_SPECS)), specs=_X0_SPECS,
           base="ddim", base_options=None, clip_sample_range=math.inf, thresholding=False,
           dynamic_thresholding_ratio=0.995, sample_max_value=1.0, eps_from_clipped=False)
 def _clip_x0(b, base, base_options, clip_sample_range, thresholding,

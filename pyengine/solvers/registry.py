@@ -23,7 +23,7 @@ MAX_STEPS = 10_000
 @dataclass(frozen=True)
 class Option:
     """Type and range of one scalar option: ``kind`` "real" (finite unless ``allow_inf``),
-    "int", "bool" or "choice"; bounds ``lo``/``hi`` inclusive (``lo_open``: lo excluded);
+    "int", "bool", "choice" or "solver" (a registry solver's name); bounds ``lo``/``hi`` inclusive (``lo_open``: lo excluded);
     ``allow_none``: None is a value too (meaning the solver's fallback)."""
     kind: str
     lo: float | None = None
@@ -41,6 +41,8 @@ class Option:
             return "True or False"
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "solver":
+            return "the name of a registry solver"
         what = "an integer" if self.kind == "int" else "a number"
         if self.lo is not None and self.hi is not None:
             return f"{what} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
@@ -56,6 +58,10 @@ class Option:
             return None
         if self.kind == "choice":
             if isinstance(value, str) and value in self.choices:
+                return value
+            raise bad
+        if self.kind == "solver":
+            if isinstance(value, str) and value in REGISTRY:
                 return value
             raise bad
         if self.kind == "bool":
