@@ -6,7 +6,9 @@ Per configuration, in one run and alternating (A B A B ...) so drifts hit both a
 * loop: ``Sampler.sample`` with a zero-cost model (it returns one preallocated tensor) over
   50 steps, divided by the number of fused updates -> time per step;
 * floor: ``torch.add(x, y, alpha=a, out=z)`` on preallocated tensors -- the same two reads
-  and one write as a one-buffer-history update, with nothing else around it.
+  and one write as a DDIM update, with nothing else around it. Solvers whose updates move
+  more tensors (multistep history, an aux output) are also compared with the floor scaled by
+  the tensors they move per update (column "speed vs floor x moved").
 
 Rows: 16x4x128x128 (bandwidth-bound: the loop's speed as a fraction of the floor's) and
 1x4x64x64 (overhead-bound: the loop's host overhead per step over the floor, in us), for
@@ -73,7 +75,10 @@ def measure(name: str, shape, steps: int, reps: int, backend: str):
     for _ in range(reps):                          # alternating, so drifts hit both alike
         loop.append(once(lambda: smp.sample(model, noise, backend=backend))[0] / n_updates)
         floor.append(once(floor_run)[0] / n_updates)
-    return statistics.median(loop) * 1e-6, statistics.median(floor) * 1e-6, n_updates
+    # tensors each update moves (reads + writes), against the floor's 2 reads + 1 write
+    moved = sum(len(op.bufs) + 1 + (op.aux_dst is not None) for op in smp.plan.updates)
+    return (statistics.median(loop) * 1e-6, statistics.median(floor) * 1e-6, n_updates,
+            moved / n_updates / 3.0)
 
 
 def main(argv=None) -> int:
@@ -90,12 +95,14 @@ def main(argv=None) -> int:
     if args.quick:
         shapes, solvers, args.reps, args.steps = [(2, 4, 16, 16)], SOLVERS[:2], 2, 5
     lines = ["| solver | shape | updates | loop us/step | floor us/step | speed vs floor | "
-             "overhead us/step |", "|---|---|---|---|---|---|---|"]
+             "tensors moved / floor's | speed vs floor x moved | overhead us/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         for name in solvers:
-            lo, fl, n = measure(name, shape, args.steps, args.reps, args.backend)
+            lo, fl, n, ratio = measure(name, shape, args.steps, args.reps, args.backend)
             lines.append(f"| {name} | {'x'.join(map(str, shape))} | {n} | {lo * 1e6:.1f} | "
-                         f"{fl * 1e6:.1f} | {100 * fl / lo:.0f}% | {(lo - fl) * 1e6:.1f} |")
+                         f"{fl * 1e6:.1f} | {100 * fl / lo:.0f}% | {ratio:.2f} | "
+                         f"{100 * fl * ratio / lo:.0f}% | {(lo - fl) * 1e6:.1f} |")
             print(lines[-1], flush=True)
     head = (f"# Eager sampling loop vs the preallocated torch.add floor\n\n"
             f"{_cpu_name()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}, "
