@@ -264,7 +264,9 @@ def test_add_noise_and_pipeline_attributes():
     assert torch.equal(fused.timesteps, ref.timesteps)
     assert fused.init_noise_sigma == ref.init_noise_sigma
     assert fused.order == ref.order and len(fused) == len(ref) == 1000
-    assert fused.config is sch.config and fused.begin_index == 3
+    # the drop-in's config is its own copy's (register_to_config writes it), equal to the
+    # wrapped scheduler's
+    assert dict(fused.config) == dict(sch.config) and fused.begin_index == 3
     assert torch.equal(fused.sigmas, ref.sigmas)     # forwarded to the wrapped scheduler
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
@@ -331,10 +333,12 @@ def test_unsupported_and_misuse_raise():
             algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)
     fused = FusedScheduler.from_scheduler(D.EulerDiscreteScheduler())
     x = torch.randn(SHAPE)
-    with pytest.raises(RuntimeError, match="set_timesteps"):
+    # before set_timesteps the step is the wrapped class's own (its error for an int index)
+    with pytest.raises(ValueError, match="integer"):
         fused.step(x, 999, x)
     fused.set_timesteps(2)
-    with pytest.raises(ValueError, match="eta"):
+    # Euler's step takes no eta (pipelines pass it only where the class's step has it)
+    with pytest.raises(TypeError, match="eta"):
         fused.step(x, fused.timesteps[0], x, eta=0.5)
     with pytest.raises(NotImplementedError, match="s_churn"):
         fused.step(x, fused.timesteps[0], x, s_churn=1.0)
@@ -383,3 +387,121 @@ def test_lcm_step_returns_denoised_as_lcm_pipelines_unpack_it():
     record("LCM loop with return_dict=False (prev, denoised)", rel(xs[id(fused)], xs[id(ref)]))
     for a, b in zip(dens[id(fused)], dens[id(ref)]):
         record("LCM denoised of every step", rel(a, b))
+
+
+# -- diffusers' scheduler protocol, as its own tests exercise it (issue 11 item 4) ------------
+
+def _loop(s, steps, x, seed=0, step_args=(), step_kwargs=None, begin=None):
+    s.set_timesteps(steps)
+    if begin is not None:
+        s.set_begin_index(begin)
+    g = torch.Generator().manual_seed(seed)
+    model = NonlinearModel()
+    outs = []
+    extra = dict(step_kwargs or {})
+    if "generator" in inspect.signature(s.step).parameters:     # as pipelines decide
+        extra["generator"] = g
+    for t in s.timesteps[begin or 0:]:
+        out = s.step(model(s.scale_model_input(x, t), t), t, x, *step_args, **extra)
+        outs.append(out)
+        x = out.prev_sample
+    return x, outs
+
+
+def test_step_takes_the_wrapped_class_arguments():
+    # DDIM's 4th positional argument is eta: honoured, not taken for the generator
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    sch = D.DDIMScheduler(clip_sample=False)
+    eta = 0.3 + 0.5 * torch.rand(()).item()
+    ref, _ = _loop(copy.deepcopy(sch), 7, x, step_args=(eta,))
+    got, _ = _loop(FusedScheduler.from_scheduler(sch), 7, x, step_args=(eta,))
+    plain, _ = _loop(copy.deepcopy(sch), 7, x)
+    assert rel(got, ref) < 1e-5 and rel(plain, ref) > 1e-3
+    for cls in (D.DDIMScheduler, D.EulerDiscreteScheduler, D.DPMSolverMultistepScheduler,
+                D.TCDScheduler):
+        fused = FusedScheduler.from_scheduler(cls())
+        assert list(inspect.signature(fused.step).parameters) == \
+            list(inspect.signature(cls().step).parameters)
+    with pytest.raises(TypeError, match="eta"):
+        fused = FusedScheduler.from_scheduler(D.DPMSolverMultistepScheduler())
+        fused.set_timesteps(4)
+        fused.step(x, fused.timesteps[0], x, eta=0.0)
+
+
+@pytest.mark.parametrize("cls,n", [(D.DDIMScheduler, 2), (D.DDPMScheduler, 2),
+                                   (D.EulerDiscreteScheduler, 2), (D.HeunDiscreteScheduler, 2),
+                                   (D.EulerAncestralDiscreteScheduler, 2),
+                                   (D.EDMEulerScheduler, 2), (D.LCMScheduler, 2),
+                                   (D.DPMSolverMultistepScheduler, 1), (D.UniPCMultistepScheduler, 1)])
+def test_outputs_are_shaped_as_the_wrapped_class(cls, n):
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    sch = cls()
+    _, ref = _loop(copy.deepcopy(sch), 3, x)
+    _, got = _loop(FusedScheduler.from_scheduler(sch), 3, x)
+    for r, g in zip(ref, got):
+        assert len(g.to_tuple()) == len(r.to_tuple()) == n
+        assert list(g.keys()) == list(r.keys())
+        for key in r.keys():
+            assert rel(g[key], r[key]) < 1e-5
+        assert rel(g[0], r[0]) < 1e-5
+
+
+def test_before_set_timesteps_and_outside_the_schedule():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    # Euler steps on its training schedule right after construction, as diffusers does
+    ref, fused = D.EulerDiscreteScheduler(), FusedScheduler.from_scheduler(
+        D.EulerDiscreteScheduler())
+    t = ref.timesteps[0]
+    a = ref.step(0.1 * x, t, ref.scale_model_input(x, t)).prev_sample
+    b = fused.step(0.1 * x, t, fused.scale_model_input(x, t)).prev_sample
+    assert torch.equal(a, b)
+    # DPM-Solver / UniPC ignore the timestep of scale_model_input and fall back to the last
+    # entry for a step at a timestep not in the schedule
+    for cls in (D.DPMSolverMultistepScheduler, D.UniPCMultistepScheduler):
+        ref, fused = cls(), FusedScheduler.from_scheduler(cls())
+        for s in (ref, fused):
+            s.set_timesteps(9)
+        assert fused.scale_model_input(x, 0.0) is x
+        assert rel(fused.step(0.1 * x, 0, x).prev_sample, ref.step(0.1 * x, 0, x).prev_sample) \
+            < 1e-5
+    # DDIM computes its step from a timestep outside the schedule
+    ref, fused = D.DDIMScheduler(), FusedScheduler.from_scheduler(D.DDIMScheduler())
+    for s in (ref, fused):
+        s.set_timesteps(10)
+    assert rel(fused.step(0.1 * x, 37, x).prev_sample, ref.step(0.1 * x, 37, x).prev_sample) \
+        < 1e-5
+
+
+def test_repeated_levels_and_custom_schedules():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    # 25 train timesteps at 25 steps: a repeated level inside the schedule (12, 12)
+    cfg = dict(num_train_timesteps=25, solver_order=1)
+    ref, fused = D.DPMSolverMultistepScheduler(**cfg), FusedScheduler.from_scheduler(
+        D.DPMSolverMultistepScheduler(**cfg))
+    a, _ = _loop(ref, 25, x)
+    b, _ = _loop(fused, 25, x)
+    assert torch.isfinite(a).all() and rel(b, a) < 1e-5
+    # set_timesteps shows timesteps= / sigmas= (retrieve_timesteps reads its signature)
+    params = inspect.signature(FusedScheduler.from_scheduler(
+        D.EulerDiscreteScheduler()).set_timesteps).parameters
+    assert "timesteps" in params and "sigmas" in params
+
+
+def test_config_round_trip(tmp_path):
+    from pyengine.integrations.diffusers import fused_class
+    sch = D.DDIMScheduler(beta_end=0.013 + 0.01 * torch.rand(()).item(), clip_sample=False)
+    fused = FusedScheduler.from_scheduler(sch)
+    fused.save_pretrained(tmp_path)
+    back = FusedScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert isinstance(back, FusedScheduler) and public(back.config) == public(sch.config)
+    assert type(D.DDIMScheduler.from_pretrained(tmp_path)) is D.DDIMScheduler
+    again = FusedScheduler.from_config(fused.config)
+    assert again._name == "DDIMScheduler" and again.config.beta_end == sch.config.beta_end
+    fused.register_to_config(steps_offset=1)
+    assert fused.config.steps_offset == 1 == fused._inner.config.steps_offset
+    cls = fused_class(D.EulerDiscreteScheduler)
+    made = cls(beta_end=0.02, prediction_type="v_prediction")
+    assert isinstance(made, FusedScheduler) and made.config.prediction_type == "v_prediction"
+    assert isinstance(cls.from_config(made.config), cls)
+    assert "prediction_type" in inspect.signature(cls.__init__).parameters

@@ -191,6 +191,8 @@ class _Recipe:
     model_wrapper: object = None
     orders: list | None = None         # the scheduler's order at every step (multistep solvers)
     dropped_final: bool = False        # a zero-length final step (the identity) was dropped
+    identity: list = field(default_factory=list)   # entries of interior zero-length steps
+    mean_channels: int | None = None   # the model output's channels the class reads
     output_sign: float = 1.0           # -1: the model's output is minus the plan's prediction
     x0: dict | None = None             # clip_x0 options (clip_sample / thresholding)
     noise: str = "generator"           # "brownian": the scheduler's Brownian-tree noise
@@ -268,8 +270,23 @@ def _vp_process(name: str, sch) -> VPDiscrete:
     return VPDiscrete(trained_betas=betas)
 
 
+#: classes whose step reads only the mean of a model that also predicts its variance
+#: (variance_type "learned" / "learned_range": with epsilon prediction they take the first 3
+#: channels of the output, otherwise the whole output)
+_MEAN_OF_LEARNED = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
+
+
+def _mean_channels(name: str, cfg) -> int | None:
+    """How many leading channels of the model output the class reads (None: all)."""
+    if name in _MEAN_OF_LEARNED and cfg.get("variance_type") in ("learned", "learned_range") \
+            and cfg.get("prediction_type") == "epsilon":
+        return 3            # diffusers' own constant (model_output[:, :3])
+    return None
+
+
 def _reject_common(name: str, cfg) -> None:
-    if cfg.get("variance_type") in ("learned", "learned_range"):
+    if cfg.get("variance_type") in ("learned", "learned_range") and \
+            name not in _MEAN_OF_LEARNED:
         raise NotImplementedError(
             f"{name}(variance_type={cfg.get('variance_type')!r}): a learned variance is read "
             f"from the model output at sampling time, not a coefficient known in advance")
@@ -885,6 +902,53 @@ def _refuse_class(name: str) -> None:
 FINAL_NUDGE = 2.0 ** -30
 
 
+#: classes whose integer-rounded timesteps can repeat inside the schedule (a step of length
+#: 0 between two equal levels; one timestep entry per grid step)
+_INTERIOR_REPEATS = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                     "UniPCMultistepScheduler", "DEISMultistepScheduler")
+
+
+def _drop_interior_repeats(r: _Recipe, name: str) -> None:
+    """A schedule whose rounded timesteps repeat inside it (DPM-Solver, UniPC, DEIS at
+    num_inference_steps close to num_train_timesteps) has steps of length 0 between two equal
+    levels. diffusers' first- and second-order updates are exactly the identity there (every
+    coefficient is 0 but sigma'/sigma = 1); the step after it divides by the previous step's
+    h = 0 at order >= 2 and returns nan. The grid keeps one copy of each level; the entry of
+    the zero-length step is recorded in ``r.identity`` (the drop-in returns its input
+    there, having ignored the model output, and the plan's next step reads the history before
+    it)."""
+    if name not in _INTERIOR_REPEATS:
+        return
+    g = r.sigmas
+    rep = [i for i in range(g.size - 2) if abs(g[i] - g[i + 1]) <= 1e-7 * g[i]]
+    if not rep:
+        return
+    keep = np.ones(g.size, dtype=bool)
+    keep[rep] = False
+    r.sigmas = g[keep]
+    r.identity = rep
+    if r.timesteps is not None:
+        t = np.asarray(r.timesteps)
+        r.timesteps = t[keep[: t.size]]
+    if r.orders is not None:
+        r.orders = [o for i, o in enumerate(r.orders) if keep[i]]
+        if r.solver == "dpm_singlestep":
+            # a block of order k runs 1, ..., k: a block cut by a dropped step restarts
+            prev = 0
+            for i, o in enumerate(r.orders):
+                if o != 1 and o != prev + 1:
+                    r.orders[i] = o = 1
+                prev = o
+        if "order_list" in r.options:
+            r.options["order_list"] = r.orders
+    if r.options.get("disable_corrector"):
+        # the corrector indices count steps: renumber them over the kept ones
+        new_index = np.cumsum(keep) - 1
+        r.options["disable_corrector"] = sorted({int(new_index[j]) for j in
+                                                 r.options["disable_corrector"]
+                                                 if j < keep.size and keep[j]})
+
+
 def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     """Some configurations end on a repeated level (final_sigmas_type="sigma_min" when the last
     timestep is 0 already, or with Karras/exponential sigmas, whose last level is sigma_min).
@@ -1015,6 +1079,8 @@ def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
         snapshot = copy.deepcopy(sch)
         r.noise_source = lambda: _BrownianDraws(snapshot)
     r.x0 = _x0_processing(name, sch.config, r, clipped_eps)
+    r.mean_channels = _mean_channels(name, sch.config)
+    _drop_interior_repeats(r, name)
     _drop_zero_length_final_step(r, name)
     return r
 
@@ -1048,6 +1114,24 @@ def _x0_processing(name: str, cfg, r: _Recipe, clipped_eps: bool) -> dict | None
                 eps_from_clipped=bool(eps_clipped))
 
 
+class _MeanOutput:
+    """The model with its output cut to the leading ``channels`` channels (the mean of a
+    model that also predicts its variance, as DPM-Solver reads it)."""
+
+    def __init__(self, model, channels: int):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model, self.channels = model, channels
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+            out = out.sample
+        elif isinstance(out, tuple):
+            out = out[0]
+        return out[:, : self.channels]
+
+
 class _NegatedOutput:
     """The model with its output negated (Mochi's inverted flow: the model's velocity is
     x0 - eps where the plan's flow prediction is eps - x0)."""
@@ -1075,6 +1159,11 @@ def _sampler(r: _Recipe, name: str, overrides: dict) -> DiffusersSampler:
     wrapper = r.model_wrapper
     if r.noise == "brownian":
         kwargs["noise_source"] = r.noise_source
+    if r.mean_channels is not None:
+        inner_m, channels = wrapper, r.mean_channels
+
+        def wrapper(model):
+            return _MeanOutput(model if inner_m is None else inner_m(model), channels)
     if r.output_sign != 1.0:
         inner = wrapper
 
@@ -1265,11 +1354,17 @@ class _Walk:
                                       f"state before its first model call")
         self.x_hat = recipe.state_space == "x_hat"
         self.sign = recipe.output_sign
+        self.mean_channels = recipe.mean_channels
         self.clips = recipe.x0 is not None
         last = float(sampler.sigmas[-1])
         self.final_conv = float(sampler.process.s_of_sigma(last)) if self.x_hat else 1.0
         self.final_sigma = last
-        self.n = len(self.evals) + (1 if recipe.dropped_final else 0)
+        # timestep entries whose step is the identity (zero-length steps diffusers takes):
+        # interior repeated levels and a dropped final step
+        self.identity = set(recipe.identity)
+        if recipe.dropped_final:
+            self.identity.add(len(self.evals) + len(recipe.identity))
+        self.n = len(self.evals) + len(self.identity)
         if self.n != n_entries:
             raise RuntimeError(f"FusedScheduler bug: {self.n} model calls in the plan for "
                                f"{n_entries} timesteps")
@@ -1277,7 +1372,8 @@ class _Walk:
             self.plan, [self.conv(k) for k in range(len(self.evals))], self.final_conv,
             self.plan.output)
         self.program = Program(scaled)
-        self.k = 0
+        self.k = 0                  # model calls of the plan consumed
+        self.j = 0                  # timestep entries consumed (step() calls)
         self.walker: Walker | None = None
         self.seeds = None
         self.brownian = None        # DPMSolverSDE's Brownian-tree draws, per run
@@ -1423,9 +1519,9 @@ class FusedScheduler:
         (``SchedulerClass.from_pretrained``, same arguments)."""
         sch_cls = cls._wrapped_class
         if sch_cls is None:
-            from diffusers import SchedulerMixin
-            config = SchedulerMixin.load_config(pretrained_model_name_or_path,
-                                                subfolder=subfolder, **kwargs)
+            from diffusers import DDPMScheduler     # any scheduler class reads the file
+            config = DDPMScheduler.load_config(pretrained_model_name_or_path,
+                                               subfolder=subfolder, **kwargs)
             sch_cls = cls._class_for(config)
         made = sch_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
                                        return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -1476,7 +1572,7 @@ class FusedScheduler:
     @property
     def step_index(self):
         w = self._walk
-        return None if w is None else w.begin + w.k
+        return None if w is None else w.begin + w.j
 
     def __len__(self) -> int:
         return len(self._orig)
@@ -1537,9 +1633,13 @@ class FusedScheduler:
             return self._inner.scale_model_input(sample, timestep, *args, **kwargs)
         if self._name in _IDENTITY_INPUT:
             return sample           # the timestep is not read (diffusers ignores it too)
+        if self._walk is None:
+            # before the run's first step: the wrapped class's own rule finds the level
+            # (its timestep lookup and fallback), on a copy; step() starts the run
+            return copy.deepcopy(self._inner).scale_model_input(sample, timestep, *args,
+                                                                **kwargs)
         w = self._current(timestep, None)
-        k = min(w.k, w.n - 1)
-        sigma = w.sigma(k)
+        sigma = w.sigma(w.k)
         if self._edm is not None:
             return sample / math.sqrt(sigma * sigma + self._edm[0] ** 2)
         if w.x_hat:
@@ -1607,7 +1707,7 @@ class FusedScheduler:
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         w = self._current(timestep, (eta, bool(use_clipped_model_output)))
-        if w.k >= w.n:
+        if w.j >= w.n:
             ts = self._inner.timesteps
             dup = len(torch.unique(ts)) < len(ts) and self._name not in _HEUN_LAYOUT
             cause = (" The scheduler's timesteps repeat (this beta schedule maps several of its "
@@ -1618,9 +1718,10 @@ class FusedScheduler:
             raise RuntimeError(f"FusedScheduler({self._name}): step() called more times than "
                                f"there are timesteps; call set_timesteps() to start a new "
                                f"run.{cause}")
-        if w.k == len(w.evals):
-            # diffusers' zero-length final step (a repeated last level): the identity
-            self._advance(w)
+        if w.j in w.identity:
+            # diffusers' zero-length step (a repeated level): the identity
+            w.j += 1
+            self._sync_step_index(w)
             return self._output(sample, None, return_dict)
         if w.walker is None:
             w.walker = Walker(w.program, None, backends.get(self._backend_name,
@@ -1630,6 +1731,8 @@ class FusedScheduler:
         walker = w.walker
         be = walker.backend
         e = w.plan.ops[w.evals[w.k]]
+        if w.mean_channels is not None:
+            model_output = model_output[:, : w.mean_channels]
         out = model_output if w.sign == 1.0 else -model_output
         if self._edm is not None:
             out = _edm_denoised(be, sample, model_output, e.sigma, *self._edm)
@@ -1677,13 +1780,14 @@ class FusedScheduler:
     # -- helpers ---------------------------------------------------------------------------
     def _advance(self, w: _Walk) -> None:
         w.k += 1
+        w.j += 1
         self._sync_step_index(w)
 
     def _sync_step_index(self, w: _Walk) -> None:
         # add_noise of the wrapped scheduler reads its step index (inpainting pipelines noise
         # the original latents to the next level after every step): keep it where ours is.
         if hasattr(self._inner, "_step_index"):
-            self._inner._step_index = w.begin + w.k
+            self._inner._step_index = w.begin + w.j
 
     def _output(self, prev, x0, return_dict):
         out = FusedSchedulerOutput(prev, x0, None, _OUTPUT_FIELDS.get(self._name))
@@ -1737,7 +1841,7 @@ class FusedScheduler:
             self._walk = w = self._start(begin, self._default_opts() if opts is None else opts)
             self._sync_step_index(w)
         elif opts is not None and opts != w.eta:
-            if w.k != 0:
+            if w.j != 0:
                 raise ValueError(f"FusedScheduler({self._name}): the step arguments (eta, "
                                  f"use_clipped_model_output) changed from {w.eta} to {opts} "
                                  f"in the middle of a run")
@@ -1807,11 +1911,14 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
             raise ValueError(f"{name}: begin_index {begin} is the second evaluation of a Heun "
                              f"step; a run starts at an even index")
         g = begin // 2
+    # interior zero-length steps before the start hold no grid level of their own
+    g -= sum(1 for j in r.identity if j < begin)
     if not 0 < g < r.sigmas.size - 1:
         raise ValueError(f"{name}: begin_index {begin} leaves no step of the "
                          f"{r.sigmas.size - 1}-step grid")
     r = dataclasses.replace(r, sigmas=r.sigmas[g:], options=dict(r.options),
-                            timesteps=None if r.timesteps is None else r.timesteps[g:])
+                            timesteps=None if r.timesteps is None else r.timesteps[g:],
+                            identity=[j - begin for j in r.identity if j >= begin])
     if r.orders is not None:
         tail = [int(o) for o in r.orders[g:]]
         if "order_list" in r.options:
