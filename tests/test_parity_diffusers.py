@@ -386,7 +386,8 @@ UNSUPPORTED = [
      lambda: D.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++")),
     ("unipc", "predict_x0", lambda: D.UniPCMultistepScheduler(predict_x0=False)),
     ("ddim", "rescale_betas_zero_snr",
-     lambda: D.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True)),
+     lambda: D.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True,
+                             timestep_spacing="trailing")),
     ("dpm flow_prediction on VP sigmas", "use_flow_sigmas", lambda: D.DPMSolverMultistepScheduler(
         prediction_type="flow_prediction")),
 ]

@@ -220,7 +220,8 @@ def _f64(t) -> np.ndarray:
 
 def _sigma_of_abar(a) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    return np.sqrt((1.0 - a) / a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt((1.0 - a) / a)       # inf / nan where alpha_bar <= 0: refused
 
 
 def _s_vp(sigma: float) -> float:
@@ -258,14 +259,15 @@ def _vp_process(name: str, sch) -> VPDiscrete:
     the Euler, DPM-Solver and UniPC schedulers sets alpha_bar[-1] = 2^-24, above
     alpha_bar[-2]; the process then gets the table's decreasing envelope."""
     abar = _f64(sch.alphas_cumprod)
-    if not (np.all(abar > 0) and np.all(abar < 1)):
-        field_ = ("rescale_betas_zero_snr=True" if sch.config.get("rescale_betas_zero_snr")
-                  else "its alphas_cumprod table")
-        raise NotImplementedError(
-            f"{name} with {field_}: alpha_bar = 0 (zero terminal SNR) is an infinite noise "
-            f"level, which a sigma grid cannot hold")
-    for i in np.flatnonzero(np.diff(abar) >= 0) + 1:
-        abar[i] = abar[i - 1] * (1.0 - 1e-9)
+    if not 0 < abar[0] < 1:
+        raise NotImplementedError(f"{name}: alpha_bar[0] = {abar[0]:g} is no noise level "
+                                  f"(betas must lie in (0, 1))")
+    # Entries that are no noise level (alpha_bar <= 0: zero terminal SNR, betas > 1) matter
+    # only where the schedule visits them, which _check_levels refuses; elsewhere the process
+    # gets the table's decreasing envelope there.
+    for i in range(1, abar.size):
+        if not 0 < abar[i] < abar[i - 1]:
+            abar[i] = abar[i - 1] * (1.0 - 1e-9)
     betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
     return VPDiscrete(trained_betas=betas)
 
@@ -1072,9 +1074,30 @@ def _set_timesteps(sch, name: str, n, device, custom: dict) -> None:
         sch.set_timesteps(device=device, **custom)
 
 
+def _check_levels(r: _Recipe, name: str, sch) -> None:
+    """A grid level that is no noise level (alpha_bar <= 0 at a visited timestep: zero
+    terminal SNR, a beta schedule past 1) is refused; diffusers divides by sqrt(alpha_bar)
+    = 0 there (or takes the root of a negative number) and returns inf / nan for x0."""
+    g = np.asarray(r.sigmas, dtype=np.float64)
+    if np.all(np.isfinite(g)):
+        return
+    i = int(np.flatnonzero(~np.isfinite(g))[0])
+    field_ = ("rescale_betas_zero_snr=True" if sch.config.get("rescale_betas_zero_snr")
+              else "its alphas_cumprod table")
+    t = f" (timestep {r.timesteps[i]:g})" if r.timesteps is not None and \
+        i < len(r.timesteps) else ""
+    raise NotImplementedError(
+        f"{name} with {field_}: the schedule visits alpha_bar <= 0{t} (zero terminal SNR or "
+        f"betas > 1), an infinite or undefined noise level which a sigma grid cannot hold "
+        f"(diffusers' x0 there is inf or nan for epsilon prediction; a v-prediction step "
+        f"from alpha_bar = 0 would need a plan level at sigma = inf). Schedules that do not "
+        f"visit it (e.g. timestep_spacing='leading') are reproduced")
+
+
 def _recipe(name: str, sch, eta: float, clipped_eps: bool = False) -> _Recipe:
     """The recipe of a scheduler whose ``set_timesteps`` has run (orders not yet settled)."""
     r = _BUILDERS[name](name, sch, eta)
+    _check_levels(r, name, sch)
     if r.noise == "brownian":
         snapshot = copy.deepcopy(sch)
         r.noise_source = lambda: _BrownianDraws(snapshot)
@@ -1905,6 +1928,14 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
         raise NotImplementedError(f"{name}: a run that starts at timestep entry {begin} "
                                   f"(img2img) is not supported; its first step makes two "
                                   f"model calls at a repeated timestep")
+    if name == "LMSDiscreteScheduler":
+        raise NotImplementedError(
+            f"{name}: a run that starts at timestep entry {begin} (img2img) is not supported: "
+            f"diffusers' LMS there takes order min(step_index + 1, 4), i.e. Lagrange "
+            f"coefficients over the levels before the start, and pairs them with the few "
+            f"model outputs it has since the start (the rest of the sum is dropped); no "
+            f"registry solver computes that truncated sum (lms_integrated warms up from "
+            f"first order)")
     g = begin
     if name in _HEUN_LAYOUT:
         if begin % 2:
