@@ -290,17 +290,21 @@ class Walker:
         if mask_coef is not None:
             kw = dict(kw, mask=self.mask, mask_coef=mask_coef)
         if self._trusted:
-            # The steady state runs without Python re-validation: the first call of each
-            # structure (buffer count and dtypes, aux, noise mode, mask, table kinds) is
-            # checked against the contract; the walk's outputs are its own fresh or
-            # recycled tensors, which overlap no input.
+            # The steady state runs without Python re-validation: each update of the plan is
+            # checked against the contract once per program, shape, noise mode, mask and
+            # table kind (the model outputs it reads were checked by the adapter: shape,
+            # device, a float dtype); the walk's outputs are its own fresh or recycled
+            # tensors, which overlap no input.
             if self._like_key is None:
                 self._like_key = (tuple(self.like.shape), str(self.like.device))
-            key = (tuple([t.dtype for t in ins]), aux is None, mask_coef is None,
-                   noise is None, seeds is None, type(step), type(noise_coef),
-                   type(coef), getattr(coef, "ndim", 1), type(aux_coef), self._like_key)
-            validated = self.program.validated if self.program is not None \
-                else self._validated
+            key = (aux is None, mask_coef is None, noise is None, seeds is None, type(step),
+                   type(noise_coef), getattr(coef, "ndim", 1), self._like_key)
+            if self.program is not None:        # the plan's own buffer lists: fixed ids
+                key = (id(bufs), ins[-1].dtype) + key
+                validated = self.program.validated
+            else:                               # lists made per call (the scheduler's)
+                key = (tuple(bufs), tuple([t.dtype for t in ins])) + key
+                validated = self._validated
             if key not in validated:
                 _validate(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, noise=noise,
                           backend=self.backend, **kw)
@@ -315,7 +319,7 @@ class Walker:
     # -- ops -------------------------------------------------------------------------------
     def evaluate(self, op: Eval, i: int, output: torch.Tensor | None = None) -> None:
         """Model evaluation ``i`` (or bind the caller's ``output`` of it)."""
-        if self.noise is not None:
+        if self.noise is not None and type(self.noise) is not PhiloxDraws:
             self.noise.at_eval(op)
         if output is not None:
             self._pin_aliases(output)
@@ -376,8 +380,14 @@ class Walker:
 
     def run(self) -> torch.Tensor:
         """The whole plan; returns the output slot."""
-        for ins in self.program.instructions:
-            self.execute(ins)
+        update, evaluate = self.update, self.evaluate
+        for kind, op, ref in self.program.instructions:
+            if kind == UPDATE:
+                update(op, ref)
+            elif kind == EVAL:
+                evaluate(op, ref)
+            else:
+                ref(op, self)
         return self.slots[self.program.output]
 
     def run_segment(self, k: int, output: torch.Tensor | None = None) -> None:
