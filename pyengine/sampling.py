@@ -342,6 +342,27 @@ def _progress(total: int, disable):
     return tqdm(total=total, disable=disable)
 
 
+def _per_step(plan: Plan, n: int, disable, report):
+    """(progress bar or None, the walk's callback): the walk reports every model call;
+    k-diffusion and ComfyUI report the first of each step, ``report(i, op, slots)``."""
+    bar = _progress(n, disable)
+    first_eval = {}
+    for op in plan.ops:
+        if isinstance(op, Eval) and op.step not in first_eval:
+            first_eval[op.step] = op
+    seen = set()
+
+    def on_eval(i, sigma, slots):
+        if i in seen:
+            return
+        seen.add(i)
+        if report is not None:
+            report(i, first_eval[i], slots)
+        if bar is not None:
+            bar.update(1)
+    return bar, on_eval
+
+
 def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable, *,
          options: dict, noise_sampler=None, draws=None, at_step_start: bool = False,
          gammas=None):
@@ -371,28 +392,13 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     elif draws is not None:
         noise = _KNoise(noise_sampler, sigmas, draws, at_step_start).source()
 
-    n = len(grid) - 1
-    bar = _progress(n, disable)
-    first_eval = {}
-    for op in plan.ops:
-        if isinstance(op, Eval) and op.step not in first_eval:
-            first_eval[op.step] = op
+    def report(i, op, slots):
+        g = 0.0 if gammas is None else gammas[i]
+        sigma_hat = sigmas[i] * (g + 1) if g > 0 else sigmas[i]
+        callback({"x": slots[op.src], "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                  "denoised": slots[op.dst]})
 
-    seen = set()
-
-    def on_eval(i, sigma, slots):
-        # run_plan reports every model call; k-diffusion reports the first of each step.
-        if i in seen:
-            return
-        seen.add(i)
-        op = first_eval[i]
-        if callback is not None:
-            g = 0.0 if gammas is None else gammas[i]
-            sigma_hat = sigmas[i] * (g + 1) if g > 0 else sigmas[i]
-            callback({"x": slots[op.src], "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
-                      "denoised": slots[op.dst]})
-        if bar is not None:
-            bar.update(1)
+    bar, on_eval = _per_step(plan, len(grid) - 1, disable, report if callback else None)
 
     # k-diffusion passes sigma in x's dtype (sigma * x.new_ones([B])); the adapter makes it
     # float32 for reduced-precision states.
@@ -401,7 +407,7 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     try:
         with torch.no_grad():
             return run_plan(plan, denoiser, x, seed=seed, backend=be, callback=on_eval,
-                            extra_args=extra_args, noise=noise)
+                            extra_args=extra_args, noise=noise, recycle=callback is None)
     finally:
         if bar is not None:
             bar.close()
@@ -878,27 +884,14 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
         noise = _ComfyNoise(noise_sampler, lv, grid, flow,
                             _cn.NOISE_SAMPLER_ARGS.get(name) == "stage", every).source()
 
-    n = len(grid) - 1
-    bar = _progress(n, disable)
-    first_eval = {}
-    for op in plan.ops:
-        if isinstance(op, Eval) and op.step not in first_eval:
-            first_eval[op.step] = op
-    seen = set()
+    def report(i, op, slots):
+        hat = lv[i] if op.t == lv64[i] else torch.tensor(op.t, dtype=lv.dtype,
+                                                         device=lv.device)
+        den = slots[op.dst] if op.guidance is None else slots[op.dst + "/c"]
+        callback({"x": slots[op.src], "i": i, "sigma": lv[i], "sigma_hat": hat,
+                  "denoised": den})
 
-    def on_eval(i, sigma, slots):
-        if i in seen:
-            return
-        seen.add(i)
-        op = first_eval[i]
-        if callback is not None:
-            hat = lv[i] if op.t == lv64[i] else torch.tensor(op.t, dtype=lv.dtype,
-                                                             device=lv.device)
-            den = slots[op.dst] if op.guidance is None else slots[op.dst + "/c"]
-            callback({"x": slots[op.src], "i": i, "sigma": lv[i], "sigma_hat": hat,
-                      "denoised": den})
-        if bar is not None:
-            bar.update(1)
+    bar, on_eval = _per_step(plan, len(grid) - 1, disable, report if callback else None)
 
     if guided:
         fn = _CfgPPModel(model, extra_args)
@@ -911,7 +904,7 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
     try:
         with torch.no_grad():
             return run_plan(plan, fn, x, seed=seed, backend=be, callback=on_eval,
-                            extra_args=call_args, noise=noise)
+                            extra_args=call_args, noise=noise, recycle=callback is None)
     finally:
         if bar is not None:
             bar.close()

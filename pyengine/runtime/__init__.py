@@ -39,7 +39,7 @@ def resolve_backend(backend, x):
 
 def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
              compute_dtype=None, callback=None, extra_args=None, mask=None, known=None,
-             known_noise=None, noise=None):
+             known_noise=None, noise=None, recycle: bool | None = None):
     """Execute ``plan`` from the initial state ``x`` (already at the first noise level).
 
     Noise: Philox keyed by per-sample ``seed`` (int or sequence); with ``generator``,
@@ -47,7 +47,8 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
     does inside ``scheduler.step``); or ``noise``, a draws source (:class:`SuppliedDraws`).
     ``x`` is never modified. ``callback(i, sigma, slots)`` runs after each model evaluation.
     ``mask``, ``known`` and ``known_noise``: inpainting (the plan is rewritten by
-    :func:`inpaint`).
+    :func:`inpaint`). ``recycle``: reuse the walk's buffers (default: unless a callback is
+    given, which may keep the slot tensors it is shown).
     """
     check_state_dtype(plan, x.dtype)
     inputs = {}
@@ -64,5 +65,6 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
             seeds = seeds_tensor(seed, x.shape[0])     # validated even when nothing is drawn
             noise = PhiloxDraws(seeds.to(x.device) if plan.n_noise else None)
     w = Walker(program, model, be, noise=noise, compute_dtype=compute_dtype, mask=mask,
-               callback=callback, extra_args=extra_args)
+               callback=callback, extra_args=extra_args,
+               recycle=callback is None if recycle is None else recycle)
     return w.start(x, inputs).run()

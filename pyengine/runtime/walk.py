@@ -26,7 +26,8 @@ call (:meth:`Walker.call_model`, :meth:`Walker.apply`) and walk segments with
 Buffers are recycled: an update writes into a tensor of the walk's pool that no slot holds
 any more, so a 50-step loop touches the same few tensors (ping-pong) instead of fresh pages
 every step. Tensors the walk did not allocate (the caller's, the model's outputs) are never
-written. With a callback (which may keep slot tensors) nothing is recycled.
+written. run_plan turns recycling off when a user callback (which may keep slot tensors)
+is given.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ class Walker:
     ``model`` is the user's model (or a ModelAdapter); ``backend`` a fused-update backend;
     ``numbers`` a numbers source; ``noise`` a draws source; ``mask`` the inpainting mask
     (updates carrying ``mask_coefs`` blend with it); ``callback(step, sigma, slots)`` runs
-    after each model call; ``recycle`` reuses the walk's own tensors (off with a callback)."""
+    after each model call; ``recycle`` reuses the walk's own tensors (turn it off when the
+    callback keeps slot tensors)."""
 
     def __init__(self, program: Program, model, backend, *, numbers=HostNumbers,
                  noise=None, compute_dtype=None, mask=None, callback=None, extra_args=None,
@@ -192,7 +194,7 @@ class Walker:
         self.kw = {"compute_dtype": compute_dtype} if compute_dtype else {}
         self.mask = mask
         self.callback = callback
-        self.recycle = recycle and callback is None
+        self.recycle = recycle
         self.slots: dict[str, torch.Tensor] = {}
         self._owned: dict[int, torch.Tensor] = {}
         self._spans: dict[int, tuple[int, int]] = {}

@@ -23,8 +23,9 @@ MAX_STEPS = 10_000
 @dataclass(frozen=True)
 class Option:
     """Type and range of one scalar option: ``kind`` "real" (finite unless ``allow_inf``),
-    "int", "bool", "choice" or "solver" (a registry solver's name); bounds ``lo``/``hi`` inclusive (``lo_open``: lo excluded);
-    ``allow_none``: None is a value too (meaning the solver's fallback)."""
+    "int", "bool", "choice" or "solver" (a registry solver's name); bounds ``lo``/``hi``
+    inclusive (``lo_open``: lo excluded); ``allow_none``: None is a value too (meaning the
+    solver's fallback)."""
     kind: str
     lo: float | None = None
     hi: float | None = None
