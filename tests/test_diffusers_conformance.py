@@ -52,8 +52,59 @@ MODULES = {
     "DPMSolverSDEScheduler": "test_scheduler_dpm_sde",
 }
 
-#: Tests that fail on the drop-in for a stated reason: {class: {test name: reason}}.
-EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
+_NAN_BETAS = ("nan", "beta_end=2 makes betas > 1 and alpha_bar < 0 at the visited timesteps: "
+              "diffusers' own full loop is nan from the first step (its test steps only at "
+              "t = 0); the drop-in refuses the schedule at set_timesteps")
+_CLIP_RANGE = ("defect", "clip_x0's option ranges (pyengine/solvers/diffusers_compat.py) refuse "
+               "sample_max_value < 1 and dynamic_thresholding_ratio = 0, which diffusers "
+               "accepts (its clamp(q, 1, max) gives max there; ProcessX0 computes the same); "
+               "needs a 2-line change outside the adapter")
+_CLIP_RATIO = ("defect", _CLIP_RANGE[1])
+_SDE_DPM = ("refused", "algorithm_type='sde-dpmsolver' (noise-prediction form with noise) and "
+            "singlestep 'sde-dpmsolver++' have no registry solver")
+_PRK = ("refused", "PNDMScheduler(skip_prk_steps=False), the test module's default config: the "
+        "pseudo Runge-Kutta warm-up (12 model calls over 3 steps) has no registry solver; "
+        "skip_prk_steps=True (PLMS) is supported")
+
+#: Tests that fail on the drop-in, each with its category and reason:
+#: {class: {test name: (category, reason)}}. Categories: "nan" (diffusers itself returns
+#: nan there), "refused" (a configuration pyengine refuses with a reason), "float32" (a
+#: hard-coded expected value missed at float32 rounding), "defect" (to fix).
+EXPECTED_FAILURES: dict[str, dict[str, tuple]] = {
+    "DDIMScheduler": {"test_betas": _NAN_BETAS, "test_thresholding": _CLIP_RANGE},
+    "LCMScheduler": {"test_betas": _NAN_BETAS, "test_thresholding": _CLIP_RANGE},
+    "TCDScheduler": {"test_betas": _NAN_BETAS},
+    "DEISMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
+                               "test_thresholding": _CLIP_RANGE},
+    "DPMSolverMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
+                                    "test_thresholding": _CLIP_RANGE,
+                                    "test_full_loop_no_noise_thres": _CLIP_RANGE,
+                                    "test_solver_order_and_type": _SDE_DPM},
+    "DPMSolverSinglestepScheduler": {"test_fp16_support": _CLIP_RATIO,
+                                     "test_thresholding": _CLIP_RANGE,
+                                     "test_solver_order_and_type": _SDE_DPM},
+    "UniPCMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
+                                "test_thresholding": _CLIP_RANGE},
+    "EDMDPMSolverMultistepScheduler": {"test_thresholding": _CLIP_RANGE,
+                                       "test_full_loop_no_noise_thres": _CLIP_RANGE},
+    "KDPM2AncestralDiscreteScheduler": {"test_full_loop_with_noise": (
+        "float32", "expects sum |x| = 93087.3437 within 1e-2 (1.1e-7 relative, below the float32 "
+        "spacing of the sum); the drop-in gives 93087.328125 (1.7e-7 relative: its fused "
+        "update rounds once per step from float64 coefficients, diffusers' formula several "
+        "times)")},
+    "LMSDiscreteScheduler": {"test_full_loop_with_noise": (
+        "refused", "an img2img start (entry 8): diffusers' LMS takes order min(step_index + 1, "
+        "4) there, Lagrange coefficients over levels before the start paired with the few "
+        "outputs it has (the rest of the sum dropped); no registry solver computes that "
+        "truncated sum, so the drop-in refuses it rather than warm up differently")},
+    "PNDMScheduler": {t: _PRK for t in (
+        "test_add_noise_device", "test_betas", "test_full_loop_no_noise",
+        "test_full_loop_with_no_set_alpha_to_one", "test_full_loop_with_set_alpha_to_one",
+        "test_full_loop_with_v_prediction", "test_inference_steps",
+        "test_pow_of_3_inference_steps", "test_prediction_type",
+        "test_scheduler_outputs_equivalence", "test_schedules", "test_step_shape",
+        "test_steps_offset", "test_time_indices", "test_timesteps")},
+}
 
 
 def _root() -> str | None:
@@ -151,7 +202,7 @@ def _summary(name: str, res: dict) -> dict:
         elif outcome == "skipped":
             s["skipped"].append((short, msg))
         elif short in expected:
-            s["expected"].append((short, expected[short]))
+            s["expected"].append((short, "%s: %s" % expected[short]))
         else:
             s["failed"].append((short, msg))
     return s
@@ -179,18 +230,21 @@ def _table() -> int:
         print("set PYENGINE_DIFFUSERS_TESTS", file=sys.stderr)
         return 2
     names = sys.argv[2:] or sorted(MODULES)
-    print("| class | diffusers test module | run | pass | fail | expected fail | skipped |")
-    print("|---|---|---|---|---|---|---|")
+    print("| class | diffusers test module | run | pass | fail (unexpected) | nan in diffusers "
+          "| refused | float32 | defect | skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     details = []
     for name in names:
         res = run_class(root, name)
         if "error" in res:
-            print(f"| {name} | {MODULES[name]} | error | | | | |")
+            print(f"| {name} | {MODULES[name]} | error | | | | | | | |")
             details.append((name, "error", res["error"][-1500:]))
             continue
         s = _summary(name, res)
+        cats = [m.split(":", 1)[0] for _, m in s["expected"]]
         print(f"| {name} | {MODULES[name]} | {s['run']} | {s['passed']} | {len(s['failed'])} "
-              f"| {len(s['expected'])} | {len(s['skipped'])} |", flush=True)
+              + "".join(f"| {cats.count(c)} " for c in ("nan", "refused", "float32", "defect"))
+              + f"| {len(s['skipped'])} |", flush=True)
         for kind in ("failed", "expected", "skipped"):
             for t, m in s[kind]:
                 details.append((name, f"{kind} {t}", m))

@@ -951,6 +951,11 @@ def _drop_interior_repeats(r: _Recipe, name: str) -> None:
                                                  if j < keep.size and keep[j]})
 
 
+class _EmptyRun(ValueError):
+    """The run's only step has length 0: diffusers returns its input (the drop-in does the
+    same; a Sampler has nothing to sample)."""
+
+
 def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     """Some configurations end on a repeated level (final_sigmas_type="sigma_min" when the last
     timestep is 0 already, or with Karras/exponential sigmas, whose last level is sigma_min).
@@ -958,7 +963,7 @@ def _drop_zero_length_final_step(r: _Recipe, name: str) -> None:
     as it is, it is dropped (a sigma grid must decrease strictly); elsewhere it is an error."""
     g = r.sigmas
     if g.size == 2 and abs(g[0] - g[1]) <= 1e-6 * g[0]:
-        raise ValueError(f"{name}: the run's only step has length 0 (sigma {g[0]:.6g} twice): "
+        raise _EmptyRun(f"{name}: the run's only step has length 0 (sigma {g[0]:.6g} twice): "
                          f"diffusers returns its input unchanged; there is nothing to sample "
                          f"(use 2 or more steps)")
     # a final level equal to the one before to float32 rounding (EDM's karras/exponential
@@ -1425,6 +1430,19 @@ class _Walk:
             else self.final_sigma
 
 
+class _IdentityRun:
+    """A run whose every step is the identity (its only step has length 0)."""
+
+    def __init__(self, begin: int, eta, n_entries: int, sigma: float):
+        self.begin, self.eta, self.n = begin, eta, n_entries
+        self.identity = set(range(n_entries))
+        self.k = self.j = 0
+        self.evals, self.x_hat, self._sigma = [], False, sigma
+
+    def sigma(self, k: int) -> float:
+        return self._sigma
+
+
 #: step() keywords of diffusers' Euler-type schedulers accepted at their no-op defaults.
 _CHURN_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 _STEP_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0,
@@ -1458,8 +1476,16 @@ class FusedScheduler:
     UniPC, EDM Euler, EDM DPM-Solver, flow-matching Euler and Heun, LCM, TCD, PNDM (PLMS),
     LMS, KDPM2, KDPM2 ancestral, DEIS, DPM-Solver SDE) in the configurations
     :func:`from_diffusers` accepts; others raise. Plans with custom ops (clip_sample /
-    thresholding) run through the same walker. ``step(..., return_dict=False)`` returns
-    ``(prev_sample,)``.
+    thresholding) run through the same walker.
+
+    diffusers' protocol as its own scheduler tests exercise it: ``step`` takes the wrapped
+    class's own ``step`` arguments (its signature is that class's: DDIM's 4th positional
+    argument is eta) and returns an output shaped as that class's (dict access;
+    ``return_dict=False`` gives its tuple); before ``set_timesteps`` the wrapped scheduler's
+    own ``step`` / ``scale_model_input`` run; a timestep not in the schedule falls back as
+    the wrapped class does; ``from_config`` / ``from_pretrained`` / ``save_pretrained`` /
+    ``register_to_config`` act on the wrapped class's config (:func:`fused_class` for a
+    class-shaped drop-in).
     """
 
     def __init__(self, scheduler, *, backend: str | None = None, noise: str = "torch",
@@ -1907,7 +1933,13 @@ class FusedScheduler:
         key = (begin, opts)
         eta = opts
         if key not in self._plans:
-            r = _recipe(self._name, self._inner, *opts)
+            try:
+                r = _recipe(self._name, self._inner, *opts)
+            except _EmptyRun:
+                # one step of length 0 (1 step with final_sigmas_type="sigma_min" on a grid
+                # whose one level is the last): diffusers returns its input
+                return _IdentityRun(begin, opts, len(self._inner.timesteps) - begin,
+                                    float(np.asarray(self._inner.sigmas)[0]))
             r = _slice_recipe(r, begin, self._name)
             _settle_orders(r, self._name)
             self._plans[key] = (_sampler(r, self._name, {}), r)
