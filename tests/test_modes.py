@@ -13,19 +13,9 @@ SHAPE = (2, 3, 5)
 BACKEND = "torch"
 
 
-def _configs():
-    out = []
-    for info in pe.list_solvers():
-        if info.family == "inversion":
-            continue
-        if info.variants:
-            out += [(v[0], info.name, dict(v[1])) for v in info.variants]
-        else:
-            out.append((info.name, info.name, {}))
-    return out
-
-
-CONFIGS = _configs()
+#: (label, solver, options) of every registry configuration that samples (not inversion).
+CONFIGS = [(label, info.name, dict(options)) for info in pe.list_solvers()
+           if info.family != "inversion" for label, options, *_ in info.configurations()]
 MODES = ["compile", "scheduler"]
 FEATURES = ["plain", "guidance", "img2img", "inpaint"]
 

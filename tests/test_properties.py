@@ -16,19 +16,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-def _configs():
-    out = []
-    for info in pe.list_solvers():
-        if info.family == "inversion":
-            continue
-        if info.variants:
-            out += [(v[0], info.name, dict(v[1])) for v in info.variants]
-        else:
-            out.append((info.name, info.name, {}))
-    return out
-
-
-CONFIGS = _configs()
+#: (label, solver, options) of every registry configuration that samples (not inversion).
+CONFIGS = [(label, info.name, dict(options)) for info in pe.list_solvers()
+           if info.family != "inversion" for label, options, *_ in info.configurations()]
 PROCESSES = {"vp": pe.processes.VP.discrete("linear"), "edm": pe.processes.EDM(),
              "ve": pe.processes.VE()}
 BACKENDS = [b for b in ("cpp", "numba") if b in pe.backends.available()]
