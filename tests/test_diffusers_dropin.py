@@ -505,3 +505,22 @@ def test_config_round_trip(tmp_path):
     assert isinstance(made, FusedScheduler) and made.config.prediction_type == "v_prediction"
     assert isinstance(cls.from_config(made.config), cls)
     assert "prediction_type" in inspect.signature(cls.__init__).parameters
+
+
+def test_pipeline_save_and_load(tmp_path):
+    # a pipeline holding the drop-in saves it (model_index names the drop-in class, the
+    # scheduler folder the diffusers class) and loads it back as the drop-in
+    class Pipe(D.DiffusionPipeline):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.register_modules(scheduler=scheduler)
+
+    beta_end = 0.013 + 0.01 * torch.rand(()).item()
+    fused = FusedScheduler.from_scheduler(D.DDIMScheduler(beta_end=beta_end))
+    assert isinstance(fused, D.SchedulerMixin)
+    Pipe(fused).save_pretrained(tmp_path)
+    back = Pipe.from_pretrained(tmp_path)
+    assert isinstance(back.scheduler, FusedScheduler)
+    assert back.scheduler.config.beta_end == beta_end
+    assert type(D.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")) is \
+        D.DDIMScheduler

@@ -1488,6 +1488,15 @@ class FusedScheduler:
     class-shaped drop-in).
     """
 
+    def __new__(cls, scheduler=None, *args, **kwargs):
+        # FusedScheduler(sch) is an instance of fused_class(type(sch)): a SchedulerMixin too,
+        # so a pipeline holding it can save_pretrained / from_pretrained
+        if cls is FusedScheduler and scheduler is not None:
+            inner = scheduler._orig if isinstance(scheduler, FusedScheduler) else scheduler
+            if type(inner).__name__ in _BUILDERS:
+                cls = fused_class(type(inner))
+        return object.__new__(cls)
+
     def __init__(self, scheduler, *, backend: str | None = None, noise: str = "torch",
                  seed=0):
         if isinstance(scheduler, FusedScheduler):
@@ -2000,14 +2009,21 @@ def fused_class(scheduler_class, **fused_kwargs) -> type:
     and return its drop-in, ``FusedScheduler(instance, **fused_kwargs)``. For code that
     constructs schedulers from a class (``Pipeline.from_pretrained(..., scheduler=...)``
     takes an instance: use :meth:`FusedScheduler.from_scheduler` there)."""
-    import inspect
     name = getattr(scheduler_class, "__name__", repr(scheduler_class))
     if name not in _BUILDERS:
         _refuse_class(name)
         raise NotImplementedError(f"fused_class does not support {name}; supported: "
                                   f"{', '.join(SUPPORTED)}")
+    key = scheduler_class if not fused_kwargs else None
+    if key is not None and key in _FUSED_CLASSES:
+        return _FUSED_CLASSES[key]
+    from diffusers import SchedulerMixin
 
     def __init__(self, *args, **kwargs):
+        if len(args) == 1 and isinstance(args[0], (scheduler_class, FusedScheduler)):
+            # FusedScheduler(instance, backend=..., noise=..., seed=...)
+            FusedScheduler.__init__(self, args[0], **{**fused_kwargs, **kwargs})
+            return
         FusedScheduler.__init__(self, scheduler_class(*args, **kwargs), **fused_kwargs)
     __init__.__signature__ = inspect.signature(scheduler_class.__init__)
     ns = {"__init__": __init__, "_wrapped_class": scheduler_class,
@@ -2016,4 +2032,23 @@ def fused_class(scheduler_class, **fused_kwargs) -> type:
     for attr in ("_deprecated_kwargs", "_compatibles", "config_name", "has_compatibles"):
         if hasattr(scheduler_class, attr):
             ns[attr] = getattr(scheduler_class, attr)
-    return type("Fused" + name, (FusedScheduler,), ns)
+    made = type("Fused" + name, (FusedScheduler, SchedulerMixin), ns)
+    if key is not None:
+        _FUSED_CLASSES[key] = made
+    return made
+
+
+_FUSED_CLASSES: dict = {}
+
+
+def __getattr__(attr: str):
+    # the classes of fused_class by name (pipelines' model_index.json names them:
+    # ["pyengine.integrations.diffusers", "FusedDDIMScheduler"])
+    if attr.startswith("Fused") and attr[5:] in _BUILDERS:
+        import diffusers
+        return fused_class(getattr(diffusers, attr[5:]))
+    if attr == "SchedulerMixin":
+        # diffusers' pipeline loader looks its base classes up in the component's module
+        from diffusers import SchedulerMixin
+        return SchedulerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
