@@ -1214,10 +1214,12 @@ class FusedSchedulerOutput:
     them, ``pred_original_sample`` (x0_hat of the step's model output) or LCM's ``denoised``,
     each computed by one fused update on first access."""
 
-    def __init__(self, prev_sample: torch.Tensor, x0=None, denoised=None, fields=None):
+    def __init__(self, prev_sample: torch.Tensor, x0=None, denoised=None, fields=None,
+                 noised=None):
         self.prev_sample = prev_sample
         self._x0 = x0
         self._denoised = denoised
+        self._noised = noised
         if fields is None:
             fields = ("prev_sample",) + (("denoised",) if denoised is not None else ())
         self._fields = tuple(fields)
@@ -1235,6 +1237,14 @@ class FusedSchedulerOutput:
         if callable(self._denoised):
             self._denoised = self._denoised()
         return self._denoised
+
+    @property
+    def pred_noised_sample(self):
+        """TCDScheduler's x0 re-noised to the intermediate level s = floor((1 - gamma) t')
+        (its step's second output)."""
+        if callable(self._noised):
+            self._noised = self._noised()
+        return self._noised
 
     def keys(self):
         # as BaseOutput: the fields that are set
@@ -1275,6 +1285,7 @@ _OUTPUT_FIELDS = {
         "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
         "DPMSolverSDEScheduler")},
     "LCMScheduler": ("prev_sample", "denoised"),
+    "TCDScheduler": ("prev_sample", "pred_noised_sample"),
 }
 
 #: classes whose scale_model_input returns the sample (the timestep unread)
@@ -1828,11 +1839,14 @@ class FusedScheduler:
         clipped = walker.slots.get(e.dst + "_x0") if w.clips else None
         if clipped is not None:
             x0 = clipped                    # the clipped / thresholded x0 the step used
-        denoised = None
+        denoised = noised = None
         if self._name == "LCMScheduler":
             denoised = self._lcm_denoised(be, e, sample, x0, w.sampler)
+        elif self._name == "TCDScheduler":
+            noised = self._tcd_noised(be, e, sample, x0, w)
         self._advance(w)
-        out = FusedSchedulerOutput(prev, x0, denoised, _OUTPUT_FIELDS.get(self._name))
+        out = FusedSchedulerOutput(prev, x0, denoised, _OUTPUT_FIELDS.get(self._name),
+                                   noised)
         return out if return_dict else out.to_tuple()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -1864,6 +1878,25 @@ class FusedScheduler:
             be.fused_update(d, [sample, x], [c_skip, c_out])
             return d
         return denoised
+
+    def _tcd_noised(self, be, e, sample, x0, w):
+        """TCD's pred_noised_sample sqrt(abar_s) x0 + sqrt(1 - abar_s) eps, eps the noise
+        estimate of (sample, x0) at the step's level, s = floor((1 - gamma) t') (lazy)."""
+        ts = self._inner.timesteps
+        i = w.begin + w.j + 1
+        t_next = float(ts[i]) if i < len(ts) else 0.0
+        t_s = int(math.floor((1.0 - float(w.eta[0])) * t_next))
+        abar_s = float(self._inner.alphas_cumprod[t_s])
+        a_t, b_t = float(e.s), float(e.s) * float(e.sigma)        # sqrt(abar), sqrt(1-abar)
+        c_x = math.sqrt(1.0 - abar_s) / b_t
+        c_x0 = math.sqrt(abar_s) - c_x * a_t
+
+        def noised():
+            x = x0() if callable(x0) else x0
+            d = torch.empty_like(sample)
+            be.fused_update(d, [sample, x], [c_x, c_x0])
+            return d
+        return noised
 
     def _x0_fn(self, be, e, sample, conv, out, prediction):
         if self._edm is not None:
