@@ -1623,6 +1623,11 @@ class FusedScheduler:
         return self._inner.config
 
     @property
+    def compatibles(self):
+        """The diffusers classes compatible with the wrapped one (its own list)."""
+        return self._inner.compatibles
+
+    @property
     def order(self) -> int:
         return self._orig.order
 
