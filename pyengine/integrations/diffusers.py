@@ -1727,6 +1727,20 @@ class FusedScheduler:
         4th positional argument is eta, Euler's s_churn, DPM-Solver's generator): a keyword
         the class does not take is a TypeError naming it, as it is in diffusers."""
         sig = self._step_signature
+        fast = self.__dict__.get("_step_fast")
+        if fast is None:
+            params = list(sig.parameters.values())
+            plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+            fast = self._step_fast = (
+                plain and [p.name for p in params[:3]] == ["model_output", "timestep",
+                                                            "sample"],
+                {p.name: p.default for p in params[3:]})
+        if fast[0] and len(args) == 3 and kwargs.keys() <= fast[1].keys():
+            # the pipelines' call step(out, t, x, **extra_step_kwargs): no binding needed
+            a = dict(fast[1])
+            a.update(kwargs)
+            a["model_output"], a["timestep"], a["sample"] = args
+            return a
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as exc:
