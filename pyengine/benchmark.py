@@ -76,6 +76,7 @@ def solver_bench(names, shape, steps: int, dtype, backend: str, min_seconds: flo
     import torch
 
     from . import processes
+    from .plan import Custom
     from .sampler import Sampler
 
     numel = math.prod(shape)
@@ -99,12 +100,12 @@ def solver_bench(names, shape, steps: int, dtype, backend: str, min_seconds: flo
     for name in names:
         s = Sampler(proc, solver=name, steps=steps, prediction="epsilon")
         nbytes = sum((len(op.bufs) + 1 + (op.aux_dst is not None)) * numel * esize
-                     for op in s.plan.ops if hasattr(op, "bufs"))
+                     for op in s.plan.updates)
         fused = timer(lambda s=s: s.sample(model, noise, seed=0, backend=backend))
         ref = timer(lambda s=s: s.sample(model, noise, seed=0, backend="torch"))
         per = tuple(v / steps for v in fused)
         gbs = nbytes / steps / (per[0] * 1e-6) / 1e9
-        custom = any(hasattr(op, "execute") for op in s.plan.ops)
+        custom = any(isinstance(op, Custom) for op in s.plan.ops)
         rows.append({"solver": name + (" *" if custom else ""), "nfe": s.nfe,
                      "per": per, "ref": tuple(v / steps for v in ref), "gbs": gbs,
                      "pct": 100 * gbs / copy_bw})

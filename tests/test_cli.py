@@ -487,3 +487,13 @@ def test_sigterm_during_the_write_keeps_the_old_file(tmp_path):
     assert p.returncode != 0
     assert path.read_bytes() == good
     assert sorted(q.name for q in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_solver_bench_runs_every_registry_solver():
+    """`make demo`'s per-step table walks every sampling solver of the registry, custom ops
+    (clip_x0, pc_langevin) included."""
+    from pyengine.benchmark import solver_bench
+    names = [i.name for i in pe.list_solvers() if i.family != "inversion"]
+    _, rows = solver_bench(names, (1, 2, 4, 4), 3, torch.float32, "torch", 0.0)
+    assert [r["solver"].rstrip(" *") for r in rows] == names
+    assert all(r["per"][0] > 0 for r in rows)
