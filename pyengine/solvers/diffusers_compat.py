@@ -101,8 +101,8 @@ _X0_SPECS = {
     "base": Option("solver"),
     "clip_sample_range": Option("real", lo=0.0, lo_open=True, allow_inf=True),
     "thresholding": Option("bool"),
-    "dynamic_thresholding_ratio": Option("real", lo=0.0, hi=1.0, lo_open=True),
-    "sample_max_value": Option("real", lo=1.0, allow_inf=True),
+    "dynamic_thresholding_ratio": Option("real", lo=0.0, hi=1.0),
+    "sample_max_value": Option("real", lo=0.0, lo_open=True, allow_inf=True),
     "eps_from_clipped": Option("bool"),
 }
 
