@@ -432,8 +432,8 @@ def test_step_takes_the_wrapped_class_arguments():
                                    (D.EulerDiscreteScheduler, 2), (D.HeunDiscreteScheduler, 2),
                                    (D.EulerAncestralDiscreteScheduler, 2),
                                    (D.EDMEulerScheduler, 2), (D.LCMScheduler, 2),
-                                   (D.TCDScheduler, 2),
-                                   (D.DPMSolverMultistepScheduler, 1), (D.UniPCMultistepScheduler, 1)])
+                                   (D.TCDScheduler, 2), (D.DPMSolverMultistepScheduler, 1),
+                                   (D.UniPCMultistepScheduler, 1)])
 def test_outputs_are_shaped_as_the_wrapped_class(cls, n):
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     sch = cls()
