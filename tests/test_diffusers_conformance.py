@@ -55,11 +55,10 @@ MODULES = {
 _NAN_BETAS = ("nan", "beta_end=2 makes betas > 1 and alpha_bar < 0 at the visited timesteps: "
               "diffusers' own full loop is nan from the first step (its test steps only at "
               "t = 0); the drop-in refuses the schedule at set_timesteps")
-_CLIP_RANGE = ("defect", "clip_x0's option ranges (pyengine/solvers/diffusers_compat.py) refuse "
-               "sample_max_value < 1 and dynamic_thresholding_ratio = 0, which diffusers "
-               "accepts (its clamp(q, 1, max) gives max there; ProcessX0 computes the same); "
-               "needs a 2-line change outside the adapter")
-_CLIP_RATIO = ("defect", _CLIP_RANGE[1])
+_EDM_ZERO_STEP = ("nan", "the test's configuration loop reaches final_sigmas_type='sigma_min' "
+                  "with the order-2 heun update, whose last step has length 0: diffusers "
+                  "divides by h = 0 there (nan); the drop-in refuses that grid at "
+                  "set_timesteps")
 _SDE_DPM = ("refused", "algorithm_type='sde-dpmsolver' (noise-prediction form with noise) and "
             "singlestep 'sde-dpmsolver++' have no registry solver")
 _PRK = ("refused", "PNDMScheduler(skip_prk_steps=False), the test module's default config: the "
@@ -69,24 +68,14 @@ _PRK = ("refused", "PNDMScheduler(skip_prk_steps=False), the test module's defau
 #: Tests that fail on the drop-in, each with its category and reason:
 #: {class: {test name: (category, reason)}}. Categories: "nan" (diffusers itself returns
 #: nan there), "refused" (a configuration pyengine refuses with a reason), "float32" (a
-#: hard-coded expected value missed at float32 rounding), "defect" (to fix).
+#: hard-coded expected value missed at float32 rounding).
 EXPECTED_FAILURES: dict[str, dict[str, tuple]] = {
-    "DDIMScheduler": {"test_betas": _NAN_BETAS, "test_thresholding": _CLIP_RANGE},
-    "LCMScheduler": {"test_betas": _NAN_BETAS, "test_thresholding": _CLIP_RANGE},
+    "DDIMScheduler": {"test_betas": _NAN_BETAS},
+    "LCMScheduler": {"test_betas": _NAN_BETAS},
     "TCDScheduler": {"test_betas": _NAN_BETAS},
-    "DEISMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
-                               "test_thresholding": _CLIP_RANGE},
-    "DPMSolverMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
-                                    "test_thresholding": _CLIP_RANGE,
-                                    "test_full_loop_no_noise_thres": _CLIP_RANGE,
-                                    "test_solver_order_and_type": _SDE_DPM},
-    "DPMSolverSinglestepScheduler": {"test_fp16_support": _CLIP_RATIO,
-                                     "test_thresholding": _CLIP_RANGE,
-                                     "test_solver_order_and_type": _SDE_DPM},
-    "UniPCMultistepScheduler": {"test_fp16_support": _CLIP_RATIO,
-                                "test_thresholding": _CLIP_RANGE},
-    "EDMDPMSolverMultistepScheduler": {"test_thresholding": _CLIP_RANGE,
-                                       "test_full_loop_no_noise_thres": _CLIP_RANGE},
+    "DPMSolverMultistepScheduler": {"test_solver_order_and_type": _SDE_DPM},
+    "DPMSolverSinglestepScheduler": {"test_solver_order_and_type": _SDE_DPM},
+    "EDMDPMSolverMultistepScheduler": {"test_thresholding": _EDM_ZERO_STEP},
     "KDPM2AncestralDiscreteScheduler": {"test_full_loop_with_noise": (
         "float32", "expects sum |x| = 93087.3437 within 1e-2 (1.1e-7 relative, below the float32 "
         "spacing of the sum); the drop-in gives 93087.328125 (1.7e-7 relative: its fused "
@@ -231,19 +220,19 @@ def _table() -> int:
         return 2
     names = sys.argv[2:] or sorted(MODULES)
     print("| class | diffusers test module | run | pass | fail (unexpected) | nan in diffusers "
-          "| refused | float32 | defect | skipped |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| refused | float32 | skipped |")
+    print("|---|---|---|---|---|---|---|---|---|")
     details = []
     for name in names:
         res = run_class(root, name)
         if "error" in res:
-            print(f"| {name} | {MODULES[name]} | error | | | | | | | |")
+            print(f"| {name} | {MODULES[name]} | error | | | | | | |")
             details.append((name, "error", res["error"][-1500:]))
             continue
         s = _summary(name, res)
         cats = [m.split(":", 1)[0] for _, m in s["expected"]]
         print(f"| {name} | {MODULES[name]} | {s['run']} | {s['passed']} | {len(s['failed'])} "
-              + "".join(f"| {cats.count(c)} " for c in ("nan", "refused", "float32", "defect"))
+              + "".join(f"| {cats.count(c)} " for c in ("nan", "refused", "float32"))
               + f"| {len(s['skipped'])} |", flush=True)
         for kind in ("failed", "expected", "skipped"):
             for t, m in s[kind]:
