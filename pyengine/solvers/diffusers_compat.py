@@ -294,19 +294,10 @@ def pndm_plms(b, combine):
 
 
 def _lagrange_integrals(nodes, a: float, b_: float) -> list[float]:
-    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j (in sigma), by
-    Gauss-Legendre quadrature on the product form (exact for these degrees)."""
-    nodes = np.asarray(nodes, dtype=np.float64)
-    g, gw = np.polynomial.legendre.leggauss(max(len(nodes), 2))
-    u = 0.5 * (b_ - a) * g + 0.5 * (b_ + a)
-    out = []
-    for j in range(len(nodes)):
-        p = np.ones_like(u)
-        for k in range(len(nodes)):
-            if k != j:
-                p = p * (u - nodes[k]) / (nodes[j] - nodes[k])
-        out.append(float(0.5 * (b_ - a) * np.dot(gw, p)))
-    return out
+    """w_j = integral over [a, b_] of the Lagrange basis polynomial of node j (in sigma): the
+    quadrature of ComfyUI's lms (:func:`pyengine.solvers.comfy.lagrange_weights`)."""
+    from .comfy import lagrange_weights
+    return lagrange_weights(nodes, a, b_)
 
 
 @register("lms_integrated", order=2, nfe_per_step=1, stochastic=False, family="lms",
