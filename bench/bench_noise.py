@@ -22,11 +22,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_threads import child_env, machine  # noqa: E402  (one copy of each)
 
 SHAPE = (16, 4, 128, 128)
 
@@ -95,29 +97,6 @@ def run_child(budget_s: float, pythonpath: str | None) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"child failed ({pythonpath or 'this build'}):\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def child_env(pythonpath: str | None):
-    """(environment, interpreter flags) of a child that imports pyengine from ``pythonpath``
-    when given: with -S, so that no .pth file (an editable install's import hook) comes before
-    it, and this interpreter's site-packages after it."""
-    env = dict(os.environ)
-    if not pythonpath:
-        return env, []
-    import site
-    env["PYTHONPATH"] = os.pathsep.join([pythonpath, *site.getsitepackages()])
-    return env, ["-S"]
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def rows(label: str, r: dict) -> list[str]:
