@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..parameterization import edm_scalings
+
 __all__ = ["WEIGHTS", "DigitsClassifier", "DigitsDenoiser", "DigitsUNet", "frechet_distance",
            "from_pixels", "load_checkpoint", "load_digits_model", "quality", "to_pixels"]
 
@@ -140,11 +142,8 @@ class DigitsDenoiser(nn.Module):
         xf = x.reshape(shape[0], 1, 8, 8).to(torch.float32)
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sig = sig.expand(shape[0]) if sig.numel() == 1 else sig
-        sd = self.sigma_data
-        s2 = sig * sig + sd * sd
-        c_skip = (sd * sd / s2)[:, None, None, None]
-        c_out = (sig * sd / s2.sqrt())[:, None, None, None]
-        c_in = (1.0 / s2.sqrt())[:, None, None, None]
+        c_skip, c_out, c_in = (c[:, None, None, None] for c in
+                               edm_scalings(sig, self.sigma_data))
         c_noise = sig.clamp_min(1e-20).log() / 4.0
         d = c_skip * xf + c_out * self.net(c_in * xf, c_noise)
         return d.reshape(shape).to(dtype)
