@@ -430,17 +430,22 @@ def _euler_ancestral(name, sch, eta):
                    dict(eta=1.0, s_noise=1.0))
 
 
+def _two_call_grid(name, sch):
+    """(grid, timesteps, initial scale) of a scheduler with two model calls per step, whose
+    set_timesteps repeats every inner level: sigmas [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0],
+    timesteps [t0, t1, t1, ..., t_{n-1}, t_{n-1}] (Heun, DPMSolverSDE)."""
+    sig, ts = _multistep_state(sch)
+    if sig.size % 2 or not np.array_equal(sig[1:-1:2], sig[2:-1:2]):
+        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
+    grid = np.concatenate([sig[0:-1:2], sig[-1:]])
+    return grid, ts, float(sch.init_noise_sigma) * _s_vp(grid[0])
+
+
 def _heun(name, sch, eta):
     cfg = sch.config
     _no_eta(name, eta)
     proc = _vp_process(name, sch)
-    sig, ts = _multistep_state(sch)
-    # set_timesteps repeats every inner level for the corrector call:
-    # sigmas [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0], timesteps [t0, t1, t1, ..., t_{n-1}, t_{n-1}].
-    if sig.size % 2 or not np.array_equal(sig[1:-1:2], sig[2:-1:2]):
-        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
-    grid = np.concatenate([sig[0:-1:2], sig[-1:]])
-    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    grid, ts, init = _two_call_grid(name, sch)
     return _Recipe(proc, grid, ts[0::2], "heun", _prediction(name, cfg), init, "x_hat")
 
 
@@ -797,13 +802,8 @@ def _dpm_sde(name, sch, eta):
     cfg = sch.config
     _no_eta(name, eta)
     proc = _vp_process(name, sch)
-    sig, ts = _multistep_state(sch)
-    # Heun's layout: [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]; the second call of each step is
-    # at the log-midpoint sqrt(s_i s_{i+1}) (timesteps[1::2])
-    if sig.size % 2 or not np.array_equal(sig[1:-1:2], sig[2:-1:2]):
-        raise RuntimeError(f"{name}: unexpected sigma layout {sig}")
-    grid = np.concatenate([sig[0:-1:2], sig[-1:]])
-    init = float(sch.init_noise_sigma) * _s_vp(grid[0])
+    # the second call of each step is at the log-midpoint sqrt(s_i s_{i+1}) (timesteps[1::2])
+    grid, ts, init = _two_call_grid(name, sch)
     pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
     return _Recipe(proc, grid, ts[0::2], "dpmpp_sde", pred, init, "x_hat",
                    dict(eta=1.0, s_noise=1.0, r=0.5), noise="brownian")
