@@ -1,0 +1,5 @@
+"""Plans tuned to a model: schedules, evaluation times and coefficients fitted from teacher runs.
+
+A tuned plan is an ordinary :class:`pyengine.plan.Plan` (float64 tables), so it runs on
+every backend and in every mode at the cost of its base solver.
+"""
