@@ -12,13 +12,14 @@ from .parameterization import Denoiser
 from .plan import Plan
 from .sampler import Sampler, build_plan
 from .solvers import list_solvers
+from .tuning.artifact import load_plan
 
 __version__ = "0.1.0"
 
 __all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert", "Inverter",
            "log_likelihood", "LikelihoodResult", "processes", "schedules", "solvers", "backends",
            "noise", "parameterization", "sampling", "plan", "runtime", "RequestScheduler",
-           "Request", "__version__"]
+           "Request", "load_plan", "__version__"]
 
 
 def __getattr__(name):

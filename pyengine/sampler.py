@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
+import warnings
+
 import numpy as np
 import torch
 
 from . import schedules as sched
 from .parameterization import Denoiser, check_prediction
-from .plan import Plan, PlanBuilder
+from .plan import Custom, Eval, GuidanceRescale, Plan, PlanBuilder, Update
 from .processes import Process
 from .runtime import CompiledLoop, compile_plan, run_plan
 from .runtime.transforms import img2img_state
 from .solvers import registry
 
-__all__ = ["Sampler", "build_plan"]
+__all__ = ["Sampler", "build_plan", "plan_suffix"]
 
 
 def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon", *,
@@ -37,6 +42,72 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     info.build(b, **opts)
     return b.finish()
+
+
+def _no_rebuild(builder, **options):
+    raise ValueError("a tuned plan is a fixed table: it cannot be rebuilt over another grid")
+
+
+def _reads_writes(op) -> tuple[list, list]:
+    if isinstance(op, Eval):
+        return [op.src], ([op.dst] if op.guidance is None else [op.dst + "/u", op.dst + "/c"])
+    if isinstance(op, Update):
+        return list(op.bufs), [op.dst] + ([op.aux_dst] if op.aux_dst is not None else [])
+    return list(op.reads), list(op.writes)
+
+
+def plan_suffix(plan: Plan, start: int) -> Plan:
+    """The ops of ``plan``'s steps ``start``.. as a plan run from the state at
+    ``plan.sigmas[start]`` (img2img on a plan that cannot be rebuilt, a tuned one).
+
+    Defined where that state is all the suffix reads: the last update of the state ``x``
+    before the cut writes it at level ``sigmas[start]`` and no op from the cut on reads a
+    buffer written before it. Raises ValueError saying why otherwise (a multistep plan reads
+    earlier steps' model outputs). Steps are renumbered from the new first level; draw
+    numbers are kept (a step draws the noise it draws in the whole plan)."""
+    n = len(plan.sigmas) - 1
+    if not 0 <= start < n:
+        raise ValueError(f"start level {start} is not a step of the plan's {n} steps")
+    if start == 0:
+        return plan
+    cut = next((j for j, op in enumerate(plan.ops) if op.step >= start), len(plan.ops))
+    ops = plan.ops[cut:]
+    sig0 = float(plan.sigmas[start])
+    why = None
+    if not ops or any(op.step < start for op in ops):
+        why = f"its ops are not ordered by step around step {start}"
+    else:
+        last = next((op for op in reversed(plan.ops[:cut])
+                     if isinstance(op, Update) and op.dst == "x"), None)
+        if last is None or not last.sigma == sig0:
+            why = (f"its state before step {start} is not written at that level "
+                   f"(sigma {sig0:.6g})")
+        written = {"x"}
+        for op in ops:
+            if why is not None:
+                break
+            reads, writes = _reads_writes(op)
+            missing = [b for b in reads if b not in written]
+            if missing:
+                why = (f"step {op.step} reads {missing[0]!r}, written by an earlier step (a "
+                       f"multistep history that a run started at level {start} does not "
+                       f"have)")
+            written.update(writes)
+    if why is not None:
+        raise ValueError(f"img2img (strength / start_sigma) cannot start plan "
+                         f"{plan.solver!r} at level {start}: {why}; start at level 0, or use "
+                         f"a plan that can be rebuilt over the truncated grid")
+    moved = []
+    for op in ops:                                   # steps counted from the new first level
+        if dataclasses.is_dataclass(op):
+            op = dataclasses.replace(op, step=op.step - start)
+        else:
+            op = copy.copy(op)
+            op.step -= start
+        moved.append(op)
+    return Plan(solver=plan.solver, sigmas=np.asarray(plan.sigmas[start:], dtype=np.float64),
+                ops=moved, n_noise=plan.n_noise, output=plan.output,
+                guidance_scale=plan.guidance_scale)
 
 
 class Sampler:
@@ -128,6 +199,7 @@ class Sampler:
                                guidance_scale=self.guidance_scale,
                                guidance_rescale=self.guidance_rescale, **options)
         self._plans = {}
+        self.tuned = None                 # the TunedPlanFile of Sampler.from_tuned
         if init_noise_scale is None:
             init_noise_scale = 1.0 if inverse else float(process.prior_std(sig[0]))
         self.init_noise_scale = float(init_noise_scale)
@@ -175,6 +247,8 @@ class Sampler:
                float(guidance_rescale or 0.0))
         if key == (0, self.guidance_scale, self.guidance_rescale):
             return self.plan
+        if self.tuned is not None:
+            return self._tuned_plan_for(*key)
         if key not in self._plans:
             ts = self.timesteps
             if ts is not None:
@@ -313,6 +387,120 @@ class Sampler:
                             backend=backend or self.backend, capture=capture,
                             extra_args=extra_args, compute_dtype=compute_dtype, warmup=warmup,
                             cache=cache, start=start, init=init, mask=mask)
+
+    # -- tuned plans --------------------------------------------------------------------
+    @classmethod
+    def from_tuned(cls, plan, process: Process, *, prediction: str | None = None,
+                   backend: str | None = None, model=None,
+                   init_noise_scale: float | None = None) -> Sampler:
+        """A sampler whose plan is a tuned plan: a file path, a loaded file
+        (:func:`pyengine.load_plan`) or a tuner's result (anything with ``.plan`` and
+        ``.provenance``).
+
+        >>> sampler = pe.Sampler.from_tuned("digits-nfe5.json", process)
+        >>> x0 = sampler.sample(model, torch.randn(16, 1, 8, 8), seed=0)
+
+        Refuses (ValueError naming both) a ``process`` other than the one the plan was tuned
+        for (same class and parameters, :func:`pyengine.tuning.artifact.process_mismatch`)
+        and a ``prediction`` other than the plan's (default: the plan's). With ``model``,
+        warns when its fingerprint differs from the one the plan records. The noise scale is
+        the one recorded (``provenance["init_noise_scale"]``), else the process's prior std
+        at the first level, as for any sampler.
+
+        Every mode runs the tuned plan as any plan: ``sample``, ``compile``, the request
+        scheduler, inpainting (``mask=``). Guidance is folded into a tuned plan at the scale
+        it was tuned with: another ``guidance_scale`` is refused. img2img
+        (``strength`` / ``start_sigma``) runs the tuned plan's own ops from the start level
+        on (the plan's suffix) where that suffix reads only the state; a multistep plan's
+        later steps read model outputs of earlier steps that img2img does not have, so it is
+        refused with that reason.
+        """
+        from .solvers.registry import SolverInfo
+        from .tuning.artifact import TunedPlanFile, load_plan, model_fingerprint, \
+            process_mismatch
+
+        if isinstance(plan, (str, os.PathLike)):
+            loaded = load_plan(plan)
+        elif isinstance(plan, TunedPlanFile):
+            loaded = plan
+        elif isinstance(getattr(plan, "plan", None), Plan) and \
+                isinstance(getattr(plan, "provenance", None), dict):
+            loaded = TunedPlanFile(plan=plan.plan, provenance=dict(plan.provenance))
+        else:
+            raise TypeError(f"from_tuned takes a tuned plan file's path, a loaded file "
+                            f"(pe.load_plan) or a tuned plan (.plan, .provenance), got "
+                            f"{type(plan).__name__}")
+        if not isinstance(process, Process):
+            raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
+                            f"{type(process).__name__}")
+        where = loaded.path or f"tuned plan {loaded.plan.solver!r}"
+        prov = loaded.provenance
+        if "process" not in prov or "prediction" not in prov:
+            raise ValueError(f"{where}: the provenance has no process or prediction to check "
+                             f"the plan against")
+        why = process_mismatch(prov["process"], process)
+        if why is not None:
+            raise ValueError(f"{where}: refused: {why}")
+        plan_pred = check_prediction(prov["prediction"])
+        if prediction is not None and check_prediction(prediction) != plan_pred:
+            raise ValueError(f"{where}: refused: the plan was tuned for a "
+                             f"prediction={plan_pred!r} model, the given prediction is "
+                             f"{prediction!r}")
+        if model is not None:
+            want, got = prov.get("model_fingerprint"), model_fingerprint(model)
+            if want is not None and got is not None and want != got:
+                warnings.warn(f"{where}: the plan was tuned for the model with fingerprint "
+                              f"{want}; the given model's is {got} (another model, or other "
+                              f"weights): the plan may not suit it", stacklevel=2)
+        p = loaded.plan
+        for op in p.ops:
+            if isinstance(op, Custom) and not isinstance(op, GuidanceRescale):
+                raise ValueError(f"{where}: a tuned plan holds Eval and Update ops, not "
+                                 f"{type(op).__name__}")
+        self = cls.__new__(cls)
+        self.process = process
+        base = prov.get("base_solver")
+        base_info = registry.REGISTRY.get(base) if isinstance(base, str) else None
+        steps = len(p.sigmas) - 1
+        self.info = SolverInfo(
+            name=p.solver, build=_no_rebuild, order=base_info.order if base_info else 0,
+            nfe_per_step=max(1, round(p.nfe / steps)), stochastic=p.n_noise > 0,
+            family="inversion" if p.sigmas[-1] > p.sigmas[0] else "tuned",
+            summary=f"tuned plan ({base or 'base solver not recorded'})")
+        self.prediction = plan_pred
+        self.sigmas = np.asarray(p.sigmas, dtype=np.float64)
+        self.schedule = "tuned"
+        self.options = {}
+        self.backend = backend
+        self.timesteps = None
+        self.guidance_scale = p.guidance_scale
+        self.guidance_rescale = next((op.phi for op in p.ops if isinstance(op, GuidanceRescale)),
+                                     0.0)
+        self.plan = p
+        self._plans = {}
+        self.tuned = loaded
+        if init_noise_scale is None:
+            init_noise_scale = prov.get("init_noise_scale")
+        if init_noise_scale is None:
+            init_noise_scale = 1.0 if self.info.family == "inversion" else \
+                float(process.prior_std(self.sigmas[0]))
+        self.init_noise_scale = registry.check_scalar("init_noise_scale", init_noise_scale)
+        return self
+
+    def _tuned_plan_for(self, start: int, w, phi) -> Plan:
+        """The tuned plan's plan from level ``start`` (see :meth:`from_tuned`)."""
+        if (w, phi) != (self.guidance_scale, self.guidance_rescale):
+            have = "no guidance" if self.guidance_scale is None else \
+                f"guidance_scale={self.guidance_scale:g}" + \
+                (f", guidance_rescale={self.guidance_rescale:g}" if self.guidance_rescale else "")
+            want = "no guidance" if w is None else f"guidance_scale={w:g}" + \
+                (f", guidance_rescale={phi:g}" if phi else "")
+            raise ValueError(f"tuned plan {self.plan.solver!r} was tuned with {have}; its "
+                             f"coefficients hold that guidance and cannot be refolded for "
+                             f"{want} (tune a plan at that guidance)")
+        if start not in self._plans:
+            self._plans[start] = plan_suffix(self.plan, start)
+        return self._plans[start]
 
     def __repr__(self) -> str:
         return (f"Sampler({self.process!r}, solver={self.solver!r}, steps={self.steps}, "

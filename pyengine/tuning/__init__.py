@@ -3,3 +3,7 @@
 A tuned plan is an ordinary :class:`pyengine.plan.Plan` (float64 tables), so it runs on
 every backend and in every mode at the cost of its base solver.
 """
+
+# the tuned-plan file (artifact.py) and the schedule-only baseline (gits.py)
+from .artifact import (TunedPlanFile, describe_process, load_plan, model_fingerprint,  # noqa: E402, F401
+                       process_mismatch, save_plan)
