@@ -7,7 +7,9 @@ download; scikit-learn is needed only here), pixels 0..16 mapped to [-1, 1].
 
 Objective: EDM (Karras et al. 2022, Table 1): log sigma ~ N(P_mean, P_std^2), loss
 lambda(sigma) ||D(x + sigma n; sigma) - x||^2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2
-and D the preconditioned network of :mod:`pyengine.models.digits` (sd = the data's std).
+and D the preconditioned network of :mod:`pyengine.models.digits` (sd = the data's std):
+:func:`pyengine.training.denoising_loss` with prediction "sample", weighting "edm" and
+sigma sampling "lognormal" (:func:`denoiser_loss`).
 Adam with a linear warm-up and cosine decay; the saved weights are an exponential moving
 average of the trained ones.
 
@@ -39,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from ..processes import EDM
+from ..training import denoising_loss
 from .digits import (
     WEIGHTS,
     DigitsClassifier,
@@ -65,12 +69,20 @@ def load_data():
     return from_pixels(torch.from_numpy(d.data)), torch.from_numpy(d.target).long()
 
 
+def denoiser_loss(model, process: EDM, x0, generator: torch.Generator) -> torch.Tensor:
+    """The EDM objective of one batch; draws sigma [B] then the noise from ``generator``."""
+    return denoising_loss(model, process, x0, prediction="sample", weighting="edm",
+                          sigma_sampling="lognormal", generator=generator,
+                          sampling_options={"p_mean": P_MEAN, "p_std": P_STD})
+
+
 def train_denoiser(x, *, steps, batch, lr, ch, emb, ema_decay, seed, log_every, quiet):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sigma_data = float(x.std())
     net = DigitsUNet(ch=ch, emb=emb)
     model = DigitsDenoiser(net, sigma_data)
+    process = EDM(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=sigma_data)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     warmup = max(1, steps // 20)
@@ -88,10 +100,7 @@ def train_denoiser(x, *, steps, batch, lr, ch, emb, ema_decay, seed, log_every, 
             perm, pos = torch.randperm(n, generator=g), 0
         x0 = x[perm[pos:pos + batch]]
         pos += batch
-        sigma = (P_MEAN + P_STD * torch.randn(batch, generator=g)).exp()
-        noisy = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=g)
-        weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-        loss = (weight[:, None, None, None] * (model(noisy, sigma) - x0) ** 2).mean()
+        loss = denoiser_loss(model, process, x0, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
