@@ -138,7 +138,7 @@ def _coefficients(prediction: str, alpha, sd):
     c_x0 = output_from_denoised(prediction, alpha, 1.0, alpha, sd)
     c_eps = output_from_denoised(prediction, sd, 0.0, alpha, sd)
     g = output_from_denoised(prediction, 0.0, 1.0, alpha, sd)
-    return tuple(np.broadcast_to(_host(c), np.shape(sd)) for c in (c_x0, c_eps, g))
+    return tuple(np.array(np.broadcast_to(_host(c), np.shape(sd))) for c in (c_x0, c_eps, g))
 
 
 def target(process: Process, prediction: str, x0: torch.Tensor, eps: torch.Tensor,
