@@ -12,6 +12,8 @@ from .parameterization import Denoiser
 from .plan import Plan
 from .sampler import Sampler, build_plan
 from .solvers import list_solvers
+from . import training
+from .training import denoising_loss, loss_weight, sample_sigmas
 from .tuning.artifact import load_plan
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert"
            "log_likelihood", "LikelihoodResult", "processes", "schedules", "solvers", "backends",
            "noise", "parameterization", "sampling", "plan", "runtime", "RequestScheduler",
            "Request", "load_plan", "__version__"]
+__all__ += ["training", "denoising_loss", "loss_weight", "sample_sigmas"]
 
 
 def __getattr__(name):
