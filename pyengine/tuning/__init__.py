@@ -7,3 +7,4 @@ every backend and in every mode at the cost of its base solver.
 # the tuned-plan file (artifact.py) and the schedule-only baseline (gits.py)
 from .artifact import (TunedPlanFile, describe_process, load_plan, model_fingerprint,  # noqa: E402, F401
                        process_mismatch, save_plan)
+from .gits import dp_path, gits_schedule, teacher_trajectory  # noqa: E402, F401
