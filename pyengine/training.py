@@ -58,8 +58,8 @@ def _col(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 def _combine(a: np.ndarray, x: torch.Tensor, b: np.ndarray, y: torch.Tensor) -> torch.Tensor:
     """a x + b y with per-sample a, b; terms with all-zero coefficients are left out and unit
     coefficients not multiplied (so x0 + sigma eps, a target of x0 itself, stay exact)."""
-    terms = [x if np.all(c == 1.0) else _col(c, x) * x
-             for c, x in ((a, x), (b, y)) if not np.all(c == 0.0)]
+    terms = [v if np.all(c == 1.0) else _col(c, v) * v
+             for c, v in ((a, x), (b, y)) if not np.all(c == 0.0)]
     if not terms:
         return torch.zeros_like(x)
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]

@@ -158,6 +158,32 @@ def test_edm_weighting_gives_the_preconditioned_network_unit_weight():
         assert abs(float(lp) - plain) < 1e-10 * plain, p
 
 
+def test_denoiser_models_see_the_scaled_state():
+    """A Denoiser is called as D(x / s, sigma) (VP: s < 1), with the same loss as the model
+    (x, t) -> D(x / s(t), sigma(t)); reduction="none" gives the per-sample means."""
+    process = P.VP.continuous()
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn(11, 2, 3, generator=g, dtype=F64)
+    eps = torch.randn(x0.shape, generator=g, dtype=F64)
+    sigma = T.sample_sigmas(process, 11, generator=g, dtype=F64)
+
+    def D(x_hat, sig):
+        return torch.tanh(x_hat) / (1 + sig[:, None, None])
+
+    def plain(x, t):
+        sig = torch.as_tensor(process.sigma_of_t(t.numpy()), dtype=F64)
+        s = torch.as_tensor(process.s_of_t(t.numpy()), dtype=F64)
+        return D(x / s[:, None, None], sig)
+
+    kw = dict(prediction="sample", weighting="edm", sigma=sigma, eps=eps, sigma_data=0.8)
+    a = T.denoising_loss(pz.Denoiser(D), process, x0, reduction="none", **kw)
+    b = T.denoising_loss(plain, process, x0, reduction="none", **kw)
+    assert a.shape == (11,)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+    torch.testing.assert_close(a.mean(), T.denoising_loss(pz.Denoiser(D), process, x0, **kw),
+                               rtol=1e-14, atol=0)
+
+
 def test_sigma_sampling_moments():
     g = torch.Generator().manual_seed(11)
     n = 200_003
