@@ -257,12 +257,14 @@ class PlanBuilder:
         return self.ref(slot) / self.s(sigma)
 
     # -- ops -------------------------------------------------------------------------------
-    def evaluate(self, slot: str, sigma: float, dst: str = "out") -> tuple[Lin, Lin]:
+    def evaluate(self, slot: str, sigma: float, dst: str = "out",
+                 t: float | None = None) -> tuple[Lin, Lin]:
         """Call the model on the state in ``slot`` at ``sigma``; return (D, eps) as Lins.
 
         The output overwrites buffer ``dst``: give outputs kept alive distinct names. With
         guidance w the halves go to ``dst/u``, ``dst/c`` and the output Lin is
-        (1 - w) dst/u + w dst/c (why this is exact: docs/solvers.md)."""
+        (1 - w) dst/u + w dst/c (why this is exact: docs/solvers.md). ``t``: the model time
+        of this call where it is not ``time_of(sigma)`` (PNDM's rounded midpoint timesteps)."""
         sigma = float(sigma)
         if not sigma >= 0:
             raise ValueError(f"cannot evaluate the model at sigma={sigma}")
@@ -270,7 +272,8 @@ class PlanBuilder:
         x = self.ref(slot)
         w = self.guidance_scale
         self.plan.ops.append(Eval(src=slot, dst=dst, sigma=sigma,
-                                  t=self.time_of(sigma), s=s, step=self.step, guidance=w))
+                                  t=self.time_of(sigma) if t is None else float(t), s=s,
+                                  step=self.step, guidance=w))
         if w is None:
             self._version[dst] = self._version.get(dst, -1) + 1
             out = self.ref(dst)

@@ -188,6 +188,9 @@ SCHEDULERS = [
     ("TCD eta=0.7", lambda: D.TCDScheduler(), 5, 0.7),
     ("PNDM (SD 1.5)", lambda: D.PNDMScheduler(skip_prk_steps=True, steps_offset=1,
                                               set_alpha_to_one=False), 10, None),
+    ("PNDM default (pseudo Runge-Kutta warm-up)", lambda: D.PNDMScheduler(), 10, None),
+    ("PNDM PRK v, odd N // n", lambda: D.PNDMScheduler(prediction_type="v_prediction",
+                                                       steps_offset=1), 9, None),
     ("LMS", lambda: D.LMSDiscreteScheduler(), 10, None),
     ("KDPM2 (interleaved midpoints)", lambda: D.KDPM2DiscreteScheduler(), 6, None),
     ("KDPM2 ancestral", lambda: D.KDPM2AncestralDiscreteScheduler(), 6, None),
@@ -323,11 +326,34 @@ def test_no_host_reads_in_steps(monkeypatch):
     assert torch.isfinite(x).all()
 
 
+def test_pndm_phase_methods():
+    # diffusers' PNDM tests loop step_prk over prk_timesteps, then step_plms over
+    # plms_timesteps: on the drop-in they are steps of the run, in their phase
+    sch = D.PNDMScheduler(steps_offset=1)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    ref = protocol_loop(copy.deepcopy(sch), NonlinearModel(), noise, 8)
+    fused = FusedScheduler.from_scheduler(sch)
+    fused.set_timesteps(8)
+    x, model = noise, NonlinearModel()
+    with pytest.raises(ValueError, match="prk phase"):
+        fused.step_plms(x, fused.prk_timesteps[0], x)
+    for t in fused.prk_timesteps:
+        x = fused.step_prk(model(x, t), t, x).prev_sample
+    with pytest.raises(ValueError, match="plms phase"):
+        fused.step_prk(x, fused.plms_timesteps[0], x)
+    for t in fused.plms_timesteps:
+        x = fused.step_plms(model(x, t), t, x).prev_sample
+    record("loop: PNDM step_prk / step_plms", rel(x, ref))
+    # other classes have no such methods
+    assert not hasattr(FusedScheduler.from_scheduler(D.DDIMScheduler()), "step_prk")
+    # before set_timesteps they are diffusers' own (which raises there)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        FusedScheduler.from_scheduler(sch).step_plms(noise, 1, noise)
+
+
 def test_unsupported_and_misuse_raise():
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())
-    with pytest.raises(NotImplementedError, match="skip_prk_steps"):
-        FusedScheduler.from_scheduler(D.PNDMScheduler()).set_timesteps(10)
     with pytest.raises(NotImplementedError, match="algorithm_type"):
         FusedScheduler.from_scheduler(D.DPMSolverMultistepScheduler(
             algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)

@@ -381,7 +381,6 @@ UNSUPPORTED = [
         algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
     ("edm dpm sde order 3", "algorithm_type", lambda: D.EDMDPMSolverMultistepScheduler(
         algorithm_type="sde-dpmsolver++", solver_order=3)),
-    ("pndm prk", "skip_prk_steps", lambda: D.PNDMScheduler()),
     ("single", "algorithm_type",
      lambda: D.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++")),
     ("unipc", "predict_x0", lambda: D.UniPCMultistepScheduler(predict_x0=False)),
@@ -530,6 +529,18 @@ CLASSIC_CASES = [
     ("pndm plms v, alpha_bar final 1", lambda: D.PNDMScheduler(
         skip_prk_steps=True, prediction_type="v_prediction", set_alpha_to_one=True), (1, 7),
      (None,)),
+    # the pseudo Runge-Kutta warm-up (diffusers' default; set_timesteps needs >= 4 steps):
+    # 9 steps make N // n = 111 odd (first midpoint state one timestep above its call's)
+    ("pndm prk (default config, zero-length last step)", lambda: D.PNDMScheduler(),
+     (4, 5, 9, 50), (None,)),
+    ("pndm prk v, set_alpha_to_one", lambda: D.PNDMScheduler(
+        prediction_type="v_prediction", set_alpha_to_one=True), (4, 9, 13), (None,)),
+    ("pndm prk (SD 1.5 betas), steps_offset=1", lambda: D.PNDMScheduler(
+        steps_offset=1, **SD), (6, 27), (None,)),
+    # 100 of 100 timesteps: midpoint gap N // n // 2 = 0 (the first midpoint call is at the
+    # next timestep on the unchanged state)
+    ("pndm prk, 100 train timesteps", lambda: D.PNDMScheduler(num_train_timesteps=100),
+     (7, 100), (None,)),
     ("lms eps", lambda: D.LMSDiscreteScheduler(), (1, 2, 10), (None,)),
     ("lms v, karras (SD)", lambda: D.LMSDiscreteScheduler(
         prediction_type="v_prediction", use_karras_sigmas=True, **SD), (12,), (None,)),
@@ -581,6 +592,42 @@ def test_distilled_and_classic(label, make, steps, etas):
     for n in steps:
         for eta in etas:
             check_parity(f"{label}, eta={eta}", make(), n, eta=eta)
+
+
+class _Float64Model:
+    """NonlinearModel's formula in float64 (diffusers then steps in float64 from its float32
+    tables, as pyengine does from the same tables)."""
+
+    def __init__(self, channels: int = SHAPE[1], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = (torch.randn(channels, channels, generator=g) / channels ** 0.5).double()
+        self.b = 0.1 * torch.randn(channels, generator=g).double()
+
+    def __call__(self, x, t):
+        t = torch.as_tensor(t).to(torch.float64)
+        t = t.reshape(-1, 1, 1, 1) if t.dim() else t
+        h = torch.einsum("oc,bchw->bohw", self.W, x) + self.b.view(1, -1, 1, 1)
+        return torch.tanh(h) * (1 + 0.5 * torch.sin(t / 157.0)) + 0.2 * x * torch.cos(t / 311.0)
+
+
+@pytest.mark.parametrize("cfg,steps", [(dict(), 4), (dict(prediction_type="v_prediction"), 9),
+                                       (dict(steps_offset=1, set_alpha_to_one=True), 20)])
+def test_pndm_prk_float64(cfg, steps):
+    # diffusers' tables as float64 (the same numbers: its float32 values converted), so that
+    # its step computes its coefficients in float64 too; the rest is each side's own
+    # arithmetic (pyengine: float64 coefficients from the grid, one fused update per op)
+    sch = D.PNDMScheduler(**cfg)
+    sch.alphas_cumprod = sch.alphas_cumprod.double()
+    sch.final_alpha_cumprod = torch.as_tensor(sch.final_alpha_cumprod).double()
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps),
+                        dtype=torch.float64)
+    ref = diffusers_loop(sch, _Float64Model(), noise, steps, 0)
+    sampler = from_diffusers(sch, steps)
+    assert sampler.solver == "pndm"
+    out = sampler.to_scheduler_space(sampler.sample(_Float64Model(), noise))
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    WORST["PNDMScheduler float64"] = max(WORST.get("PNDMScheduler float64", 0.0), err)
+    assert out.dtype == torch.float64 and err < 1e-12, err
 
 
 def test_deis_flow_float32_coefficients():

@@ -214,3 +214,63 @@ def test_clip_x0_over_ddim(how):
     # the op does clip here: without it the result differs
     _, plain = run("ddim", sig)
     assert rel(out, plain) > 1e-3
+
+
+def _ab(ets):
+    e = ets[-4:]
+    if len(e) == 1:
+        return e[-1]
+    if len(e) == 2:
+        return (3 * e[-1] - e[-2]) / 2
+    if len(e) == 3:
+        return (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+    return (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
+
+
+@pytest.mark.parametrize("midpoint", ["time", "integer"])
+@pytest.mark.parametrize("n", [1, 3, 4, 8])
+def test_pndm(n, midpoint):
+    # integer timesteps, one gap odd, one of 1 (midpoint "integer": the first midpoint state
+    # at T - floor(d/2), both midpoint calls at T' + floor(d/2), which differ for odd d)
+    g = np.random.default_rng(50 + n)
+    gaps = g.integers(2, 60, size=n)
+    gaps[0] = 37
+    if n > 1:
+        gaps[1] = 1
+    ts = 990 - np.concatenate([[0], np.cumsum(gaps)])
+    sig = PROC.sigmas[ts]
+    noise, out = run("pndm", sig, timesteps=ts.astype(float), midpoint=midpoint)
+
+    def eps_at(x, t_model):
+        return model(x, torch.full((x.shape[0],), float(t_model), dtype=x.dtype))
+
+    def level(t_model):
+        return float(PROC.sigma_of_t(t_model))
+
+    x, ets = noise.clone(), []
+    for i in range(n):
+        s0, s1 = sig[i], sig[i + 1]
+        e1 = eps_at(x, ts[i])
+        ets.append(e1)
+        if i >= 3:
+            x = _ddim(x, s0, s1, _ab(ets))
+            continue
+        if midpoint == "time":
+            tm = (ts[i] + ts[i + 1]) / 2
+            sa = sb = level(tm)
+        else:
+            h = (ts[i] - ts[i + 1]) // 2
+            tm = ts[i + 1] + h
+            sa, sb = level(ts[i] - h), level(tm)
+        y = _ddim(x, s0, sa, e1)
+        e2 = eps_at(y, tm)
+        y = _ddim(x, s0, sb, e2)
+        e3 = eps_at(y, tm)
+        y = _ddim(x, s0, s1, e3)
+        e4 = eps_at(y, ts[i + 1])
+        x = _ddim(x, s0, s1, (e1 + 2 * e2 + 2 * e3 + e4) / 6)
+    assert rel(out, x) < TOL
+    # the warm-up matters: PLMS from the first step (pndm_plms) differs
+    if n >= 2:
+        _, plms = run("pndm_plms", sig, timesteps=ts.astype(float))
+        assert rel(out, plms) > 1e-4

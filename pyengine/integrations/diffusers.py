@@ -672,11 +672,6 @@ def _tcd(name, sch, eta):
 def _pndm(name, sch, eta):
     cfg = sch.config
     _no_eta(name, eta)
-    if not cfg.skip_prk_steps:
-        raise NotImplementedError(
-            f"{name}(skip_prk_steps=False): the pseudo Runge-Kutta warm-up (12 model calls "
-            f"over the first 3 steps) has no pyengine solver; skip_prk_steps=True (PLMS, "
-            f"Stable Diffusion's configuration) is supported")
     pred = _prediction(name, cfg, allowed=("epsilon", "v_prediction"))
     proc = _vp_process(name, sch)
     abar = _f64(sch.alphas_cumprod)
@@ -697,6 +692,12 @@ def _pndm(name, sch, eta):
     grid = np.concatenate([_sigma_of_abar(abar[T]), _sigma_of_abar([a_last])])
     # PNDMScheduler combines the raw model outputs (for v models that is not the same as
     # combining noise estimates)
+    if not cfg.skip_prk_steps:
+        # the pseudo Runge-Kutta warm-up (set_timesteps needs 4 steps or more for it): its
+        # midpoint calls at T' + (N // n) // 2, the first midpoint state at T - (N // n) // 2
+        return _Recipe(proc, grid, T.astype(np.float64), "pndm", pred,
+                       float(sch.init_noise_sigma), "x",
+                       dict(combine="output", midpoint="integer"))
     return _Recipe(proc, grid, T.astype(np.float64), "pndm_plms", pred,
                    float(sch.init_noise_sigma), "x", dict(combine="output"))
 
@@ -1026,7 +1027,7 @@ def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
     ``TCDScheduler.step``). ``overrides`` are Sampler keywords (``backend=``) or solver options
     that replace the ones read from the scheduler. Raises NotImplementedError (naming the
     config field) for configurations that have no pyengine solver (a learned variance read
-    from the model output, PNDM's Runge-Kutta warm-up, ...), and ValueError for those no sigma
+    from the model output, ...), and ValueError for those no sigma
     grid reproduces (DDIM's and PNDM's uneven trailing/linspace spacings) or where diffusers
     itself returns non-finite values.
     """
@@ -1319,6 +1320,27 @@ class _StepMethod:
         return fn
 
 
+class _PhaseMethod:
+    """PNDMScheduler's ``step_prk`` / ``step_plms`` on the drop-in: a ``step()`` of the run,
+    which must be in that phase (the pseudo Runge-Kutta warm-up's 12 timestep entries, then
+    PLMS). Before ``set_timesteps`` they are the wrapped scheduler's own (diffusers raises
+    there). Other classes have no such attribute."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        if obj.__dict__.get("_name") != "PNDMScheduler":
+            raise AttributeError(f"'{type(obj).__name__}' object has no attribute "
+                                 f"'{self.name}'")
+        return functools.partial(FusedScheduler._phase_step, obj, self.phase)
+
+
 def _scheduler_space(plan, convs: list[float], final_conv: float, output: str):
     """``plan`` rewritten for a state kept in the scheduler's space (x = conv * state).
 
@@ -1484,7 +1506,7 @@ class FusedScheduler:
     DPMSolverSDE's noise is its own Brownian tree, queried as diffusers does.
     ``backend`` forces a pyengine backend. Supported: the classes in :data:`SUPPORTED`
     (DDIM, DDPM, Euler, Euler ancestral, Heun, DPM-Solver multistep incl. SDE, singlestep,
-    UniPC, EDM Euler, EDM DPM-Solver, flow-matching Euler and Heun, LCM, TCD, PNDM (PLMS),
+    UniPC, EDM Euler, EDM DPM-Solver, flow-matching Euler and Heun, LCM, TCD, PNDM,
     LMS, KDPM2, KDPM2 ancestral, DEIS, DPM-Solver SDE) in the configurations
     :func:`from_diffusers` accepts; others raise. Plans with custom ops (clip_sample /
     thresholding) run through the same walker.
@@ -1754,6 +1776,23 @@ class FusedScheduler:
             elif p.kind is p.VAR_POSITIONAL:
                 a.pop(p.name, None)
         return a
+
+    step_prk = _PhaseMethod("prk")
+    step_plms = _PhaseMethod("plms")
+
+    def _phase_step(self, phase: str, *args, **kwargs):
+        """``step_prk`` / ``step_plms`` (PNDMScheduler): the drop-in's step, in its phase."""
+        if not self._ready:
+            return getattr(self._inner, "step_" + phase)(*args, **kwargs)
+        j = self.step_index or 0
+        n_prk = 0 if self._inner.config.skip_prk_steps else len(self._inner.prk_timesteps)
+        now = "prk" if j < n_prk else "plms"
+        if now != phase:
+            raise ValueError(f"FusedScheduler({self._name}).step_{phase}: the run is at "
+                             f"timestep entry {j}, in its {now} phase (the pseudo Runge-Kutta "
+                             f"warm-up takes the first {n_prk} entries); call step_{now} or "
+                             f"step()")
+        return self._step(*args, **kwargs)
 
     def _step(self, *args, **kwargs):
         """One model output in, the fused update(s) up to the next model call, the next state

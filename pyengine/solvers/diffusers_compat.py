@@ -13,6 +13,8 @@ in the scaled state x_hat = x / s with sigma^2 = (1 - alpha_bar) / alpha_bar:
 * ``pndm_plms``: PNDM's pseudo linear multistep (Liu et al. 2022, PNDMScheduler with
   ``skip_prk_steps``): a pseudo-Heun first step, then Adams-Bashforth on the raw model
   outputs, each step DDIM's transfer;
+* ``pndm``: PNDM with its pseudo Runge-Kutta warm-up (PNDMScheduler's default): three
+  4-call steps, then the same Adams-Bashforth;
 * ``deis_logrho``: DEIS multistep (Zhang & Chen 2023, ``logrho`` = DEISMultistepScheduler):
   Lagrange extrapolation of the data prediction in log rho, integrated exactly.
 """
@@ -286,6 +288,100 @@ def pndm_plms(b, combine):
         if keep:
             hist = [b.ref(slot)] + hist[:2]
 
+
+
+def _prk_levels(b, s: float, t: float, midpoint: str):
+    """(level of the first midpoint state, level of the second, model time of both midpoint
+    calls) of a pseudo Runge-Kutta step from ``s`` to ``t``. ``midpoint="time"``: both at the
+    model-time midpoint (t_s + t_t) / 2. ``"integer"`` (PNDMScheduler's integer timesteps,
+    d = T - T'): the first state at timestep T - floor(d / 2), the second at T' + floor(d / 2),
+    both calls at T' + floor(d / 2) (for odd d the first call's time is one below its state's
+    level, as diffusers passes it)."""
+    ta, tb = b.time_of(s), b.time_of(t)
+    proc = b.process
+    if midpoint == "time":
+        tm = 0.5 * (ta + tb)
+        sm = float(proc.sigma_of_model_time(tm))
+        return sm, sm, tm
+    if not (math.isfinite(ta) and math.isfinite(tb) and ta == round(ta) and tb == round(tb)):
+        raise ValueError(f"pndm: midpoint='integer' needs integer model times at the grid's "
+                         f"levels, got {ta!r} and {tb!r}")
+    h = (int(round(ta)) - int(round(tb))) // 2
+
+    def level(tt, at_a, at_b):
+        if tt == ta:
+            return float(at_a)
+        if tt == tb:
+            return float(at_b)
+        return float(proc.sigma_of_model_time(float(tt)))
+    return level(ta - h, s, t), level(tb + h, s, t), float(tb + h)
+
+
+@register("pndm", order=2, nfe_per_step=1, stochastic=False, family="pndm",
+          summary="PNDM (Liu et al. 2022; diffusers PNDMScheduler): three pseudo Runge-Kutta "
+                  "warm-up steps (4 model calls each: x_hat_m = x_hat + (sigma_m - sigma) e_k "
+                  "at the midpoint, then x_hat' = x_hat + (sigma' - sigma)(e_1 + 2 e_2 + 2 e_3 "
+                  "+ e_4)/6), then PLMS: x_hat' = x_hat + (sigma' - sigma) e(sum_j a_j out_j), "
+                  "Adams-Bashforth order 4 over the outputs at every step's start",
+          options=("combine", "midpoint"), combine="eps", midpoint="time",
+          specs={"combine": Option("choice", choices=("eps", "output")),
+                 "midpoint": Option("choice", choices=("time", "integer"))})
+def pndm(b, combine, midpoint):
+    """The first min(3, n) steps are pseudo Runge-Kutta (every stage DDIM's transfer from
+    the step's start); their first outputs start the Adams-Bashforth history, so the fourth
+    step is already of order 4. ``combine`` as in ``pndm_plms`` ("output": the raw outputs
+    are combined and turned into a noise estimate with the step's start state, PNDMScheduler's
+    way). ``midpoint``: see :func:`_prk_levels`. n steps take n + 9 model calls (n >= 3)."""
+    if combine == "eps":
+        def raw_of(slot, sigma, eps):
+            return eps
+
+        def eps_of(slot, sigma, comb):
+            return comb
+    else:
+        def raw_of(slot, sigma, eps):
+            return _raw_output(b, slot, sigma, eps)
+
+        def eps_of(slot, sigma, comb):
+            return _eps_of(b, slot, sigma, comb)
+    sig = b.sigmas
+    n = b.n_steps
+    ring = ["p0", "p1", "p2"]
+    hist: list[Lin] = []                      # first outputs of the steps, most recent first
+    for i in range(n):
+        b.step = i
+        s, t = sig[i], sig[i + 1]
+        x = b.xhat("x", s)
+        _, eps1 = b.evaluate("x", s, dst="out")
+        raw1 = raw_of("x", s, eps1)
+        slot = ring[i % 3]
+        if i < 3:
+            s_a, s_b, t_m = _prk_levels(b, s, t, midpoint)
+            b.assign("y", x + (s_a - s) * eps_of("x", s, raw1), s_a, aux=(slot, raw1),
+                     kind="prk_1")
+            _, eps2 = b.evaluate("y", s_a, dst="out", t=t_m)
+            raw2 = raw_of("y", s_a, eps2)
+            b.assign("y", x + (s_b - s) * eps_of("x", s, raw2), s_b, aux=("k2", raw2),
+                     kind="prk_2")
+            _, eps3 = b.evaluate("y", s_b, dst="out", t=t_m)
+            raw3 = raw_of("y", s_b, eps3)
+            b.assign("y", x + (t - s) * eps_of("x", s, raw3), t, aux=("k3", raw3),
+                     kind="prk_3")
+            _, eps4 = b.evaluate("y", t, dst="out")
+            raw4 = raw_of("y", t, eps4)
+            comb = (b.ref(slot) + 2.0 * b.ref("k2") + 2.0 * b.ref("k3") + raw4) / 6.0
+            b.assign("x", x + (t - s) * eps_of("x", s, comb), t, kind="prk")
+            hist = [b.ref(slot)] + hist[:2]
+            continue
+        q = min(len(hist) + 1, 4)
+        comb = _AB[q][0] * raw1
+        for a, h in zip(_AB[q][1:], hist):
+            comb = comb + a * h
+        keep = i < n - 1
+        b.assign("x", x + (t - s) * eps_of("x", s, comb), t,
+                 aux=(slot, raw1) if keep else None, kind="plms")
+        if keep:
+            hist = [b.ref(slot)] + hist[:2]
 
 
 # ---------------------------------------------------------------------------------------
