@@ -122,6 +122,10 @@ class ModelAdapter:
             out = self.model(x, row, **self.extra_args)
         return self._check(out, x)
 
+    def call_row(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """A model (not a Denoiser) on ``x`` at the [B] times ``row``."""
+        return self._check(self.model(x, row, **self.extra_args), x)
+
     def call_rows(self, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,
                   s: torch.Tensor) -> torch.Tensor:
         """The same call with per-sample [B] tensors of times, sigmas and scales (read from
@@ -135,10 +139,11 @@ class ModelAdapter:
 
     @staticmethod
     def _check(out, x):
-        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
-            out = out.sample  # diffusers model outputs
-        elif isinstance(out, tuple):
-            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            if hasattr(out, "sample"):
+                out = out.sample  # diffusers model outputs
+            elif isinstance(out, tuple):
+                out = out[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output must be a tensor of the input's shape "

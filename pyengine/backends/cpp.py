@@ -38,6 +38,13 @@ def _ready():
 fused_update = contract.entry_point(__name__, native.fused_update_cpu, _ready)
 
 
+def walk_launches(compute_dtype=None):
+    """A walk's launch cache (:class:`pyengine.fused_update.native.CpuWalkLaunches`): the
+    executor's steady-state path, after it validated each call structure once."""
+    _ready()
+    return native.CpuWalkLaunches(compute_dtype)
+
+
 def philox_words(seed: int, step: int, nq: int, q0: int = 0) -> torch.Tensor:
     """The raw Philox-4x32-10 words of quads q0..q0+nq-1 of a sample: int64 [nq, 4] (uint32
     values), computed by the C++ header the kernels use."""

@@ -256,6 +256,76 @@ def _fast_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise
     return True
 
 
+#: structs by the addresses, dtypes and sizes they were filled from (no tensors are held: a
+#: struct is only reused for tensors at exactly those addresses)
+_WALK_STRUCTS: dict = {}
+_WALK_STRUCTS_MAX = 256
+
+
+class CpuWalkLaunches:
+    """The launch structs of one walk, keyed by the identity of the tensors a call uses.
+
+    The executor calls the kernel with the same few tensors over and over (its ping-pong
+    pool, the model's outputs), so a walk keeps one struct per combination of (out, aux,
+    seeds, inputs, noise on or off) and each call only sets its per-step numbers: the
+    coefficient lists, the noise coefficient and the draw number. The entry holds the tensors
+    themselves, so their ids stay theirs while it lives, and the inputs' data pointers,
+    checked on every call (a tensor whose storage was swapped under it misses). Only the
+    plain per-step form is served: contiguous tensors of one shape, per-step coefficient
+    lists, no mask, no noise tensor, a scalar noise coefficient and draw number; anything
+    else returns False and the caller takes the general path. The caller validated the call
+    structure once (:func:`pyengine.fused_update.validate`)."""
+
+    __slots__ = ("compute_dtype", "structs", "nthreads")
+
+    def __init__(self, compute_dtype=None):
+        self.compute_dtype = compute_dtype
+        self.structs: dict = {}
+        self.nthreads = torch.get_num_threads()
+
+    def __call__(self, out, ins, coef, noise_coef, seeds, step, aux, aux_coef) -> bool:
+        noisy = noise_coef != 0.0
+        key = (id(out), id(aux), noisy and id(seeds), *[id(t) for t in ins])
+        e = self.structs.get(key)
+        if e is None:
+            if type(noise_coef) is not float or type(step) is not int or \
+                    not out.is_contiguous() or (aux is not None and not aux.is_contiguous()) \
+                    or not all([t.is_contiguous() for t in ins]):
+                return False
+            if noisy and not (seeds.is_cpu and seeds.is_contiguous()
+                              and seeds.dtype == torch.int64):
+                return False
+            # a struct filled for the same addresses before (another walk: the allocator
+            # hands a repeated loop the same memory), else a new one
+            gkey = (out.data_ptr(), out.dtype, out.numel(), out.shape[0],
+                    None if aux is None else (aux.data_ptr(), aux.dtype),
+                    noisy and seeds.data_ptr(), self.compute_dtype,
+                    tuple([(t.data_ptr(), t.dtype, t.numel()) for t in ins]))
+            args = _WALK_STRUCTS.pop(gkey, None)
+            if args is None:
+                m = marshal(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, None,
+                            self.compute_dtype, None, None)
+                if m is None or m.copy_back:
+                    return False
+                args = m.args
+            if len(_WALK_STRUCTS) >= _WALK_STRUCTS_MAX:       # the oldest entry goes
+                del _WALK_STRUCTS[next(iter(_WALK_STRUCTS))]
+            _WALK_STRUCTS[gkey] = args
+            e = self.structs[key] = (args, [t.data_ptr() for t in ins], (out, aux, seeds), ins)
+        elif [t.data_ptr() for t in ins] != e[1]:
+            del self.structs[key]
+            return self(out, ins, coef, noise_coef, seeds, step, aux, aux_coef)
+        a = e[0]
+        a.coef = coef
+        if aux is not None:
+            a.aux_coef = aux_coef
+        if noisy:
+            a.noise_coef = noise_coef
+            a.step = step & _MASK32
+        _C.fused_update_cpu(a, self.nthreads)
+        return True
+
+
 def fused_update_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
                      compute_dtype, mask, mask_coef):
     """Run the C++ CPU kernel on ``torch.get_num_threads()`` threads."""

@@ -91,9 +91,30 @@ class Program:
         bounds = starts + [len(self.instructions)]
         self.segments = [self.instructions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self.customs = [ins[1] for ins in self.instructions if ins[0] == CUSTOM]
+        self._host_lists = None
         # call structures already validated against the fused-update contract: each
         # structure is checked once per program, then its steps run trusted
         self.validated: set = set()
+
+    def host_lists(self) -> list[tuple]:
+        """Each update's host numbers as Python lists (coef, aux_coef), a float noise
+        coefficient, and the copy its aux output is: ``k`` when ``aux_coefs`` is exactly 1
+        on buffer k and 0 elsewhere (a multistep solver keeping a model output as history),
+        else -1. Made once per program."""
+        if self._host_lists is None:
+            rows = []
+            for op in self.updates:
+                coef = op.coefs.tolist() if hasattr(op.coefs, "tolist") else list(op.coefs)
+                aux = None if op.aux_coefs is None else (
+                    op.aux_coefs.tolist() if hasattr(op.aux_coefs, "tolist")
+                    else list(op.aux_coefs))
+                copy = -1
+                if aux is not None and op.mask_coefs is None and \
+                        sorted(aux) == [0.0] * (len(aux) - 1) + [1.0]:
+                    copy = aux.index(1.0)
+                rows.append((coef, aux, float(op.noise) if op.noise_index >= 0 else 0.0, copy))
+            self._host_lists = rows
+        return self._host_lists
 
     @property
     def has_custom(self) -> bool:
@@ -206,6 +227,12 @@ class Walker:
         self._trusted = _takes_trusted(backend)
         self._kw_trusted = dict(self.kw, trusted=True)
         self._validated: set = set()
+        # the backend's steady-state launcher (structs kept per tensor combination), where it
+        # has one; every call structure it serves was validated once first
+        make = getattr(backend, "walk_launches", None) if self._trusted else None
+        self._launch = make(compute_dtype) if make is not None else None
+        self._host = numbers is HostNumbers and program is not None
+        self._checked_out = None
 
     @property
     def like(self) -> torch.Tensor | None:
@@ -256,6 +283,10 @@ class Walker:
         if not self.recycle or id(out) in self._owned:
             return
         p = out.data_ptr()
+        last = self._checked_out
+        if last is not None and last[0] is out and last[1] == p:
+            return      # the same live tensor as last time: no pool tensor can overlap it anew
+        self._checked_out = (out, p)
         for key, (lo, hi) in list(self._spans.items()):
             if lo <= p < hi:
                 del self._owned[key], self._spans[key]
@@ -281,17 +312,48 @@ class Walker:
         return out
 
     def apply(self, dst: str, bufs: list, coef, noise_coef=0.0, seeds=None, step=-1,
-              aux_dst: str | None = None, aux_coef=None, noise=None, mask_coef=None) -> None:
+              aux_dst: str | None = None, aux_coef=None, noise=None, mask_coef=None,
+              index: int | None = None) -> None:
         """The fused update ``dst = sum_k coef_k * slots[bufs_k] + noise_coef * z`` (and
         ``aux_dst``), written into the walk's own tensors; the mask blend when ``mask_coef``
-        is given."""
-        ins = [self.slots[b] for b in bufs]
+        is given. ``index``: the program's update index, when the numbers are the plan's
+        host numbers (the validation key is then the update itself)."""
+        slots = self.slots
+        ins = [slots[b] for b in bufs]
+        copy = None
+        if index is not None and aux_dst is not None:
+            k = self.program.host_lists()[index][3]
+            if k >= 0 and ins[k].dtype == self.like.dtype:
+                # the aux output is a copy of input k: the slot takes that tensor itself (no
+                # tensor of the walk is ever written in place, so sharing it is safe)
+                copy, aux_dst, aux_coef = ins[k], None, None
         out = self.take()
         aux = self.take() if aux_dst is not None else None
         kw = self.kw
         if mask_coef is not None:
             kw = dict(kw, mask=self.mask, mask_coef=mask_coef)
-        if self._trusted:
+        if self._trusted and index is not None:
+            # host numbers of a program: everything but the model output's dtype, the state's
+            # shape and the noise source is fixed per update
+            if self._like_key is None:
+                self._like_key = (tuple(self.like.shape), str(self.like.device))
+            key = (index, ins[-1].dtype, self._like_key, noise is None, seeds is None,
+                   mask_coef is None, aux is None)
+            validated = self.program.validated
+            if key not in validated:
+                _validate(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, noise=noise,
+                          backend=self.backend, **kw)
+                validated.add(key)
+            if self._launch is not None and noise is None and mask_coef is None and \
+                    self._launch(out, ins, coef, noise_coef, seeds, step, aux, aux_coef):
+                if copy is not None:
+                    self.bind(self.program.updates[index].aux_dst, copy)
+                self.bind(dst, out)
+                if aux is not None:
+                    self.bind(aux_dst, aux)
+                return
+            kw = self._kw_trusted if kw is self.kw else dict(kw, trusted=True)
+        elif self._trusted:
             # The steady state runs without Python re-validation: each update of the plan is
             # checked against the contract once per program, shape, noise mode, mask and
             # table kind (the model outputs it reads were checked by the adapter: shape,
@@ -314,6 +376,8 @@ class Walker:
             kw = self._kw_trusted if kw is self.kw else dict(kw, trusted=True)
         self.backend.fused_update(out, ins, coef, noise_coef, seeds, step, aux, aux_coef,
                                   noise=noise, **kw)
+        if copy is not None:
+            self.bind(self.program.updates[index].aux_dst, copy)
         self.bind(dst, out)
         if aux is not None:
             self.bind(aux_dst, aux)
@@ -360,7 +424,11 @@ class Walker:
 
     def update(self, op: Update, i: int) -> None:
         """Fused update ``i`` with the numbers source's coefficients."""
-        coef, aux_coef, nc, mask_coef = self.numbers.update(i, op)
+        if self._host:
+            coef, aux_coef, nc, _ = self.program.host_lists()[i]
+            mask_coef = op.mask_coefs
+        else:
+            coef, aux_coef, nc, mask_coef = self.numbers.update(i, op)
         seeds, step, z = None, -1, None
         if op.noise_index >= 0 and self.noise is not None:
             seeds, step, z = self.noise.draw(op, self.like)
@@ -369,7 +437,8 @@ class Walker:
         elif op.noise_index >= 0 and (isinstance(nc, torch.Tensor) or nc != 0.0):
             raise ValueError(f"the {op.kind} update draws noise but the walk has no noise "
                              f"source")
-        self.apply(op.dst, op.bufs, coef, nc, seeds, step, op.aux_dst, aux_coef, z, mask_coef)
+        self.apply(op.dst, op.bufs, coef, nc, seeds, step, op.aux_dst, aux_coef, z, mask_coef,
+                   i if self._host else None)
 
     def execute(self, ins) -> None:
         kind, op, ref = ins
@@ -382,6 +451,10 @@ class Walker:
 
     def run(self) -> torch.Tensor:
         """The whole plan; returns the output slot."""
+        if self._host and self._launch is not None and self.callback is None and \
+                self.adapter is not None and not self.adapter.is_denoiser and \
+                (self.noise is None or type(self.noise) is PhiloxDraws):
+            return self._run_steady()
         update, evaluate = self.update, self.evaluate
         for kind, op, ref in self.program.instructions:
             if kind == UPDATE:
@@ -391,6 +464,55 @@ class Walker:
             else:
                 ref(op, self)
         return self.slots[self.program.output]
+
+    def _run_steady(self) -> torch.Tensor:
+        """:meth:`run` for the eager walk of host numbers on a backend with a steady-state
+        launcher: the same ops in the same order, with the commonest two written out (a
+        plain model call; a noiseless, maskless update whose call structure was validated
+        before) and everything else through :meth:`evaluate` / :meth:`update`."""
+        prog = self.program
+        lists, validated, launch = prog.host_lists(), prog.validated, self._launch
+        call_row, time_row, pin, bind, take = (self.adapter.call_row, self._time_row,
+                                               self._pin_aliases, self.bind, self.take)
+        slots = self.slots
+        like_dtype = self.like.dtype
+        for kind, op, ref in prog.instructions:
+            if kind == EVAL:
+                if op.guidance is not None:
+                    self.evaluate(op, ref)
+                    continue
+                src = slots[op.src]
+                out = call_row(src, time_row(ref, src))
+                pin(out)
+                bind(op.dst, out)
+            elif kind == UPDATE:
+                if op.noise_index >= 0 or op.mask_coefs is not None:
+                    self.update(op, ref)
+                    continue
+                ins = [slots[b] for b in op.bufs]
+                coef, aux_coef, _, k = lists[ref]
+                copy = None
+                if k >= 0 and ins[k].dtype == like_dtype:
+                    copy, aux_coef = ins[k], None       # the aux output is a copy of input k
+                # the key apply() records once it validated this update's structure
+                if (ref, ins[-1].dtype, self._like_key, True, True, True,
+                        op.aux_dst is None or copy is not None) not in validated:
+                    self.update(op, ref)
+                    continue
+                out = take()
+                aux = None if op.aux_dst is None or copy is not None else take()
+                if not launch(out, ins, coef, 0.0, None, -1, aux, aux_coef):
+                    self.backend.fused_update(out, ins, coef, 0.0, None, -1, aux, aux_coef,
+                                              **self._kw_trusted)
+                if copy is not None:
+                    bind(op.aux_dst, copy)
+                bind(op.dst, out)
+                if aux is not None:
+                    bind(op.aux_dst, aux)
+            else:
+                ref(op, self)
+                slots = self.slots
+        return self.slots[prog.output]
 
     def run_segment(self, k: int, output: torch.Tensor | None = None) -> None:
         """Segment ``k``: model call k (or the caller's ``output`` for it) and the ops up to
