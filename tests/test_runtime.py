@@ -328,3 +328,71 @@ def test_cuda_eviction_frees_memory():
     assert len(cache) == 1
     assert torch.cuda.memory_allocated() < held
     cache.clear()
+
+
+# -- the eager walk's steady-state path (host numbers, the cpp launcher) --------------------
+
+STEADY = ["ddim", "dpmpp_2m", "ipndm", "deis", "lms", "unipc", "heun", "euler_ancestral",
+          "pndm_plms"]
+
+
+@pytest.mark.parametrize("solver", STEADY)
+def test_steady_walk_equals_general_walk(solver):
+    """The steady-state walk (launch structs per tensor combination, aux copies shared as
+    slots) gives bitwise the result of the general walk (a callback turns it off) and of the
+    torch reference, over two calls (the second reuses the first's structs)."""
+    smp = pe.Sampler(PROC, solver=solver, steps=9)
+    noise = _noise((2, 3, 5, 7), seed=11)
+    seen = []
+    general = smp.sample(model, noise, seed=3, backend="cpp",
+                         callback=lambda i, s, slots: seen.append(i))
+    assert seen
+    ref = smp.sample(model, noise, seed=3, backend="torch")
+    for _ in range(2):
+        fast = smp.sample(model, noise, seed=3, backend="cpp")
+        assert torch.equal(fast, general)
+        assert torch.equal(fast, ref)
+
+
+def test_steady_walk_sees_a_swapped_model_output():
+    """A model that returns the same tensor object each call but swaps its storage
+    (``set_``): the launcher's cached struct must not read the old memory."""
+    state = {"out": None, "old": []}
+
+    def swapping(x, t):
+        val = model(x, t)
+        if state["out"] is None:
+            state["out"] = val
+        else:
+            # same object, new storage; the old storage stays alive (and stale) in a view
+            state["old"].append(state["out"].view_as(state["out"]))
+            state["out"].set_(val.clone())
+        return state["out"]
+
+    smp = pe.Sampler(PROC, solver="ddim", steps=8)
+    noise = _noise((2, 3, 4, 4), seed=5)
+    got = smp.sample(swapping, noise, backend="cpp")
+    want = smp.sample(model, noise, backend="torch")
+    assert torch.equal(got, want)
+
+
+def test_history_survives_a_model_that_rewrites_its_output_buffer():
+    """A model that writes every output into one static buffer (what captured or compiled
+    models do): the multistep history must not share that buffer's memory."""
+    buf = {}
+
+    def static(x, t):
+        val = model(x, t)
+        if "out" not in buf:
+            buf["out"] = torch.empty_like(val)
+        buf["out"].copy_(val)
+        return buf["out"]
+
+    for solver in ["ipndm", "deis", "dpmpp_2m", "unipc"]:
+        smp = pe.Sampler(PROC, solver=solver, steps=8)
+        noise = _noise((2, 3, 4, 4), seed=6)
+        want = smp.sample(model, noise, backend="torch")
+        for backend in ["cpp", "torch"]:
+            buf.clear()
+            assert torch.equal(smp.sample(static, noise, backend=backend), want), \
+                (solver, backend)

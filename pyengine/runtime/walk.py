@@ -97,23 +97,20 @@ class Program:
         self.validated: set = set()
 
     def host_lists(self) -> list[tuple]:
-        """Each update's host numbers as Python lists (coef, aux_coef), a float noise
-        coefficient, and the copy its aux output is: ``k`` when ``aux_coefs`` is exactly 1
-        on buffer k and 0 elsewhere (a multistep solver keeping a model output as history),
-        else -1. Made once per program."""
+        """Each update's host numbers as Python lists (coef, aux_coef) and a float noise
+        coefficient: what a launcher struct takes, made once per program.
+
+        An aux output that copies one model output (a multistep solver's history) stays a
+        copy: the model may hand back the same buffer, rewritten, on its next call (static
+        output buffers of captured or compiled models), so history never shares a model
+        output's memory."""
         if self._host_lists is None:
-            rows = []
-            for op in self.updates:
-                coef = op.coefs.tolist() if hasattr(op.coefs, "tolist") else list(op.coefs)
-                aux = None if op.aux_coefs is None else (
-                    op.aux_coefs.tolist() if hasattr(op.aux_coefs, "tolist")
-                    else list(op.aux_coefs))
-                copy = -1
-                if aux is not None and op.mask_coefs is None and \
-                        sorted(aux) == [0.0] * (len(aux) - 1) + [1.0]:
-                    copy = aux.index(1.0)
-                rows.append((coef, aux, float(op.noise) if op.noise_index >= 0 else 0.0, copy))
-            self._host_lists = rows
+            self._host_lists = [
+                (op.coefs.tolist() if hasattr(op.coefs, "tolist") else list(op.coefs),
+                 None if op.aux_coefs is None else (op.aux_coefs.tolist() if hasattr(
+                     op.aux_coefs, "tolist") else list(op.aux_coefs)),
+                 float(op.noise) if op.noise_index >= 0 else 0.0)
+                for op in self.updates]
         return self._host_lists
 
     @property
@@ -320,13 +317,6 @@ class Walker:
         host numbers (the validation key is then the update itself)."""
         slots = self.slots
         ins = [slots[b] for b in bufs]
-        copy = None
-        if index is not None and aux_dst is not None:
-            k = self.program.host_lists()[index][3]
-            if k >= 0 and ins[k].dtype == self.like.dtype:
-                # the aux output is a copy of input k: the slot takes that tensor itself (no
-                # tensor of the walk is ever written in place, so sharing it is safe)
-                copy, aux_dst, aux_coef = ins[k], None, None
         out = self.take()
         aux = self.take() if aux_dst is not None else None
         kw = self.kw
@@ -346,8 +336,6 @@ class Walker:
                 validated.add(key)
             if self._launch is not None and noise is None and mask_coef is None and \
                     self._launch(out, ins, coef, noise_coef, seeds, step, aux, aux_coef):
-                if copy is not None:
-                    self.bind(self.program.updates[index].aux_dst, copy)
                 self.bind(dst, out)
                 if aux is not None:
                     self.bind(aux_dst, aux)
@@ -376,8 +364,6 @@ class Walker:
             kw = self._kw_trusted if kw is self.kw else dict(kw, trusted=True)
         self.backend.fused_update(out, ins, coef, noise_coef, seeds, step, aux, aux_coef,
                                   noise=noise, **kw)
-        if copy is not None:
-            self.bind(self.program.updates[index].aux_dst, copy)
         self.bind(dst, out)
         if aux is not None:
             self.bind(aux_dst, aux)
@@ -425,7 +411,7 @@ class Walker:
     def update(self, op: Update, i: int) -> None:
         """Fused update ``i`` with the numbers source's coefficients."""
         if self._host:
-            coef, aux_coef, nc, _ = self.program.host_lists()[i]
+            coef, aux_coef, nc = self.program.host_lists()[i]
             mask_coef = op.mask_coefs
         else:
             coef, aux_coef, nc, mask_coef = self.numbers.update(i, op)
@@ -475,7 +461,6 @@ class Walker:
         call_row, time_row, pin, bind, take = (self.adapter.call_row, self._time_row,
                                                self._pin_aliases, self.bind, self.take)
         slots = self.slots
-        like_dtype = self.like.dtype
         for kind, op, ref in prog.instructions:
             if kind == EVAL:
                 if op.guidance is not None:
@@ -490,22 +475,17 @@ class Walker:
                     self.update(op, ref)
                     continue
                 ins = [slots[b] for b in op.bufs]
-                coef, aux_coef, _, k = lists[ref]
-                copy = None
-                if k >= 0 and ins[k].dtype == like_dtype:
-                    copy, aux_coef = ins[k], None       # the aux output is a copy of input k
                 # the key apply() records once it validated this update's structure
                 if (ref, ins[-1].dtype, self._like_key, True, True, True,
-                        op.aux_dst is None or copy is not None) not in validated:
+                        op.aux_dst is None) not in validated:
                     self.update(op, ref)
                     continue
+                coef, aux_coef, _ = lists[ref]
                 out = take()
-                aux = None if op.aux_dst is None or copy is not None else take()
+                aux = None if op.aux_dst is None else take()
                 if not launch(out, ins, coef, 0.0, None, -1, aux, aux_coef):
                     self.backend.fused_update(out, ins, coef, 0.0, None, -1, aux, aux_coef,
                                               **self._kw_trusted)
-                if copy is not None:
-                    bind(op.aux_dst, copy)
                 bind(op.dst, out)
                 if aux is not None:
                     bind(op.aux_dst, aux)
