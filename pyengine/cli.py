@@ -1,4 +1,5 @@
-"""The ``pyengine`` command line: ``sample``, ``demo``, ``bench``, ``info`` and ``solvers``.
+"""The ``pyengine`` command line: ``sample``, ``tune``, ``demo``, ``bench``, ``info`` and
+``solvers``.
 
 Argument parsing and dispatch only; the work lives in the library: models named on the
 command line in :mod:`pyengine.models.load`, the output file in :mod:`pyengine.output`, the
@@ -84,7 +85,7 @@ def cmd_demo(args) -> int:
         backend=args.backend, threads=args.threads, out=args.out,
         digits_nfe=tuple(args.digits_nfe), digits_samples=args.digits_samples,
         scatter_nfe=args.scatter_nfe, digits=not args.no_digits, plots=not args.no_plots,
-        quiet=args.quiet))
+        tuning=not args.no_tuning, quiet=args.quiet))
 
 
 def cmd_sample(args) -> int:
@@ -97,10 +98,16 @@ def cmd_sample(args) -> int:
     from .sampler import Sampler
 
     torch.set_num_threads(args.threads)
-    info = _solver_info(args.solver)
+    if args.plan is not None:
+        given = [f"--{k}" for k in ("solver", "steps", "schedule") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--plan fixes the solver, steps and schedule; drop "
+                             f"{', '.join(given)}")
+        plan_file = _load_plan_file(args.plan)
+    info = _solver_info(args.solver or "dpmpp_2m")
     if info.family == "inversion":
         raise UsageError(f"solver {info.name!r} inverts data to noise; pick a sampling solver")
-    schedule = _schedule_name(args.schedule)
+    schedule = _schedule_name(args.schedule or "karras")
     backend = _backend_name(args.backend) if args.backend else None
     kind = check_output(args.output)                  # before any sampling
     spec = load_model(args.model, process=args.process, prediction=args.prediction,
@@ -113,8 +120,14 @@ def cmd_sample(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
     try:
-        sampler = Sampler(spec.process, solver=info.name, steps=args.steps, schedule=schedule,
-                          prediction=spec.prediction, backend=backend)
+        if args.plan is not None:
+            sampler = Sampler.from_tuned(plan_file, spec.process, prediction=spec.prediction,
+                                         backend=backend, model=spec.model)
+            info = sampler.info
+            schedule = f"tuned ({args.plan})"
+        else:
+            sampler = Sampler(spec.process, solver=info.name, steps=args.steps or 20,
+                              schedule=schedule, prediction=spec.prediction, backend=backend)
     except ValueError as e:
         raise UsageError(str(e)) from None
     model = spec.model
@@ -174,6 +187,89 @@ def cmd_sample(args) -> int:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         print(f"mean {flat.mean():.4g}, std {flat.std():.4g}, min {flat.min():.4g}, "
               f"max {flat.max():.4g} (give --output FILE to keep them)")
+    return 0
+
+
+def _load_plan_file(path):
+    """pe.load_plan, its errors as UsageError (exit 2)."""
+    from .tuning.artifact import load_plan
+    try:
+        return load_plan(path)
+    except FileNotFoundError:
+        raise UsageError(f"--plan {path!r}: no such file (write one with `pyengine tune`)") \
+            from None
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--plan: {e}") from None
+
+
+def _digits_features():
+    """The bundled digit classifier's features of model-space samples, differentiable (the
+    feature distance of ``pyengine tune digits --loss features``)."""
+    from .models.digits import _classifier
+
+    clf, _ = _classifier()
+
+    def features(x):
+        return clf.features(((x.reshape(x.shape[0], 64) + 1.0) * 0.5).clamp(0.0, 1.0))
+    return features
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from .distributed import initial_noise
+    from .models.load import load_model
+    from .output import check_writable
+    from .sampler import Sampler
+
+    torch.set_num_threads(args.threads)
+    info = _solver_info(args.solver)
+    if info.family == "inversion" or info.stochastic:
+        raise UsageError(f"solver {info.name!r} is not a deterministic sampling solver; tuning "
+                         f"needs one (e.g. dpmpp_2m, unipc, ipndm)")
+    schedule = _schedule_name(args.schedule)
+    check_writable(args.output)                       # before any tuning
+    spec = load_model(args.model, process=args.process, prediction=args.prediction,
+                      shape=args.shape, dim=args.dim, model_seed=args.model_seed)
+    if args.loss == "features" and args.model != "digits":
+        raise UsageError("--loss features uses the digits classifier: only for the digits model")
+    sampler = None
+    for steps in range(1, args.nfe + 1):
+        try:
+            s = Sampler(spec.process, solver=info.name, steps=steps, schedule=schedule,
+                        prediction=spec.prediction)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if s.nfe == args.nfe:
+            sampler = s
+            break
+    if sampler is None:
+        raise UsageError(f"no step count of {info.name} makes exactly --nfe {args.nfe} model "
+                         f"calls")
+    try:
+        from .tuning.fit import tune
+    except ImportError as e:                      # pragma: no cover - a broken install
+        raise UsageError(f"tuning is not available: {e}") from None
+    noise = initial_noise(args.seed, range(args.num), spec.shape, dtype=torch.float64)
+    feature = _digits_features() if args.loss == "features" else None
+    schedule_only = args.schedule_only
+    t0 = time.perf_counter()
+    result = tune(sampler, spec.model, noise, feature=feature, iters=args.iters,
+                  times=not schedule_only, coefficients=not schedule_only,
+                  batch_size=args.batch, seed=args.seed, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    result.save(args.output)
+    losses = result.provenance.get("losses", {})
+
+    def val(k):
+        v = losses.get(k, {}).get("val") if isinstance(losses.get(k), dict) else None
+        return f"{v:.4g}" if isinstance(v, float) else "-"
+    _say(args, f"pyengine tune: {spec.label}, {info.name} at {sampler.nfe} NFE ({schedule} "
+               f"start), {args.num} noises (seed {args.seed}), {args.loss} loss: validation "
+               f"loss {val('base')} (base) -> {val('schedule')} (schedule) -> {val('tuned')} "
+               f"(tuned) in {seconds:.1f} s")
+    _say(args, f"wrote {args.output} (sample with: pyengine sample {args.model} --plan "
+               f"{args.output})")
     return 0
 
 
@@ -303,11 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                "pyengine sample mypkg.models:make_unet --shape 3,32,32 -o x.pt")
     sm.add_argument("model", nargs="?", default="digits",
                     help="digits (default), gmm, or module:attr")
-    sm.add_argument("--solver", default="dpmpp_2m",
+    sm.add_argument("--solver", default=None,
                     help="solver name (default dpmpp_2m; `pyengine solvers` lists them)")
-    sm.add_argument("--steps", type=_positive_int, default=20,
+    sm.add_argument("--steps", type=_positive_int, default=None,
                     help=f"solver steps, at most {MAX_STEPS} (default 20)")
-    sm.add_argument("--schedule", default="karras",
+    sm.add_argument("--plan", default=None, metavar="FILE",
+                    help="sample with a tuned plan file (`pyengine tune` writes one) instead "
+                         "of --solver/--steps/--schedule; refused unless it was tuned for the "
+                         "model's process and prediction")
+    sm.add_argument("--schedule", default=None,
                     help="noise schedule (default karras; known: "
                          + ", ".join(sorted(_schedules())) + ")")
     sm.add_argument("--seed", type=_seed, default=0,
@@ -344,6 +444,51 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     sm.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     sm.set_defaults(func=cmd_sample)
+
+    # -- tune --------------------------------------------------------------------------
+    tn = sub.add_parser(
+        "tune", help="fit a plan to a model and write it to a file",
+        description="Fit the schedule, the model-evaluation times and the coefficients of a "
+                    "solver's plan at a fixed NFE to a model (pyengine.tuning.tune): teacher "
+                    "endpoints from a high-accuracy run, a train / validation split of the "
+                    "noise, the best validation loss kept. The file samples with `pyengine "
+                    "sample MODEL --plan FILE` or pe.Sampler.from_tuned.",
+        epilog="example: pyengine tune digits --nfe 5 -o digits-nfe5.json && "
+               "pyengine sample digits --plan digits-nfe5.json")
+    tn.add_argument("model", nargs="?", default="digits",
+                    help="digits (default), gmm, or module:attr (as for sample)")
+    tn.add_argument("--nfe", type=_positive_int, required=True,
+                    help="model evaluations of the tuned plan")
+    tn.add_argument("--output", "-o", required=True, help="the plan file to write (.json)")
+    tn.add_argument("--solver", default="dpmpp_2m",
+                    help="base solver, deterministic (default dpmpp_2m)")
+    tn.add_argument("--schedule", default="karras",
+                    help="the schedule the fit starts from (default karras)")
+    tn.add_argument("-n", "--num", dest="num", type=_positive_int, default=256,
+                    help="noises to fit on, a quarter held out for validation (default 256)")
+    tn.add_argument("--seed", type=_seed, default=1,
+                    help="seed of the noise (Philox keys (seed, i), as sample's) and of the "
+                         "split (default 1; sample's default seed 0 stays out of the fit)")
+    tn.add_argument("--iters", type=_nonneg_int, default=300,
+                    help="gradient iterations at most (default 300; early stopping on the "
+                         "validation loss)")
+    tn.add_argument("--batch", type=_positive_int, default=128,
+                    help="samples per walk (bounds memory; default 128)")
+    tn.add_argument("--loss", choices=("l2", "features"), default="l2",
+                    help="endpoint distance: l2 (default) or, for digits, the digit "
+                         "classifier's features")
+    tn.add_argument("--schedule-only", action="store_true",
+                    help="fit the schedule alone (no evaluation times or coefficients)")
+    tn.add_argument("--process", default=None, choices=list(PROCESSES),
+                    help="forward process of gmm or a user model (as for sample)")
+    tn.add_argument("--prediction", default=None, help="what the model predicts (as for sample)")
+    tn.add_argument("--shape", default=None, help="shape of one sample (as for sample)")
+    tn.add_argument("--dim", type=_positive_int, default=2, help="dimension of gmm (default 2)")
+    tn.add_argument("--model-seed", type=_nonneg_int, default=0,
+                    help="seed of the gmm model's mixture (default 0)")
+    tn.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    tn.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    tn.set_defaults(func=cmd_tune)
 
     # -- demo --------------------------------------------------------------------------
     dc = DemoConfig()
@@ -386,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NFE of the 2-D scatter plot (default {dc.scatter_nfe})")
     d.add_argument("--no-digits", action="store_true", help="skip the digits model")
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    d.add_argument("--no-tuning", action="store_true",
+                   help="skip the GITS and tuned plans (the digits table's last rows, the "
+                        "fixed vs tuned table and plot on the mixture)")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 

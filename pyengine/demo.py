@@ -1,6 +1,17 @@
 """``pyengine demo``: every solver on the exact Gaussian mixture (error against the exact
-PF-ODE endpoint, time per step), the trained digits model per solver and NFE, and the plots
-(error vs NFE, a 2-D scatter, a per-step timing chart; PNG, with matplotlib)."""
+PF-ODE endpoint, time per step), the trained digits model per solver and NFE with a
+schedule-tuned (GITS) and a fully tuned plan beside the fixed solvers, and the plots (error vs
+NFE of fixed, schedule-tuned and tuned plans, a 2-D scatter, a per-step timing chart; PNG,
+with matplotlib).
+
+The digits model's tuned plan is the bundled file :data:`TUNED_DIGITS` (fitting it takes
+minutes on a CPU, more than a demo should), made by::
+
+    pyengine tune digits --nfe 5 -o pyengine/models/digits_nfe5.json
+
+(the command's defaults: dpmpp_2m from the Karras grid, 256 noises of seed 1, which the
+demo's seeds are not). Retraining the weights makes it stale: the demo then says so.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +23,13 @@ from pathlib import Path
 from .errors import UsageError
 from .render import counting, progress
 
-__all__ = ["DemoConfig", "run", "gmm_table", "digits_section", "plots_section"]
+__all__ = ["DemoConfig", "TUNED_DIGITS", "run", "gmm_table", "digits_section", "plots_section",
+           "tuning_section"]
+
+#: the bundled tuned plan of the digits model (see the module docstring)
+TUNED_DIGITS = Path(__file__).with_name("models") / "digits_nfe5.json"
+#: the command that makes it
+TUNED_DIGITS_COMMAND = "pyengine tune digits --nfe 5 -o pyengine/models/digits_nfe5.json"
 
 
 @dataclass
@@ -33,6 +50,7 @@ class DemoConfig:
     scatter_nfe: int = 10
     digits: bool = True
     plots: bool = True
+    tuning: bool = True                   # GITS and tuned plans beside the fixed solvers
     quiet: bool = False
 
 
@@ -227,6 +245,8 @@ def digits_section(cfg: DemoConfig, infos, out: Path) -> Path:
                 at = f" @{s.nfe}" if s.nfe != nfe else ""
                 cells.append(f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}{at}")
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if cfg.tuning:
+        _digits_tuned_rows(cfg, names, process, model, prediction, noise, grid)
     path = out / "digits_grid.png"
     if have_matplotlib():
         plot_digits_grid(grid, path)
@@ -234,9 +254,71 @@ def digits_section(cfg: DemoConfig, infos, out: Path) -> Path:
         per_row = max(len([k for k in grid if k[0] == name]) for name in names)
         save_image_grid(torch.cat(list(grid.values())), path, nrow=min(n, 16) * per_row,
                         scale=4)
+    rows = list(dict.fromkeys(k[0] for k in grid))
     print(f"wrote {path} (the first {min(n, 16)} samples of each cell, the same seeds "
-          f"everywhere; rows: {', '.join(names)}; columns: NFE {', '.join(map(str, nfes))})")
+          f"everywhere; rows: {', '.join(rows)}; columns: NFE {', '.join(map(str, nfes))})")
     return path
+
+
+def _digits_tuned_rows(cfg: DemoConfig, names, process, model, prediction, noise,
+                       grid) -> None:
+    """Two more rows of the digits table: the first solver on the GITS grid (a teacher run on
+    64 noises of seed cfg.seed + 1000), and the bundled tuned plan at its NFE."""
+    import warnings
+
+    import torch
+
+    from .models.digits import quality, to_pixels
+    from .sampler import Sampler
+    from .tuning.artifact import load_plan
+    from .tuning.gits import dp_path, step_costs, teacher_trajectory
+
+    nfes = cfg.digits_nfe
+    base = "dpmpp_2m" if "dpmpp_2m" in names or not names else names[0]
+    if _info(base).nfe_per_step != 1:
+        base = "dpmpp_2m"
+    train = torch.randn(64, *model.sample_shape,
+                        generator=torch.Generator().manual_seed(cfg.seed + 1000))
+    ref = Sampler(process, base, steps=nfes[0], prediction=prediction)
+    traj = teacher_trajectory(ref, model, train.to(torch.float64), fine_steps=100)
+    costs = step_costs(traj)
+    cells = []
+    for nfe in nfes:
+        if nfe >= traj.sigmas.size:
+            cells.append("-")
+            continue
+        s = Sampler(process, base, sigmas=traj.sigmas[dp_path(costs, nfe)[0]],
+                    prediction=prediction)
+        x = s.sample(model, noise, seed=cfg.seed)
+        q = quality(x)
+        grid[(f"{base} + GITS", s.nfe)] = to_pixels(x[:16])
+        cells.append(f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}")
+    print(f"| {base} + GITS | " + " | ".join(cells) + " |", flush=True)
+    note = ""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            f = load_plan(TUNED_DIGITS)
+            s = Sampler.from_tuned(f, process, prediction=prediction, model=model)
+        if caught:
+            note = (" The bundled plan was fitted to other weights than these: regenerate it "
+                    f"with `{TUNED_DIGITS_COMMAND}`.")
+    except (OSError, ValueError) as e:
+        print(f"(no tuned row: {e}; make the file with `{TUNED_DIGITS_COMMAND}`)")
+        return
+    x = s.sample(model, noise, seed=cfg.seed)
+    q = quality(x)
+    label = f"tuned {f.provenance.get('base_solver', '')}".strip()
+    grid[(label, s.nfe)] = to_pixels(x[:16])
+    cell = f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}"
+    cells = [cell if nfe == s.nfe else "-" for nfe in nfes]
+    if s.nfe not in nfes:
+        cells[0] = f"{cell} @{s.nfe}"
+    print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    print(f"GITS: the {base} solver on a grid chosen by dynamic programming over a 100-level "
+          f"teacher run (pyengine.tuning.gits). tuned: the bundled plan {TUNED_DIGITS.name} "
+          f"(schedule, evaluation times and coefficients fitted to this model by "
+          f"`{TUNED_DIGITS_COMMAND}`).{note}")
 
 
 def plots_section(cfg: DemoConfig, infos, out: Path, backend: str) -> list:
@@ -274,6 +356,32 @@ def plots_section(cfg: DemoConfig, infos, out: Path, backend: str) -> list:
     return paths
 
 
+def tuning_section(cfg: DemoConfig, out: Path, plot: bool) -> Path | None:
+    """Fixed, GITS-grid and fully tuned plans on an exact mixture by NFE: the medians as a
+    table and, with ``plot``, tuning_error_vs_nfe.png (its path is returned)."""
+    from .plots import plot_tuning_error_vs_nfe, tuning_error_vs_nfe
+
+    nfes = (3, 4, 5, 6, 8)
+    solvers = ("dpmpp_2m", "unipc", "ipndm")
+    with progress(len(nfes) * (len(solvers) + 1), "fixed, GITS and tuned plans",
+                  cfg.quiet) as bar:
+        results = tuning_error_vs_nfe(nfes, solvers, seed=cfg.seed, progress=bar.update)
+    print()
+    print("Tuned plans on an exact Gaussian mixture (d=16, EDM, Karras 80 -> 0.002 without the "
+          "final step to 0): median RMS error against the exact PF-ODE endpoint of 64 held-out "
+          "noises; GITS grids and tuned plans fitted on 48 other noises.")
+    print()
+    print("| plan | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    print("|" + "---|" * (len(nfes) + 1))
+    for label, pts in results.items():
+        print(f"| {label} | " + " | ".join(_fmt_err(p[1]) for p in pts) + " |")
+    if not plot:
+        return None
+    path = plot_tuning_error_vs_nfe(results, out / "tuning_error_vs_nfe.png")
+    print(f"wrote {path}")
+    return path
+
+
 def run(cfg: DemoConfig) -> int:
     """The whole demo, printed as it runs; PNGs and bench.md go to ``cfg.out``."""
     import torch
@@ -292,6 +400,8 @@ def run(cfg: DemoConfig) -> int:
     gmm_table(cfg, infos, backend)
     if cfg.digits:
         digits_section(cfg, infos, out)
+    if cfg.tuning:
+        tuning_section(cfg, out, cfg.plots and have_matplotlib())
     if cfg.plots:
         if have_matplotlib():
             for path in plots_section(cfg, infos, out, backend):

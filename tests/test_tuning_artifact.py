@@ -184,7 +184,7 @@ def test_process_description_and_mismatch():
 
 def test_from_tuned_refuses_mismatch(tmp_path, tuned_2m):
     path = save_plan(tuned_2m, tmp_path / "p.json", provenance=_prov())
-    with pytest.raises(ValueError, match=r"p\.json.*EDM process.*VPDiscrete"):
+    with pytest.raises(ValueError, match=r"p\.json.*process EDM, the given process is VPDiscrete"):
         pe.Sampler.from_tuned(path, pe.processes.named("vp"))
     with pytest.raises(ValueError, match="sigma_max 80.0 \\(plan\\) vs 60.0 \\(given\\)"):
         pe.Sampler.from_tuned(path, pe.processes.EDM(sigma_max=60.0))

@@ -168,8 +168,8 @@ def process_mismatch(description: dict, process) -> str | None:
     if not isinstance(description, dict) or "class" not in description:
         return f"the plan's process description {description!r} has no class"
     if description["class"] != given["class"]:
-        return (f"the plan was tuned for a {description['class']} process, the given process "
-                f"is a {given['class']} ({process!r})")
+        return (f"the plan was tuned for the process {description['class']}, the given "
+                f"process is {given['class']} ({process!r})")
     diffs = [f"{k} {description.get(k)!r} (plan) vs {given.get(k)!r} (given)"
              for k in sorted(set(description) | set(given))
              if not _same(description.get(k), given.get(k))]
