@@ -396,3 +396,19 @@ def test_history_survives_a_model_that_rewrites_its_output_buffer():
             buf.clear()
             assert torch.equal(smp.sample(static, noise, backend=backend), want), \
                 (solver, backend)
+
+
+def test_time_rows_reused_only_while_unmodified():
+    """The [B] model-time rows are kept on the program between walks; a model that writes
+    into its ``t`` must not change what the next evaluation or the next walk sees."""
+    def scribbling(x, t):
+        out = model(x, t.clone())
+        t.zero_()
+        return out
+
+    smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=6)
+    noise = _noise((2, 3, 4, 4), seed=8)
+    want = smp.sample(model, noise, backend="torch")
+    for _ in range(2):
+        assert torch.equal(smp.sample(scribbling, noise, backend="cpp"), want)
+        assert torch.equal(smp.sample(model, noise, backend="cpp"), want)

@@ -178,9 +178,18 @@ def device_name(device) -> str:
     return "cpu:" + (platform.processor() or platform.machine())
 
 
+_DEFAULT_RANKING: list = []
+
+
 def ranking_file() -> str:
-    return os.environ.get("PYENGINE_RANKING_FILE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "pyengine", "ranking.json")
+    """$PYENGINE_RANKING_FILE, else ~/.cache/pyengine/ranking.json (home resolved once)."""
+    path = os.environ.get("PYENGINE_RANKING_FILE")
+    if path:
+        return path
+    if not _DEFAULT_RANKING:
+        _DEFAULT_RANKING.append(os.path.join(os.path.expanduser("~"), ".cache", "pyengine",
+                                             "ranking.json"))
+    return _DEFAULT_RANKING[0]
 
 
 _WARNED: set = set()
@@ -283,6 +292,7 @@ def rank(device="cpu", call: Call | None = None, reps: int = 20) -> list[tuple[s
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     _ORDER_CACHE.clear()
+    _GET_CACHE.clear()
     return times
 
 
@@ -316,14 +326,24 @@ def _describe(call: Call) -> str:
     return f"{call.device}, {dts}, K={call.K}, {call.numel} elements"
 
 
+#: get()'s answers for a typical call: (name, ranking file, device, dtype) -> module (what
+#: decides them -- installed packages, the device type, the ranking -- is fixed per process
+#: unless rank() stores a new ranking, which clears this)
+_GET_CACHE: dict = {}
+
+
 def get(name: str | None = None, device=None, *, dtype=None, call: Call | None = None):
     """The backend for ``device`` (default cpu) and ``dtype`` (default float32), or for a
     concrete ``call``; see :func:`select`."""
     name = name or os.environ.get("PYENGINE_BACKEND") or None
     if call is None:
-        if device is None and name in REGISTRY:     # a forced backend, on its own device
-            device = (getattr(REGISTRY[name], "device_types", None) or ("cpu",))[0]
-        call = Call.typical(device, dtype or torch.float32)
+        key = (name, ranking_file(), str(device), dtype)
+        be = _GET_CACHE.get(key)
+        if be is None:
+            if device is None and name in REGISTRY:     # a forced backend, on its own device
+                device = (getattr(REGISTRY[name], "device_types", None) or ("cpu",))[0]
+            be = _GET_CACHE[key] = select(Call.typical(device, dtype or torch.float32), name)
+        return be
     return select(call, name)
 
 

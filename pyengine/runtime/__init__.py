@@ -62,8 +62,12 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
         if generator is not None:
             noise = GeneratorDraws(generator)
         else:
-            seeds = seeds_tensor(seed, x.shape[0])     # validated even when nothing is drawn
-            noise = PhiloxDraws(seeds.to(x.device) if plan.n_noise else None)
+            if plan.n_noise or type(seed) is not int or not 0 <= seed < 2 ** 32:
+                # validated even when nothing is drawn
+                seeds = seeds_tensor(seed, x.shape[0])
+                noise = PhiloxDraws(seeds.to(x.device) if plan.n_noise else None)
+            else:
+                noise = PhiloxDraws(None)               # a valid int seed, nothing drawn
     w = Walker(program, model, be, noise=noise, compute_dtype=compute_dtype, mask=mask,
                callback=callback, extra_args=extra_args,
                recycle=callback is None if recycle is None else recycle)

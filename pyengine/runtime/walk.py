@@ -92,6 +92,8 @@ class Program:
         self.segments = [self.instructions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self.customs = [ins[1] for ins in self.instructions if ins[0] == CUSTOM]
         self._host_lists = None
+        # [B] model-time rows by (B, dtype, device, denoiser), reused while unmodified
+        self.time_rows: dict = {}
         # call structures already validated against the fused-update contract: each
         # structure is checked once per program, then its steps run trusted
         self.validated: set = set()
@@ -402,11 +404,25 @@ class Walker:
         if self._rows is None or self._rows_b != B:
             tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
             den = self.adapter.is_denoiser
-            vals = [op.sigma if den else op.t for op in self.program.evals]
-            rows = torch.tensor(vals, dtype=tdt).view(-1, 1).expand(-1, B).contiguous()
-            self._rows = list(rows.to(x.device).unbind(0))
+            # kept on the program for the next walk of the same batch size, dtype and device
+            key = (B, tdt, x.device, den)
+            cache = self.program.time_rows
+            entry = cache.get(key)
+            if entry is None or entry[0][0]._version != entry[1]:
+                vals = [op.sigma if den else op.t for op in self.program.evals]
+                t = torch.tensor(vals, dtype=tdt).view(-1, 1).expand(-1, B).contiguous()
+                rows = list(t.to(x.device).unbind(0))
+                entry = cache[key] = (rows, rows[0]._version)
+            self._rows, self._rows_v = entry
             self._rows_b = B
-        return self._rows[i]
+        row = self._rows[i]
+        if row._version != self._rows_v:
+            # the model changed a time row in place (the rows share one version counter):
+            # this walk and later ones make new rows
+            self.program.time_rows.clear()
+            self._rows = None
+            return self._time_row(i, x)
+        return row
 
     def update(self, op: Update, i: int) -> None:
         """Fused update ``i`` with the numbers source's coefficients."""
