@@ -59,8 +59,6 @@ _EDM_ZERO_STEP = ("nan", "the test's configuration loop reaches final_sigmas_typ
                   "with the order-2 heun update, whose last step has length 0: diffusers "
                   "divides by h = 0 there (nan); the drop-in refuses that grid at "
                   "set_timesteps")
-_SDE_DPM = ("refused", "algorithm_type='sde-dpmsolver' (noise-prediction form with noise) and "
-            "singlestep 'sde-dpmsolver++' have no registry solver")
 _PNDM_ETS = ("private", "the test writes PNDMScheduler's private multistep history "
              "(scheduler.ets = four dummy past residuals) and calls step_prk / step_plms with "
              "it at a timestep outside a run (t = 0, the schedule's last entry, or one not in "
@@ -77,8 +75,6 @@ EXPECTED_FAILURES: dict[str, dict[str, tuple]] = {
     "DDIMScheduler": {"test_betas": _NAN_BETAS},
     "LCMScheduler": {"test_betas": _NAN_BETAS},
     "TCDScheduler": {"test_betas": _NAN_BETAS},
-    "DPMSolverMultistepScheduler": {"test_solver_order_and_type": _SDE_DPM},
-    "DPMSolverSinglestepScheduler": {"test_solver_order_and_type": _SDE_DPM},
     "EDMDPMSolverMultistepScheduler": {"test_thresholding": _EDM_ZERO_STEP},
     "KDPM2AncestralDiscreteScheduler": {"test_full_loop_with_noise": (
         "float32", "expects sum |x| = 93087.3437 within 1e-2 (1.1e-7 relative, below the float32 "

@@ -175,6 +175,12 @@ SCHEDULERS = [
     ("DPM SDE 2M", lambda: D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
      10, None),
     ("DPM singlestep o3", lambda: D.DPMSolverSinglestepScheduler(solver_order=3), 8, None),
+    ("DPM sde-dpmsolver (noise prediction with noise)", lambda: D.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), 10, None),
+    ("DPM SDE 3M", lambda: D.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                                         solver_order=3), 10, None),
+    ("DPM singlestep SDE o2", lambda: D.DPMSolverSinglestepScheduler(
+        algorithm_type="sde-dpmsolver++"), 9, None),
     ("UniPC", lambda: D.UniPCMultistepScheduler(), 8, None),
     ("UniPC o3, disable_corrector", lambda: D.UniPCMultistepScheduler(
         solver_order=3, disable_corrector=[0, 3]), 10, None),
@@ -355,8 +361,8 @@ def test_unsupported_and_misuse_raise():
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())
     with pytest.raises(NotImplementedError, match="algorithm_type"):
-        FusedScheduler.from_scheduler(D.DPMSolverMultistepScheduler(
-            algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")).set_timesteps(10)
+        FusedScheduler.from_scheduler(D.EDMDPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver++", solver_order=3)).set_timesteps(10)
     fused = FusedScheduler.from_scheduler(D.EulerDiscreteScheduler())
     x = torch.randn(SHAPE)
     # before set_timesteps the step is the wrapped class's own (its error for an int index)

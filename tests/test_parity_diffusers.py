@@ -245,6 +245,23 @@ DPM_CASES = [
      (16,)),
     ("SDE 1 (= DDIM eta 1)", dict(algorithm_type="sde-dpmsolver++", solver_order=1), (10,)),
     ("1 (= DDIM)", dict(solver_order=1, prediction_type="v_prediction"), (10,)),
+    # noise prediction with noise (diffusers: nan on a step to sigma 0, hence sigma_min)
+    ("sde-dpmsolver 2 eps", dict(algorithm_type="sde-dpmsolver",
+                                 final_sigmas_type="sigma_min"), (1, 2, 5, 16)),
+    ("sde-dpmsolver 2 v, heun", dict(algorithm_type="sde-dpmsolver", solver_type="heun",
+                                     prediction_type="v_prediction",
+                                     final_sigmas_type="sigma_min"), (8, 20)),
+    ("sde-dpmsolver 2 sample, karras", dict(algorithm_type="sde-dpmsolver",
+                                            prediction_type="sample", use_karras_sigmas=True,
+                                            final_sigmas_type="sigma_min"), (12,)),
+    ("sde-dpmsolver 1", dict(algorithm_type="sde-dpmsolver", solver_order=1,
+                             final_sigmas_type="sigma_min"), (10,)),
+    # order 3 with no third-order step (diffusers raises at one)
+    ("sde-dpmsolver 3, 2 steps", dict(algorithm_type="sde-dpmsolver", solver_order=3,
+                                      final_sigmas_type="sigma_min"), (2,)),
+    ("SDE 3M eps", dict(algorithm_type="sde-dpmsolver++", solver_order=3), (5, 16, 20)),
+    ("SDE 3M v, heun", dict(algorithm_type="sde-dpmsolver++", solver_order=3,
+                            solver_type="heun", prediction_type="v_prediction"), (10,)),
 ]
 
 
@@ -270,6 +287,13 @@ SINGLESTEP_CASES = [
                                                final_sigmas_type="sigma_min"), (10,)),
     ("single o3 karras, sigma_min final", dict(use_karras_sigmas=True, solver_order=3,
                                                final_sigmas_type="sigma_min"), (9, 12)),
+    # SDE: noise drawn in every step(), intermediate steps of a block too
+    ("single sde o1", dict(algorithm_type="sde-dpmsolver++", solver_order=1), (1, 5)),
+    ("single sde o2 eps", dict(algorithm_type="sde-dpmsolver++"), (2, 7, 16)),
+    ("single sde o2 v, heun", dict(algorithm_type="sde-dpmsolver++", solver_type="heun",
+                                   prediction_type="v_prediction"), (10,)),
+    ("single sde o3 sample", dict(algorithm_type="sde-dpmsolver++", solver_order=3,
+                                  prediction_type="sample"), (9, 16)),
 ]
 
 
@@ -377,12 +401,8 @@ def test_imports_without_diffusers():
 UNSUPPORTED = [
     ("ddpm", "variance_type",
      lambda: D.DDPMScheduler(clip_sample=False, variance_type="learned_range")),
-    ("dpm", "algorithm_type", lambda: D.DPMSolverMultistepScheduler(
-        algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
     ("edm dpm sde order 3", "algorithm_type", lambda: D.EDMDPMSolverMultistepScheduler(
         algorithm_type="sde-dpmsolver++", solver_order=3)),
-    ("single", "algorithm_type",
-     lambda: D.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++")),
     ("unipc", "predict_x0", lambda: D.UniPCMultistepScheduler(predict_x0=False)),
     ("ddim", "rescale_betas_zero_snr",
      lambda: D.DDIMScheduler(clip_sample=False, rescale_betas_zero_snr=True,
@@ -426,6 +446,10 @@ def test_unrepresentable_or_nan_configs_raise():
     # PNDM's prev_timestep = t - N // n misses the next timestep with linspace spacing
     with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
         from_diffusers(D.PNDMScheduler(skip_prk_steps=True, timestep_spacing="linspace"), 7)
+    # sde-dpmsolver: diffusers raises at a third-order step
+    with pytest.raises(ValueError, match="third-order"):
+        from_diffusers(D.DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"), 5)
     # a single step of length 0 (PNDM with set_alpha_to_one=False at 1 step)
     with pytest.raises(ValueError, match="length 0"):
         from_diffusers(D.PNDMScheduler(skip_prk_steps=True), 1)
@@ -628,6 +652,28 @@ def test_pndm_prk_float64(cfg, steps):
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     WORST["PNDMScheduler float64"] = max(WORST.get("PNDMScheduler float64", 0.0), err)
     assert out.dtype == torch.float64 and err < 1e-12, err
+
+
+def test_single_sde_o3_heun_amplified_rounding():
+    # diffusers' third-order SDE heun update weighs D2 (a second divided difference of the
+    # model outputs over r0 - r1) by (1 - e^-2h - 2h)/(2h)^2 - 1/2 ~ -1, where the ODE's
+    # weight is ~h/6: float32 rounding of the outputs' differences (diffusers rounds each
+    # operation, pyengine once per fused update) shows at 2.6e-5. In float64 (same draws) the
+    # two agree to 1.2e-6 (diffusers' float32 coefficients).
+    global TOL
+    sch = D.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3,
+                                         solver_type="heun", final_sigmas_type="sigma_min")
+    old, TOL = TOL, 5e-5
+    try:
+        check_parity("single sde o3 heun, sigma_min final (float32 rounding amplified)", sch,
+                     12)
+    finally:
+        TOL = old
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = diffusers_loop(sch, _Float64Model(), noise, 12, 1)
+    sampler = from_diffusers(sch, 12)
+    out = sampler.sample(_Float64Model(), noise, generator=torch.Generator().manual_seed(1))
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-6
 
 
 def test_deis_flow_float32_coefficients():

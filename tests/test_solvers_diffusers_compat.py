@@ -274,3 +274,74 @@ def test_pndm(n, midpoint):
     if n >= 2:
         _, plms = run("pndm_plms", sig, timesteps=ts.astype(float))
         assert rel(out, plms) > 1e-4
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("order,n", [(1, 4), (2, 1), (2, 7)])
+def test_dpm_multistep_sde_dpmsolver(order, n, solver_type):
+    # noise prediction with noise (diffusers' sde-dpmsolver), in the process state:
+    # x' = (a'/a) x - 2 s'_dpm (e^h - 1) eps0 [- s'_dpm (e^h - 1) D1 | - 2 s'_dpm ((e^h - 1)/h
+    # - 1) D1] + s'_dpm sqrt(e^2h - 1) z, D1 = (eps0 - eps_-1) / r
+    sig = grid(n, 60 + n, zero=False)
+    noise, out = run("dpm_multistep", sig, order=order, algorithm="sde-dpmsolver",
+                     solver_type=solver_type, lower_order_final=False)
+    g = torch.Generator().manual_seed(0)
+    x, prev = noise.clone(), None
+    for i in range(n):
+        eps, _ = call(x, sig[i])
+        a, a1 = s_of(sig[i]), s_of(sig[i + 1])
+        sd1 = a1 * sig[i + 1]
+        h = math.log(sig[i] / sig[i + 1])
+        e = math.exp(h) - 1.0
+        xn = (a1 / a) * x - 2.0 * sd1 * e * eps
+        if order == 2 and prev is not None:
+            r = math.log(prev[1] / sig[i]) / h
+            D1 = (eps - prev[0]) / r
+            xn = xn - (sd1 * e if solver_type == "midpoint" else 2.0 * sd1 * (e / h - 1.0)) * D1
+        z = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+        x = xn + sd1 * math.sqrt(math.exp(2 * h) - 1.0) * z
+        prev = (eps, sig[i])
+    assert rel(out, x) < TOL
+    # the step to sigma 0: the limit of the first-order step, x_hat - 2 sigma eps + sigma z
+    sig0 = np.concatenate([sig[:2], [0.0]])
+    noise, out = run("dpm_multistep", sig0, order=1, algorithm="sde-dpmsolver")
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="third-order"):
+        run("dpm_multistep", sig, order=3, algorithm="sde-dpmsolver")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dpm_singlestep_sde(order):
+    # diffusers' singlestep sde-dpmsolver++ in x_hat: a block from x_b at sigma_b; every step
+    # x_hat' = e^-2h x_hat_b + (1 - e^-2h) D_b + w D1 + sigma' sqrt(1 - e^-2h) z, h = log
+    # sigma_b / sigma' (midpoint weights; its order-2 w = (1 - e^-2h)/2 on D1 = (D_1 - D_b)/r)
+    n = 6
+    sig = grid(n, 70 + order, zero=False)
+    noise, out = run("dpm_singlestep", sig, order=order, algorithm="sde-dpmsolver++",
+                     order_list=[1, 2, 3, 1, 2, 3][:n] if order == 3 else
+                     ([1, 2] * 3 if order == 2 else [1] * n))
+    g = torch.Generator().manual_seed(0)
+    xh = noise / s_of(sig[0])
+    orders = {1: [1] * n, 2: [1, 2] * 3, 3: [1, 2, 3] * 2}[order]
+    block, xb, sb = [], None, None
+    cur = xh
+    for i in range(n):
+        k = orders[i]
+        if k == 1:
+            block, xb, sb = [], cur, sig[i]
+        _, D = call(cur * s_of(sig[i]), sig[i])
+        block.append((sig[i], D))
+        t = sig[i + 1]
+        h = math.log(sb / t)
+        he = 2.0 * h
+        phi1 = -math.expm1(-he)
+        nxt = math.exp(-he) * xb + phi1 * block[0][1]
+        if k == 2:
+            r0 = math.log(sb / block[1][0]) / h
+            nxt = nxt + 0.5 * phi1 * (block[1][1] - block[0][1]) / r0
+        elif k == 3:
+            r0 = math.log(sb / block[2][0]) / h
+            nxt = nxt + (math.expm1(-he) / he + 1.0) * (block[2][1] - block[0][1]) / r0
+        z = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+        cur = nxt + t * math.sqrt(phi1) * z
+    assert rel(out, cur * s_of(sig[-1])) < TOL

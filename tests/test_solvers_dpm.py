@@ -608,7 +608,7 @@ def test_bad_options_raise():
     with pytest.raises(ValueError):
         pe.build_plan(PROC, "dpmpp_2m", sig, "epsilon", solver_type="bogus")
     with pytest.raises(ValueError):
-        pe.build_plan(PROC, "dpm_singlestep", sig, "epsilon", algorithm="sde-dpmsolver++")
+        pe.build_plan(PROC, "dpm_singlestep", sig, "epsilon", algorithm="sde-dpmsolver")
     with pytest.raises(ValueError):
         pe.build_plan(PROC, "dpm_multistep", sig, "epsilon", order=4)
     with pytest.raises(ValueError):

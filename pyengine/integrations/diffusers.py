@@ -492,11 +492,20 @@ def _dpm_multistep(name, sch, eta):
     if alg == "dpmsolver" and order in (2, 3):
         return _Recipe(solver="dpm_multistep", options=dict(
             order=order, algorithm="dpmsolver", solver_type=cfg.solver_type), **recipe)
+    if alg == "sde-dpmsolver++" and order == 3:
+        return _Recipe(solver="dpm_multistep", options=dict(
+            order=3, algorithm=alg, solver_type=cfg.solver_type), **recipe)
+    if alg == "sde-dpmsolver":
+        # (final_sigmas_type="zero" is refused by the class itself: its step to sigma 0 is nan)
+        if 3 in recipe["orders"]:
+            raise ValueError(
+                f"{name}(algorithm_type='sde-dpmsolver', solver_order={order}): diffusers' "
+                f"third-order update has no sde-dpmsolver branch (its step raises at the first "
+                f"third-order step), so there is no result to reproduce; use solver_order=2")
+        return _Recipe(solver="dpm_multistep", options=dict(
+            order=min(order, 2), algorithm=alg, solver_type=cfg.solver_type), **recipe)
     raise NotImplementedError(
-        f"{name}(algorithm_type={alg!r}, solver_order={order}) has no pyengine solver "
-        f"(supported: dpmsolver++ and dpmsolver orders 1-3, sde-dpmsolver++ orders 1-2; "
-        f"sde-dpmsolver draws noise in the noise-prediction form, which no registry solver "
-        f"has, and diffusers' sde-dpmsolver++ order 3 adds no noise on its third-order steps)")
+        f"{name}(algorithm_type={alg!r}, solver_order={order}) has no pyengine solver")
 
 
 #: max order of the pyengine DPM-Solver++ multistep solvers whose lower_order_final is settled
@@ -537,10 +546,10 @@ def _dpm_singlestep(name, sch, eta):
     cfg = sch.config
     _no_eta(name, eta)
     alg = cfg.algorithm_type
-    if alg not in ("dpmsolver++", "dpmsolver"):
+    if alg not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
         raise NotImplementedError(
-            f"{name}(algorithm_type={alg!r}) has no pyengine solver (dpmsolver++ and "
-            f"dpmsolver are supported)")
+            f"{name}(algorithm_type={alg!r}) has no pyengine solver (dpmsolver++, dpmsolver "
+            f"and sde-dpmsolver++ are supported)")
     proc = _process(name, sch)
     grid, ts = _multistep_state(sch)
     # set_timesteps has settled the order of every step (and may have switched
@@ -774,7 +783,8 @@ def _edm_dpm_multistep(name, sch, eta):
             eta=1.0, s_noise=1.0, solver_type=cfg.solver_type), **recipe)
     raise NotImplementedError(
         f"{name}(algorithm_type={alg!r}, solver_order={order}): diffusers' third-order "
-        f"update adds no noise while its sde step draws it; no registry solver does that")
+        f"update has only the dpmsolver++ branch (its step raises at the first third-order "
+        f"step of an sde-dpmsolver++ run), so there is no result to reproduce")
 
 
 def _deis(name, sch, eta):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .registry import register
+from .registry import Option, register
 from .stochasticity import noise_fraction
 
 __all__ = ["diffusers_order_list"]
@@ -35,6 +35,11 @@ def _phi2(h: float) -> float:
 def _phi3(h: float) -> float:
     """(e^-h - 1 + h)/h^2 - 1/2: minus the weight of h^2 D'' in the data-prediction update."""
     return (math.expm1(-h) + h) / (h * h) - 0.5
+
+
+#: diffusers' algorithm_type values the diffusers-semantics solvers take: the data (++) or
+#: noise prediction form, ODE or SDE.
+_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -176,7 +181,16 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
     ``d2_weight``. Order k = min(max_order, steps so far + 1), lowered at the end by
     ``lower_order_final``; ``warmup_2s`` makes the first step DPM-Solver++(2S)."""
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
-    pp = algorithm == "dpmsolver++"
+    _check_choice("algorithm", algorithm, _ALGORITHMS)
+    pp = algorithm in ("dpmsolver++", "sde-dpmsolver++")
+    if algorithm == "sde-dpmsolver++":
+        eta, s_noise, noisy = 1.0, 1.0, True
+    sde_eps = algorithm == "sde-dpmsolver"
+    if sde_eps:
+        noisy = True
+        if max_order > 2:
+            raise ValueError("algorithm='sde-dpmsolver' has no third-order update (diffusers' "
+                             "DPMSolverMultistepScheduler has none either): use order 1 or 2")
     sig = b.sigmas
     n = b.n_steps
     hist: list[tuple[str, float]] = []   # (slot holding m, lambda), newest last
@@ -186,7 +200,11 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
         x = b.xhat("x", s)
         D0, eps0 = b.evaluate("x", s)
         if t == 0:
-            b.assign("x", D0, t, noisy=noisy)
+            if sde_eps:
+                # the limit t -> 0 of the first-order step below (diffusers: nan there)
+                b.assign("x", x - 2.0 * s * eps0, t, noise=s, noisy=True)
+            else:
+                b.assign("x", D0, t, noisy=noisy)
             continue
         lam_s = _lam(s)
         h = _lam(t) - lam_s
@@ -221,8 +239,17 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
             xt = math.exp(-he) * x + _phi1(he) * m0
             if k == 2:
                 xt = xt + (0.5 * _phi1(he) if solver_type == "midpoint" else _phi2(he)) * D1_0
+            elif k == 3 and algorithm == "sde-dpmsolver++":
+                # diffusers' third-order SDE weights (its D2 weight is not -phi3(2h))
+                xt = xt + _phi2(he) * D1 + ((-math.expm1(-he) - he) / (he * he) - 0.5) * D2
             elif k == 3:
                 xt = xt + _phi2(h) * D1 - _phi3(h) * D2
+        elif sde_eps:
+            # noise prediction with noise: twice the ODE's drift, sqrt(sigma^2 - sigma'^2) z
+            e1 = math.expm1(h)
+            xt = x - (2.0 * t * e1) * m0
+            if k == 2:
+                xt = xt - (t * (e1 if solver_type == "midpoint" else 2.0 * (e1 / h - 1.0))) * D1_0
         else:
             e1 = math.expm1(h)
             xt = x - (t * e1) * m0
@@ -231,6 +258,8 @@ def _multistep(b, *, max_order: int, solver_type: str, lower_order_final: bool,
             elif k == 3:
                 xt = xt - (t * (e1 / h - 1.0)) * D1 - (t * ((e1 - h) / (h * h) - 0.5)) * D2
         std = s_noise * t * math.sqrt(-math.expm1(-2.0 * eta * h)) if eta > 0 else 0.0
+        if sde_eps:
+            std = t * math.sqrt(math.expm1(2.0 * h))
         b.assign("x", xt, t, noise=std, noisy=noisy, aux=keep, kind=f"multistep_order{k}")
         if keep is not None:
             hist.append((keep[0], lam_s))
@@ -307,20 +336,26 @@ def dpmpp_2m_sde(b, eta, s_noise, solver_type, lower_order_final, stochasticity)
 
 
 @register("dpm_multistep", order=2, nfe_per_step=1, stochastic=False, family="dpm",
-          summary="diffusers DPMSolverMultistepScheduler (ODE algorithms): dpmsolver++ is "
+          summary="diffusers DPMSolverMultistepScheduler: dpmsolver++ is "
                   "x_hat' = e^-h x_hat + (1 - e^-h) D0 + ..., dpmsolver (noise prediction) "
                   "x_hat' = x_hat - sigma' (e^h - 1) eps0 - ... with the 2M/3M differences "
-                  "(Lu 2022 DPM-Solver multistep / DPM-Solver++)",
+                  "(Lu 2022 DPM-Solver multistep / DPM-Solver++); the SDE forms "
+                  "sde-dpmsolver++ (h -> 2h, + sigma' sqrt(1 - e^-2h) z) and sde-dpmsolver "
+                  "(twice the drift, + sigma' sqrt(e^2h - 1) z)",
           options=("order", "algorithm", "solver_type", "lower_order_final"),
           defaults=dict(order=2, algorithm="dpmsolver++", solver_type="midpoint",
                         lower_order_final=True),
+          specs={"algorithm": Option("choice", choices=_ALGORITHMS)},
           variants=(("dpm_multistep[order=1]", {"order": 1}, 1, 1),
                     ("dpm_multistep[order=2]", {"order": 2}, 2, 1),
                     ("dpm_multistep[order=3]", {"order": 3}, 2, 1)))
 def dpm_multistep(b, order, algorithm, solver_type, lower_order_final):
     """diffusers' DPMSolverMultistepScheduler: ``algorithm`` "dpmsolver++" (= dpmpp_2m /
-    dpmpp_3m) or "dpmsolver" (noise prediction). Order 3 measures 2, as dpmpp_3m."""
-    _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
+    dpmpp_3m), "dpmsolver" (noise prediction), or their SDE forms "sde-dpmsolver++" (=
+    dpmpp_2m_sde at order 2; order 3 with diffusers' weights) and "sde-dpmsolver" (orders
+    1-2: x_hat' = x_hat - 2 sigma' (e^h - 1) eps0 - ... + sqrt(sigma^2 - sigma'^2) z). Order 3
+    measures 2, as dpmpp_3m."""
+    _check_choice("algorithm", algorithm, _ALGORITHMS)
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     _multistep(b, max_order=int(order), solver_type=solver_type,
@@ -384,6 +419,7 @@ def _effective_orders(order_list, n: int, final_zero: bool) -> list[int]:
           options=("order", "algorithm", "solver_type", "lower_order_final", "order_list"),
           defaults=dict(order=2, algorithm="dpmsolver++", solver_type="midpoint",
                         lower_order_final=True, order_list=None),
+          specs={"algorithm": Option("choice", choices=_ALGORITHMS[:3])},
           variants=(("dpm_singlestep[order=1]", {"order": 1}, 1, 1),
                     ("dpm_singlestep[order=2]", {"order": 2}, 2, 1),
                     ("dpm_singlestep[order=3]", {"order": 3}, 2, 1)))
@@ -391,9 +427,12 @@ def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_li
     """diffusers' DPMSolverSinglestepScheduler (Lu 2022a/b singlestep updates), one model call
     per grid step: a block of order k ends with x_hat' = e^-h x_hat_b + (1 - e^-h) m_b + ...
     from the block's start state x_hat_b. ``order_list``: per-step orders (None:
-    :func:`diffusers_order_list`). Order 3 measures 2 (docs/solvers.md)."""
-    _check_choice("algorithm", algorithm, ("dpmsolver++", "dpmsolver"))
+    :func:`diffusers_order_list`). ``algorithm="sde-dpmsolver++"``: h -> 2h in the data
+    prediction weights and sigma' sqrt(1 - e^-2h) z added on every step, intermediate ones
+    too (diffusers' singlestep SDE). Order 3 measures 2 (docs/solvers.md)."""
+    _check_choice("algorithm", algorithm, _ALGORITHMS[:3])
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
+    sde = algorithm == "sde-dpmsolver++"
     sig = b.sigmas
     n = b.n_steps
     final_zero = sig[-1] == 0
@@ -401,7 +440,7 @@ def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_li
         order_list = diffusers_order_list(n, int(order), bool(lower_order_final),
                                           final_zero)
     orders = _effective_orders(order_list, n, final_zero)
-    pp = algorithm == "dpmsolver++"
+    pp = algorithm != "dpmsolver"
     block: list[tuple[float, object]] = []   # (sigma, model output as D or eps) of the block
     cur = "x"                                # slot holding the current state
     for i in range(n):
@@ -419,12 +458,17 @@ def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_li
         xb = b.xhat("x", sb)                 # the block's start state (never overwritten inside)
         m = [mo for _, mo in block]          # oldest (block start) first
         if t == 0:
-            b.assign(dst, D, t)
+            b.assign(dst, D, t, noisy=sde)
             cur = dst
             continue
         h = _lam(t) - _lam(sb)
         # weights of m_b, of the first difference (midpoint / heun form) and of the second
-        if pp:
+        if sde:
+            he = 2.0 * h
+            base, w0 = math.exp(-he) * xb, _phi1(he)
+            w_mid, w_heun = 0.5 * _phi1(he), _phi2(he)
+            w_2 = (-math.expm1(-he) - he) / (he * he) - 0.5    # diffusers' SDE D2 weight
+        elif pp:
             base, w0 = math.exp(-h) * xb, _phi1(h)
             w_mid, w_heun, w_2 = 0.5 * _phi1(h), _phi2(h), -_phi3(h)
         else:
@@ -446,5 +490,6 @@ def dpm_singlestep(b, order, algorithm, solver_type, lower_order_final, order_li
                 D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
                 D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
                 xt = xt + w_heun * D1 + w_2 * D2
-        b.assign(dst, xt, t, kind=f"singlestep_order{k}")
+        std = t * math.sqrt(-math.expm1(-2.0 * h)) if sde else 0.0
+        b.assign(dst, xt, t, noise=std, noisy=sde, kind=f"singlestep_order{k}")
         cur = dst
