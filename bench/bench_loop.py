@@ -6,9 +6,13 @@ Per configuration, in one run and alternating (A B A B ...) so drifts hit both a
 * loop: ``Sampler.sample`` with a zero-cost model (it returns one preallocated tensor) over
   50 steps, divided by the number of fused updates -> time per step;
 * floor: ``torch.add(x, y, alpha=a, out=z)`` on preallocated tensors -- the same two reads
-  and one write as a DDIM update, with nothing else around it. Solvers whose updates move
-  more tensors (multistep history, an aux output) are also compared with the floor scaled by
-  the tensors they move per update (column "speed vs floor x moved").
+  and one write as a DDIM update, with nothing else around it;
+* traffic floor: what the loads and stores of the solver's updates cost at torch's own speed.
+  A multistep update reads 3-6 tensors and writes 2 (the state and its history), so it
+  cannot reach the speed of a 2-read, 1-write add; and a store costs more than a load (the
+  line is read for ownership, then written back). The cost of one load stream L and one
+  store stream S are solved from ``torch.add`` (2 L + S) and ``Tensor.copy_`` (L + S),
+  timed alternately in the same run; an update with r reads and w writes costs r L + w S.
 
 Rows: 16x4x128x128 (bandwidth-bound: the loop's speed as a fraction of the floor's) and
 1x4x64x64 (overhead-bound: the loop's host overhead per step over the floor, in us), for
@@ -65,20 +69,26 @@ def measure(name: str, shape, steps: int, reps: int, backend: str):
     smp.sample(model, noise, backend=backend)                      # warm-up
     for _ in range(3):
         torch.add(x, y, alpha=0.5, out=z)
+        z.copy_(x)
     once = Timer("cpu", min_reps=1, min_seconds=0.0, warmup=0, max_reps=1)
 
     def floor_run():
         for _ in range(n_updates):
             torch.add(x, y, alpha=0.5, out=z)
 
-    loop, floor = [], []
+    def copy_run():
+        for _ in range(n_updates):
+            z.copy_(x)
+
+    loop, floor, copy = [], [], []
     for _ in range(reps):                          # alternating, so drifts hit both alike
         loop.append(once(lambda: smp.sample(model, noise, backend=backend))[0] / n_updates)
         floor.append(once(floor_run)[0] / n_updates)
-    # tensors each update moves (reads + writes), against the floor's 2 reads + 1 write
-    moved = sum(len(op.bufs) + 1 + (op.aux_dst is not None) for op in smp.plan.updates)
-    return (statistics.median(loop) * 1e-6, statistics.median(floor) * 1e-6, n_updates,
-            moved / n_updates / 3.0)
+        copy.append(once(copy_run)[0] / n_updates)
+    reads = sum(len(op.bufs) for op in smp.plan.updates) / n_updates
+    writes = sum(1 + (op.aux_dst is not None) for op in smp.plan.updates) / n_updates
+    return (statistics.median(loop) * 1e-6, statistics.median(floor) * 1e-6,
+            statistics.median(copy) * 1e-6, n_updates, reads, writes)
 
 
 def main(argv=None) -> int:
@@ -94,15 +104,20 @@ def main(argv=None) -> int:
     solvers = SOLVERS
     if args.quick:
         shapes, solvers, args.reps, args.steps = [(2, 4, 16, 16)], SOLVERS[:2], 2, 5
-    lines = ["| solver | shape | updates | loop us/step | floor us/step | speed vs floor | "
-             "tensors moved / floor's | speed vs floor x moved | overhead us/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| solver | shape | updates | reads / writes per update | loop us/step | "
+             "add floor us | traffic floor us | speed vs add floor | speed vs traffic floor | "
+             "overhead over add floor us | overhead over traffic floor us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         for name in solvers:
-            lo, fl, n, ratio = measure(name, shape, args.steps, args.reps, args.backend)
-            lines.append(f"| {name} | {'x'.join(map(str, shape))} | {n} | {lo * 1e6:.1f} | "
-                         f"{fl * 1e6:.1f} | {100 * fl / lo:.0f}% | {ratio:.2f} | "
-                         f"{100 * fl * ratio / lo:.0f}% | {(lo - fl) * 1e6:.1f} |")
+            lo, fl, cp, n, r, w = measure(name, shape, args.steps, args.reps, args.backend)
+            load = max(fl - cp, 0.0)                 # add = 2 L + S, copy = L + S
+            store = max(cp - load, 0.0)
+            traffic = r * load + w * store
+            lines.append(f"| {name} | {'x'.join(map(str, shape))} | {n} | {r:.2f} / {w:.2f} | "
+                         f"{lo * 1e6:.1f} | {fl * 1e6:.1f} | {traffic * 1e6:.1f} | "
+                         f"{100 * fl / lo:.0f}% | {100 * traffic / lo:.0f}% | "
+                         f"{(lo - fl) * 1e6:.1f} | {(lo - traffic) * 1e6:.1f} |")
             print(lines[-1], flush=True)
     head = (f"# Eager sampling loop vs the preallocated torch.add floor\n\n"
             f"{_cpu_name()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}, "

@@ -133,3 +133,16 @@ def test_gpu_check_stops_without_gpu(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no usable GPU" in proc.stdout
     assert not (tmp_path / "build.log").exists()        # stopped before building
+
+
+def test_loop_benchmark_quick_run(tmp_path):
+    """bench/bench_loop.py's smoke run: exits 0 and writes one row per solver with numbers
+    in every time column (no timing asserted)."""
+    import bench_loop
+    assert bench_loop.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = [line for line in (tmp_path / "loop_cpu.md").read_text().splitlines()
+            if line.startswith("| ") and line[2:3].isalpha() and not line.startswith("| solver")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(NUMBER.match(c.rstrip("%")) for c in cells[4:]), row
