@@ -145,4 +145,4 @@ def test_loop_benchmark_quick_run(tmp_path):
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(NUMBER.match(c.rstrip("%")) for c in cells[4:]), row
+        assert all(NUMBER.match(c.rstrip("%").lstrip("-")) for c in cells[4:]), row
