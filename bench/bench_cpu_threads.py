@@ -7,7 +7,9 @@ allocator state carries over from another one. Each child times, with the ``cpp`
   (K=2 + Philox noise) at 1x4x64x64 and 16x4x128x128 (median of repeated calls);
 * 50-step loops of a deterministic (``ddim``) and a stochastic (``euler_ancestral``) solver
   with a zero-cost model, ``pe.Sampler(...).sample(lambda x, t: torch.zeros_like(x), noise)``
-  with prediction='epsilon', at the same sizes (median of a few loops, in ms per step);
+  with prediction='epsilon', at the same sizes (median of a few loops, in ms per step), and
+  the same loops with a model that returns one preallocated tensor (no torch op at all: the
+  sampler's own work per step, which runs no torch op either);
 * torch alone: ``torch.zeros_like(x)`` and ``x * 0.5``, the tensor ops such a loop runs
   outside the kernel (torch's own intra-op pool, at the same thread count).
 
@@ -44,6 +46,13 @@ CASES = [  # (name, kind, shape)
     ("loop ddim 16x4x128x128", "loop:ddim", (16, 4, 128, 128)),
     ("loop euler_ancestral 1x4x64x64", "loop:euler_ancestral", (1, 4, 64, 64)),
     ("loop euler_ancestral 16x4x128x128", "loop:euler_ancestral", (16, 4, 128, 128)),
+    # the sampler's own work per step: the model returns one preallocated tensor (no torch op)
+    ("loop ddim 1x4x64x64, model output preallocated", "loop0:ddim", (1, 4, 64, 64)),
+    ("loop ddim 16x4x128x128, model output preallocated", "loop0:ddim", (16, 4, 128, 128)),
+    ("loop euler_ancestral 1x4x64x64, model output preallocated", "loop0:euler_ancestral",
+     (1, 4, 64, 64)),
+    ("loop euler_ancestral 16x4x128x128, model output preallocated", "loop0:euler_ancestral",
+     (16, 4, 128, 128)),
     # torch's own share of such a loop (its intra-op pool, not the kernel): what the zero
     # model and a sampler's tensor ops cost per step
     ("torch only: zeros_like + x * s, 1x4x64x64", "torch_ops", (1, 4, 64, 64)),
@@ -122,11 +131,15 @@ def child(threads: int, budget_s: float) -> dict:
             solver = kind.split(":")[1]
             sampler = pe.Sampler(proc, solver=solver, steps=50, prediction="epsilon",
                                  backend="cpp")
-            sampler.sample(zero_model, x, seed=0)
+            model = zero_model
+            if kind.startswith("loop0"):
+                const = torch.zeros_like(x)
+                model = lambda x, t: const      # noqa: E731
+            sampler.sample(model, x, seed=0)
             times, t_end = [], time.perf_counter() + per_case
             while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
                 t0 = time.perf_counter()
-                sampler.sample(zero_model, x, seed=0)
+                sampler.sample(model, x, seed=0)
                 times.append((time.perf_counter() - t0) / 50)
             res[name] = 1e3 * _median(times)
     return res
