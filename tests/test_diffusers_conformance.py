@@ -81,11 +81,6 @@ EXPECTED_FAILURES: dict[str, dict[str, tuple]] = {
         "spacing of the sum); the drop-in gives 93087.328125 (1.7e-7 relative: its fused "
         "update rounds once per step from float64 coefficients, diffusers' formula several "
         "times)")},
-    "LMSDiscreteScheduler": {"test_full_loop_with_noise": (
-        "refused", "an img2img start (entry 8): diffusers' LMS takes order min(step_index + 1, "
-        "4) there, Lagrange coefficients over levels before the start paired with the few "
-        "outputs it has (the rest of the sum dropped); no registry solver computes that "
-        "truncated sum, so the drop-in refuses it rather than warm up differently")},
     "PNDMScheduler": {t: _PNDM_ETS for t in (
         "test_betas", "test_inference_steps", "test_prediction_type", "test_schedules",
         "test_step_shape", "test_steps_offset", "test_time_indices", "test_timesteps")},

@@ -240,6 +240,11 @@ BEGIN = [
     ("DEIS", lambda: D.DEISMultistepScheduler(), 12, 3),
     ("DPM SDE (Brownian tree)", lambda: D.DPMSolverSDEScheduler(noise_sampler_seed=5), 6, 4),
     ("LCM", lambda: D.LCMScheduler(), 6, 2),
+    # LMS: order min(step_index + 1, 4) over the schedule's levels, those before the start
+    # included, paired with the outputs since the start (diffusers' truncated sum)
+    ("LMS", lambda: D.LMSDiscreteScheduler(), 10, 8),
+    ("LMS v karras", lambda: D.LMSDiscreteScheduler(prediction_type="v_prediction",
+                                                    use_karras_sigmas=True), 12, 2),
 ]
 
 

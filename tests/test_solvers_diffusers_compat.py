@@ -345,3 +345,30 @@ def test_dpm_singlestep_sde(order):
         z = torch.randn(SHAPE, dtype=torch.float64, generator=g)
         cur = nxt + t * math.sqrt(phi1) * z
     assert rel(out, cur * s_of(sig[-1])) < TOL
+
+
+@pytest.mark.parametrize("n_prior,n,order", [(1, 3, 4), (3, 4, 4), (5, 2, 3), (2, 5, 2)])
+def test_lms_integrated_prior_levels(n_prior, n, order):
+    # a run started part-way: the Lagrange basis of step i spans min(n_prior + i + 1, order)
+    # levels, those before the start included; only the outputs since the start are summed
+    full = grid(n_prior + n, 80 + n_prior)
+    prior, sig = full[:n_prior], full[n_prior:]
+    noise, out = run("lms_integrated", sig, order=order, prior_levels=list(prior))
+    xh = noise / s_of(sig[0])
+    ds = []
+    for i in range(n):
+        eps, _ = call(xh * s_of(sig[i]), sig[i])
+        ds.append(eps)
+        a = n_prior + i                                   # index in the full schedule
+        q = min(a + 1, order)
+        nodes = [full[a - k] for k in range(q)]
+        for k in range(min(q, i + 1)):
+            w = integrate.quad(_lagrange(nodes, k), full[a], full[a + 1], epsabs=0,
+                               epsrel=1e-13)[0]
+            xh = xh + w * ds[i - k]
+    assert rel(out, xh * s_of(sig[-1])) < TOL
+    # the prior levels matter: without them the warm-up differs
+    _, plain = run("lms_integrated", sig, order=order)
+    assert rel(out, plain) > 1e-4
+    with pytest.raises(ValueError, match="prior_levels"):
+        run("lms_integrated", sig, prior_levels=[sig[0] * 0.5])

@@ -2070,14 +2070,6 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
         raise NotImplementedError(f"{name}: a run that starts at timestep entry {begin} "
                                   f"(img2img) is not supported; its first step makes two "
                                   f"model calls at a repeated timestep")
-    if name == "LMSDiscreteScheduler":
-        raise NotImplementedError(
-            f"{name}: a run that starts at timestep entry {begin} (img2img) is not supported: "
-            f"diffusers' LMS there takes order min(step_index + 1, 4), i.e. Lagrange "
-            f"coefficients over the levels before the start, and pairs them with the few "
-            f"model outputs it has since the start (the rest of the sum is dropped); no "
-            f"registry solver computes that truncated sum (lms_integrated warms up from "
-            f"first order)")
     g = begin
     if name in _HEUN_LAYOUT:
         if begin % 2:
@@ -2089,9 +2081,14 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
     if not 0 < g < r.sigmas.size - 1:
         raise ValueError(f"{name}: begin_index {begin} leaves no step of the "
                          f"{r.sigmas.size - 1}-step grid")
+    prior = r.sigmas[:g]
     r = dataclasses.replace(r, sigmas=r.sigmas[g:], options=dict(r.options),
                             timesteps=None if r.timesteps is None else r.timesteps[g:],
                             identity=[j - begin for j in r.identity if j >= begin])
+    if r.solver == "lms_integrated":
+        # diffusers' LMS takes order min(step_index + 1, 4) over the schedule's levels, those
+        # before the start included, and pairs the coefficients with the outputs it has
+        r.options["prior_levels"] = [float(v) for v in prior]
     if r.orders is not None:
         tail = [int(o) for o in r.orders[g:]]
         if "order_list" in r.options:

@@ -396,16 +396,39 @@ def _lagrange_integrals(nodes, a: float, b_: float) -> list[float]:
     return lagrange_weights(nodes, a, b_)
 
 
+def _check_prior_levels(levels, first: float) -> list[float]:
+    """``prior_levels`` as floats: finite, decreasing, above the grid's first level."""
+    if levels is None:
+        return []
+    try:
+        out = [float(v) for v in levels]
+    except (TypeError, ValueError):
+        raise ValueError(f"prior_levels must be a sequence of noise levels, got "
+                         f"{levels!r}") from None
+    if any(not math.isfinite(v) for v in out) or \
+            any(a <= c for a, c in zip(out, out[1:] + [float(first)])):
+        raise ValueError(f"prior_levels must be finite, decreasing and above the grid's first "
+                         f"level {first:g}, got {out!r}")
+    return out
+
+
 @register("lms_integrated", order=2, nfe_per_step=1, stochastic=False, family="lms",
           summary="Linear multistep in (x_hat, sigma): x_hat' = x_hat + sum_j w_j eps_{i-j}, w_j "
                   "the integral over [sigma, sigma'] of the Lagrange basis on the last "
                   "min(order, i + 1) levels, the step to 0 included (k-diffusion's sample_lms, "
                   "diffusers LMSDiscreteScheduler)",
-          options=("order",), defaults=dict(order=4), specs={"order": Option("int", lo=1, hi=4)})
-def lms_integrated(b, order):
-    """Measured order 2 for order >= 2 (the first-order warm-up step, as ipndm's)."""
+          options=("order", "prior_levels"), defaults=dict(order=4, prior_levels=None),
+          specs={"order": Option("int", lo=1, hi=4)})
+def lms_integrated(b, order, prior_levels):
+    """Measured order 2 for order >= 2 (the first-order warm-up step, as ipndm's).
+    ``prior_levels``: the levels of a schedule's steps before this grid's first (a run
+    started part-way, decreasing to above sigma_0). They stay nodes of the Lagrange basis
+    though no output exists there, and the weights of those nodes are dropped: diffusers'
+    LMSDiscreteScheduler started at step index k takes order min(k + 1, order) over the
+    schedule's levels and pairs the coefficients with the outputs it has."""
     sig = b.sigmas
     n = b.n_steps
+    prior = _check_prior_levels(prior_levels, sig[0])
     ring = [f"l{k}" for k in range(max(order - 1, 1))]
     hist: list[tuple[Lin, float]] = []        # (eps Lin, sigma), most recent first
     for i in range(n):
@@ -413,7 +436,9 @@ def lms_integrated(b, order):
         _, eps = b.evaluate("x", sig[i])
         q = min(i + 1, order)
         prev = hist[:q - 1]
-        w = _lagrange_integrals([sig[i]] + [sg for _, sg in prev], sig[i], sig[i + 1])
+        nodes = [sig[i]] + [sg for _, sg in prev]
+        nodes += prior[::-1][:max(min(i + 1 + len(prior), order) - len(nodes), 0)]
+        w = _lagrange_integrals(nodes, sig[i], sig[i + 1])
         lin = b.xhat("x", sig[i]) + w[0] * eps
         for wj, (e, _) in zip(w[1:], prev):
             lin = lin + wj * e
