@@ -85,7 +85,7 @@ def cmd_demo(args) -> int:
         backend=args.backend, threads=args.threads, out=args.out,
         digits_nfe=tuple(args.digits_nfe), digits_samples=args.digits_samples,
         scatter_nfe=args.scatter_nfe, digits=not args.no_digits, plots=not args.no_plots,
-        tuning=not args.no_tuning, quiet=args.quiet))
+        tuning=not args.no_tuning, tuning_nfe=tuple(args.tuning_nfe), quiet=args.quiet))
 
 
 def cmd_sample(args) -> int:
@@ -531,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NFE of the 2-D scatter plot (default {dc.scatter_nfe})")
     d.add_argument("--no-digits", action="store_true", help="skip the digits model")
     d.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    d.add_argument("--tuning-nfe", type=_positive_int, nargs="+", default=list(dc.tuning_nfe),
+                   help="NFE budgets of the fixed vs tuned table on the mixture (default: "
+                        + " ".join(map(str, dc.tuning_nfe)) + ")")
     d.add_argument("--no-tuning", action="store_true",
                    help="skip the GITS and tuned plans (the digits table's last rows, the "
                         "fixed vs tuned table and plot on the mixture)")

@@ -51,6 +51,7 @@ class DemoConfig:
     digits: bool = True
     plots: bool = True
     tuning: bool = True                   # GITS and tuned plans beside the fixed solvers
+    tuning_nfe: tuple = (3, 4, 5, 6, 8)   # NFE budgets of the fixed vs tuned mixture table
     quiet: bool = False
 
 
@@ -246,7 +247,7 @@ def digits_section(cfg: DemoConfig, infos, out: Path) -> Path:
                 cells.append(f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}{at}")
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if cfg.tuning:
-        _digits_tuned_rows(cfg, names, process, model, prediction, noise, grid)
+        _digits_tuned_rows(cfg, process, model, prediction, noise, grid)
     path = out / "digits_grid.png"
     if have_matplotlib():
         plot_digits_grid(grid, path)
@@ -260,9 +261,12 @@ def digits_section(cfg: DemoConfig, infos, out: Path) -> Path:
     return path
 
 
-def _digits_tuned_rows(cfg: DemoConfig, names, process, model, prediction, noise,
-                       grid) -> None:
-    """Two more rows of the digits table: the first solver on the GITS grid (a teacher run on
+#: the solvers the digits table shows on GITS grids (one teacher run serves all)
+GITS_SOLVERS = ("dpmpp_2m", "ipndm")
+
+
+def _digits_tuned_rows(cfg: DemoConfig, process, model, prediction, noise, grid) -> None:
+    """More rows of the digits table: :data:`GITS_SOLVERS` on GITS grids (one teacher run on
     64 noises of seed cfg.seed + 1000), and the bundled tuned plan at its NFE."""
     import warnings
 
@@ -274,26 +278,24 @@ def _digits_tuned_rows(cfg: DemoConfig, names, process, model, prediction, noise
     from .tuning.gits import dp_path, step_costs, teacher_trajectory
 
     nfes = cfg.digits_nfe
-    base = "dpmpp_2m" if "dpmpp_2m" in names or not names else names[0]
-    if _info(base).nfe_per_step != 1:
-        base = "dpmpp_2m"
     train = torch.randn(64, *model.sample_shape,
                         generator=torch.Generator().manual_seed(cfg.seed + 1000))
-    ref = Sampler(process, base, steps=nfes[0], prediction=prediction)
+    ref = Sampler(process, "dpmpp_2m", steps=nfes[0], prediction=prediction)
     traj = teacher_trajectory(ref, model, train.to(torch.float64), fine_steps=100)
     costs = step_costs(traj)
-    cells = []
-    for nfe in nfes:
-        if nfe >= traj.sigmas.size:
-            cells.append("-")
-            continue
-        s = Sampler(process, base, sigmas=traj.sigmas[dp_path(costs, nfe)[0]],
-                    prediction=prediction)
-        x = s.sample(model, noise, seed=cfg.seed)
-        q = quality(x)
-        grid[(f"{base} + GITS", s.nfe)] = to_pixels(x[:16])
-        cells.append(f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}")
-    print(f"| {base} + GITS | " + " | ".join(cells) + " |", flush=True)
+    for base in GITS_SOLVERS:
+        cells = []
+        for nfe in nfes:
+            if nfe >= traj.sigmas.size:
+                cells.append("-")
+                continue
+            s = Sampler(process, base, sigmas=traj.sigmas[dp_path(costs, nfe)[0]],
+                        prediction=prediction)
+            x = s.sample(model, noise, seed=cfg.seed)
+            q = quality(x)
+            grid[(f"{base} + GITS", s.nfe)] = to_pixels(x[:16])
+            cells.append(f"fd {q['fd']:.1f}, conf {q['confidence']:.2f}")
+        print(f"| {base} + GITS | " + " | ".join(cells) + " |", flush=True)
     note = ""
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -315,10 +317,10 @@ def _digits_tuned_rows(cfg: DemoConfig, names, process, model, prediction, noise
     if s.nfe not in nfes:
         cells[0] = f"{cell} @{s.nfe}"
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    print(f"GITS: the {base} solver on a grid chosen by dynamic programming over a 100-level "
-          f"teacher run (pyengine.tuning.gits). tuned: the bundled plan {TUNED_DIGITS.name} "
-          f"(schedule, evaluation times and coefficients fitted to this model by "
-          f"`{TUNED_DIGITS_COMMAND}`).{note}")
+    print(f"+ GITS: the solver on the grid chosen by dynamic programming over a 100-level "
+          f"teacher run on 64 other noises (pyengine.tuning.gits). tuned: the bundled plan "
+          f"{TUNED_DIGITS.name} (schedule, evaluation times and coefficients fitted to this "
+          f"model by `{TUNED_DIGITS_COMMAND}`).{note}")
 
 
 def plots_section(cfg: DemoConfig, infos, out: Path, backend: str) -> list:
@@ -361,7 +363,7 @@ def tuning_section(cfg: DemoConfig, out: Path, plot: bool) -> Path | None:
     table and, with ``plot``, tuning_error_vs_nfe.png (its path is returned)."""
     from .plots import plot_tuning_error_vs_nfe, tuning_error_vs_nfe
 
-    nfes = (3, 4, 5, 6, 8)
+    nfes = tuple(cfg.tuning_nfe)
     solvers = ("dpmpp_2m", "unipc", "ipndm")
     with progress(len(nfes) * (len(solvers) + 1), "fixed, GITS and tuned plans",
                   cfg.quiet) as bar:

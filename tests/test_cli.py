@@ -59,7 +59,7 @@ def test_demo_small(capsys):
     names = [det[0].name, sto[0].name] if sto else [det[0].name]
     code, out, err = run(capsys, "demo", "--nfe", "4", "8", "--solvers", ",".join(names),
                          "--dim", "8", "--batch", "2", "--samples", "64", "--no-digits",
-                         "--no-plots")
+                         "--no-plots", "--no-tuning")
     assert code == 0, err
     assert "| solver | order | NFE 4 | NFE 8 | ms/step |" in out
     row = next(line for line in out.splitlines() if line.startswith(f"| {det[0].name} |"))
@@ -313,10 +313,22 @@ def test_kernel_bench_script_is_found_in_a_checkout():
 def test_demo_digits_and_plots(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--nfe", "4", "--solvers", "euler,heun", "--dim", "4",
                          "--batch", "2", "--samples", "16", "--digits-nfe", "3",
-                         "--digits-samples", "16", "--scatter-nfe", "4", "--out",
-                         str(tmp_path))
+                         "--digits-samples", "16", "--scatter-nfe", "4", "--tuning-nfe", "4",
+                         "--out", str(tmp_path))
     assert code == 0, err
     assert "Digits model" in out and "| heun | fd " in out
+    # the GITS and tuned rows, the fixed vs tuned table on the mixture
+    assert "| dpmpp_2m + GITS | fd " in out and "| ipndm + GITS | fd " in out
+    assert "| tuned dpmpp_2m | fd " in out and "@5" in out
+    rows = {}
+    for line in out.split("Tuned plans on an exact Gaussian mixture", 1)[1].splitlines():
+        if line.startswith("| ") and not line.startswith("| plan |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = float(cells[1])
+        elif rows:
+            break
+    assert set(rows) >= {"unipc", "unipc + GITS", "ipndm + GITS", "tuned unipc"}, rows
+    assert rows["tuned unipc"] < 0.5 * rows["unipc"], rows
     assert (tmp_path / "digits_grid.png").stat().st_size > 1000
     assert f"wrote {tmp_path / 'digits_grid.png'}" in out
     try:
@@ -324,7 +336,8 @@ def test_demo_digits_and_plots(capsys, tmp_path):
     except ImportError:
         assert "matplotlib is not installed" in out
     else:
-        for name in ("error_vs_nfe.png", "scatter_2d.png", "bench.png"):
+        for name in ("error_vs_nfe.png", "scatter_2d.png", "bench.png",
+                     "tuning_error_vs_nfe.png"):
             assert (tmp_path / name).stat().st_size > 1000
             assert f"wrote {tmp_path / name}" in out
         assert "| heun | 19 |" in (tmp_path / "bench.md").read_text()
@@ -497,3 +510,82 @@ def test_solver_bench_runs_every_registry_solver():
     _, rows = solver_bench(names, (1, 2, 4, 4), 3, torch.float32, "torch", 0.0)
     assert [r["solver"].rstrip(" *") for r in rows] == names
     assert all(r["per"][0] > 0 for r in rows)
+
+
+# -- tuned plans: pyengine tune, pyengine sample --plan ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gmm_plan(tmp_path_factory):
+    """A plan tuned by the command line on a 3-d mixture (a few iterations: the file and the
+    commands are under test here, the fit in test_tuning_*)."""
+    path = tmp_path_factory.mktemp("tune") / "gmm-nfe3.json"
+    code = cli.main(["tune", "gmm", "--dim", "3", "--nfe", "3", "-n", "16", "--iters", "5",
+                     "-o", str(path), "-q"])
+    assert code == 0
+    return path
+
+
+def test_tune_writes_a_plan_file(gmm_plan):
+    f = pe.load_plan(gmm_plan)
+    assert f.plan.nfe == 3 and f.provenance["nfe"] == 3
+    assert f.provenance["base_solver"] == "dpmpp_2m" and f.provenance["prediction"] == "epsilon"
+    assert f.provenance["process"]["class"] == "VPDiscrete"
+
+
+def test_sample_plan_equals_the_api(capsys, tmp_path, gmm_plan):
+    from pyengine import distributed
+    from pyengine.models.load import load_model
+
+    out = tmp_path / "x.npy"
+    code, stdout, err = run(capsys, "sample", "gmm", "--dim", "3", "--plan", str(gmm_plan),
+                            "-n", "7", "--seed", "4", "-o", str(out))
+    assert code == 0, err
+    assert f"tuned ({gmm_plan})" in stdout and "3 NFE" in stdout
+    spec = load_model("gmm", dim=3)
+    smp = pe.Sampler.from_tuned(gmm_plan, spec.process)
+    ref = distributed.sample_indices(smp, spec.model, range(7), spec.shape, 4, batch_size=64)
+    assert np.array_equal(np.load(out), ref.numpy())
+    fixed = pe.Sampler(spec.process, "dpmpp_2m", steps=3)
+    other = distributed.sample_indices(fixed, spec.model, range(7), spec.shape, 4, batch_size=64)
+    assert not np.array_equal(np.load(out), other.numpy())
+
+
+def test_sample_plan_errors_exit_2(capsys, tmp_path, gmm_plan):
+    code, _, err = run(capsys, "sample", "gmm", "--dim", "3", "--process", "edm", "--plan",
+                       str(gmm_plan))
+    assert code == 2 and "refused" in err and "VPDiscrete" in err and "EDM" in err
+    assert str(gmm_plan) in err
+    code, _, err = run(capsys, "sample", "gmm", "--dim", "3", "--prediction", "v", "--plan",
+                       str(gmm_plan))
+    assert code == 2 and "prediction='epsilon'" in err and "'v'" in err
+    code, _, err = run(capsys, "sample", "gmm", "--plan", str(tmp_path / "none.json"))
+    assert code == 2 and "no such file" in err and "none.json" in err
+    code, _, err = run(capsys, "sample", "gmm", "--plan", str(gmm_plan), "--solver", "euler")
+    assert code == 2 and "drop --solver" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(gmm_plan.read_text().replace('"coefs"', '"coefficients"', 1))
+    code, _, err = run(capsys, "sample", "gmm", "--dim", "3", "--plan", str(bad))
+    assert code == 2 and "coefs" in err and str(bad) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["tune", "gmm", "--nfe", "3", "-o", "/no/such/folder/p.json"], "does not exist"),
+    (["tune", "gmm", "--nfe", "3", "-o", "p.json", "--solver", "euler_ancestral"],
+     "not a deterministic sampling solver"),
+    (["tune", "gmm", "--nfe", "3", "-o", "p.json", "--loss", "features"], "only for the digits"),
+    (["tune", "gmm", "--nfe", "3", "-o", "p.json", "--solver", "nope"], "unknown solver 'nope'"),
+    (["tune", "gmm", "-o", "p.json"], "--nfe"),
+])
+def test_tune_usage_errors_exit_2(capsys, argv, msg):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and msg in err and "Traceback" not in err
+
+
+def test_sample_digits_with_the_bundled_plan(capsys, tmp_path):
+    from pyengine.demo import TUNED_DIGITS
+
+    code, out, err = run(capsys, "sample", "digits", "--plan", str(TUNED_DIGITS), "-n", "8")
+    assert code == 0, err
+    assert "5 NFE" in out and "digit classifier" in out
+    assert "fingerprint" not in err                     # fitted to the bundled weights
