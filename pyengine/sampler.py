@@ -410,14 +410,15 @@ class Sampler:
         Every mode runs the tuned plan as any plan: ``sample``, ``compile``, the request
         scheduler, inpainting (``mask=``). Guidance is folded into a tuned plan at the scale
         it was tuned with: another ``guidance_scale`` is refused. img2img
-        (``strength`` / ``start_sigma``) runs the tuned plan's own ops from the start level
-        on (the plan's suffix) where that suffix reads only the state; a multistep plan's
-        later steps read model outputs of earlier steps that img2img does not have, so it is
-        refused with that reason.
+        (``strength`` / ``start_sigma``): a plan that is its base solver over the tuned grid
+        (a schedule-only fit) is rebuilt over the truncated grid, as any sampler's; otherwise
+        the tuned plan's own ops run from the start level on (the plan's suffix) where that
+        suffix reads only the state; a multistep plan's later steps read model outputs of
+        earlier steps that img2img does not have, so it is refused with that reason.
         """
         from .solvers.registry import SolverInfo
         from .tuning.artifact import TunedPlanFile, load_plan, model_fingerprint, \
-            process_mismatch
+            plans_equal, process_mismatch
 
         if isinstance(plan, (str, os.PathLike)):
             loaded = load_plan(plan)
@@ -479,6 +480,19 @@ class Sampler:
         self.plan = p
         self._plans = {}
         self.tuned = loaded
+        self._rebuild = None
+        if base_info is not None and base_info.family != "inversion":
+            # a schedule-only tuned plan is the base solver over the tuned grid: img2img can
+            # then rebuild it over the truncated grid, as for any grid
+            opts = prov.get("base_options") or {}
+            try:
+                again = build_plan(process, base, p.sigmas, plan_pred,
+                                   guidance_scale=self.guidance_scale,
+                                   guidance_rescale=self.guidance_rescale, **opts)
+            except (ValueError, TypeError):
+                again = None
+            if again is not None and plans_equal(dataclasses.replace(again, solver=p.solver), p):
+                self._rebuild = (base, dict(opts))
         if init_noise_scale is None:
             init_noise_scale = prov.get("init_noise_scale")
         if init_noise_scale is None:
@@ -499,7 +513,13 @@ class Sampler:
                              f"coefficients hold that guidance and cannot be refolded for "
                              f"{want} (tune a plan at that guidance)")
         if start not in self._plans:
-            self._plans[start] = plan_suffix(self.plan, start)
+            if self._rebuild is not None:
+                base, opts = self._rebuild
+                self._plans[start] = build_plan(self.process, base, self.sigmas[start:],
+                                                self.prediction, guidance_scale=w,
+                                                guidance_rescale=phi, **opts)
+            else:
+                self._plans[start] = plan_suffix(self.plan, start)
         return self._plans[start]
 
     def __repr__(self) -> str:

@@ -290,3 +290,19 @@ def test_guidance_fixed(tmp_path):
         smp.sample(model, x, extra_args=extra, guidance_scale=4.0)
     with pytest.raises(ValueError, match="no guidance"):
         smp.sample(MODEL, x, guidance_scale=None)
+
+
+def test_schedule_only_plan_rebuilds_for_img2img(tmp_path):
+    """A schedule-only plan (the base solver over a fitted grid, here a multistep one) is
+    rebuilt over the truncated grid for img2img, exactly as a sampler on that grid."""
+    grid = np.array([80.0, 9.0, 2.5, 0.9, 0.2, 0.002])
+    fixed = pe.Sampler(PROC, "dpmpp_2m", sigmas=grid, prediction="sample")
+    path = save_plan(fixed.plan, tmp_path / "s.json", provenance=_prov(base_solver="dpmpp_2m"))
+    smp = pe.Sampler.from_tuned(path, PROC)
+    x = _noise(4, 8)
+    init = GMM.sample(4, generator=torch.Generator().manual_seed(3))
+    a = smp.sample(MODEL, x, init=init, strength=0.6)
+    assert torch.equal(a, fixed.sample(MODEL, x, init=init, strength=0.6))
+    ref, comp, sch = _modes(smp, MODEL, x, init=init, strength=0.6)
+    assert torch.equal(comp, ref) and torch.equal(sch, ref) and torch.equal(ref, a)
+    assert torch.equal(smp.sample(MODEL, x), fixed.sample(MODEL, x))
