@@ -13,7 +13,7 @@ bitwise: same ops, same float64 numbers):
 * ``phi`` (torch float64, one per model evaluation) -- decoupled evaluation times. Evaluation
   i at model time t_i is called at
 
-      t_i + frac * tanh(phi_i) * (gap above if phi_i >= 0 else gap below)
+      t_i + frac * tanh(phi_i) * (gap above if phi_i > 0 else gap below)
 
   where the gaps are those to the neighbouring distinct evaluation times of the plan (the
   process's model times at sigma_max / sigma_min beyond the ends). Only the model's time input
@@ -257,8 +257,11 @@ class TunablePlan:
     def times(self, phi: torch.Tensor | None = None) -> torch.Tensor:
         """The model times of the evaluations (torch float64, differentiable in ``phi``)."""
         phi = self.phi if phi is None else phi
-        th = torch.tanh(phi)
-        return self._t_base + th * torch.where(phi >= 0, self._t_up, self._t_down)
+        # the gap on the side phi points to; at phi == 0 (value t_base) the mean of both, so
+        # that the gradient there is not 0 for an evaluation with room on one side only
+        gap = torch.where(phi > 0, self._t_up,
+                          torch.where(phi < 0, self._t_down, 0.5 * (self._t_up + self._t_down)))
+        return self._t_base + torch.tanh(phi) * gap
 
     def coefficients(self, z: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every update's coefficients (torch float64 [K], differentiable in ``z``)."""
