@@ -15,6 +15,7 @@ from .solvers import list_solvers
 from . import training
 from .training import denoising_loss, loss_weight, sample_sigmas
 from .tuning.artifact import load_plan
+from .tuning.fit import tune
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = ["Sampler", "build_plan", "Plan", "Denoiser", "list_solvers", "invert"
            "noise", "parameterization", "sampling", "plan", "runtime", "RequestScheduler",
            "Request", "load_plan", "__version__"]
 __all__ += ["training", "denoising_loss", "loss_weight", "sample_sigmas"]
+__all__ += ["tune"]
 
 
 def __getattr__(name):

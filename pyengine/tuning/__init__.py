@@ -8,3 +8,6 @@ every backend and in every mode at the cost of its base solver.
 from .artifact import (TunedPlanFile, describe_process, load_plan, model_fingerprint,  # noqa: E402, F401
                        process_mismatch, save_plan)
 from .gits import dp_path, gits_schedule, teacher_trajectory  # noqa: E402, F401
+# the tunable plan, the differentiable walk and the fit (tunable.py, difwalk.py, fit.py)
+from .fit import DEFAULT_TEACHER, TunedPlan, tune  # noqa: E402, F401
+from .tunable import TunablePlan, consistency_systems  # noqa: E402, F401
