@@ -214,6 +214,36 @@ def _digits_features():
     return features
 
 
+def _tune_gits(args, spec, sampler, noise) -> str:
+    """``--method gits``: the schedule-only baseline written as a plan file (the base solver
+    over the GITS grid); returns the summary's words."""
+    import datetime
+
+    from .sampler import Sampler
+    from .tuning.artifact import model_fingerprint, save_plan
+    from .tuning.gits import TEACHER, gits_schedule
+
+    if args.loss != "l2" or args.schedule_only:
+        raise UsageError("--method gits fits the schedule by its own step cost; drop --loss "
+                         "and --schedule-only")
+    fine = max(100, 20 * sampler.steps)
+    grid = gits_schedule(sampler, spec.model, noise, sampler.steps, fine_steps=fine)
+    plan = Sampler(spec.process, sampler.solver, sigmas=grid, prediction=spec.prediction,
+                   init_noise_scale=sampler.init_noise_scale).plan
+    if plan.nfe != sampler.nfe:               # pragma: no cover - same steps, same calls
+        raise RuntimeError(f"the GITS grid's plan makes {plan.nfe} model calls, not "
+                           f"{sampler.nfe}")
+    save_plan(plan, args.output, provenance={
+        "process": spec.process, "prediction": spec.prediction, "nfe": plan.nfe,
+        "base_solver": sampler.solver, "base_options": {}, "base_schedule": args.schedule,
+        "init_noise_scale": sampler.init_noise_scale, "method": "gits",
+        "model_fingerprint": model_fingerprint(spec.model),
+        "teacher": {"solver": TEACHER, "steps": fine, "grid": "log-uniform"},
+        "n_train": int(noise.shape[0]), "seed": int(args.seed),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    return "GITS grid " + ", ".join(f"{v:.4g}" for v in grid)
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -246,28 +276,30 @@ def cmd_tune(args) -> int:
     if sampler is None:
         raise UsageError(f"no step count of {info.name} makes exactly --nfe {args.nfe} model "
                          f"calls")
-    try:
-        from .tuning.fit import tune
-    except ImportError as e:                      # pragma: no cover - a broken install
-        raise UsageError(f"tuning is not available: {e}") from None
     noise = initial_noise(args.seed, range(args.num), spec.shape, dtype=torch.float64)
-    feature = _digits_features() if args.loss == "features" else None
-    schedule_only = args.schedule_only
     t0 = time.perf_counter()
-    result = tune(sampler, spec.model, noise, feature=feature, iters=args.iters,
-                  times=not schedule_only, coefficients=not schedule_only,
-                  batch_size=args.batch, seed=args.seed, progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    result.save(args.output)
-    losses = result.provenance.get("losses", {})
+    if args.method == "gits":
+        summary = _tune_gits(args, spec, sampler, noise)
+    else:
+        try:
+            from .tuning.fit import tune
+        except ImportError as e:                  # pragma: no cover - a broken install
+            raise UsageError(f"tuning is not available: {e}") from None
+        feature = _digits_features() if args.loss == "features" else None
+        result = tune(sampler, spec.model, noise, feature=feature, iters=args.iters,
+                      times=not args.schedule_only, coefficients=not args.schedule_only,
+                      batch_size=args.batch, seed=args.seed, progress=not args.quiet)
+        result.save(args.output)
+        losses = result.provenance.get("losses", {})
 
-    def val(k):
-        v = losses.get(k, {}).get("val") if isinstance(losses.get(k), dict) else None
-        return f"{v:.4g}" if isinstance(v, float) else "-"
+        def val(k):
+            v = losses.get(k, {}).get("val") if isinstance(losses.get(k), dict) else None
+            return f"{v:.4g}" if isinstance(v, float) else "-"
+        summary = (f"{args.loss} loss: validation loss {val('base')} (base) -> "
+                   f"{val('schedule')} (schedule) -> {val('tuned')} (tuned)")
+    seconds = time.perf_counter() - t0
     _say(args, f"pyengine tune: {spec.label}, {info.name} at {sampler.nfe} NFE ({schedule} "
-               f"start), {args.num} noises (seed {args.seed}), {args.loss} loss: validation "
-               f"loss {val('base')} (base) -> {val('schedule')} (schedule) -> {val('tuned')} "
-               f"(tuned) in {seconds:.1f} s")
+               f"start), {args.num} noises (seed {args.seed}), {summary} in {seconds:.1f} s")
     _say(args, f"wrote {args.output} (sample with: pyengine sample {args.model} --plan "
                f"{args.output})")
     return 0
@@ -479,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "classifier's features")
     tn.add_argument("--schedule-only", action="store_true",
                     help="fit the schedule alone (no evaluation times or coefficients)")
+    tn.add_argument("--method", choices=("full", "gits"), default="full",
+                    help="full: pyengine.tuning.tune (default); gits: the schedule-only "
+                         "baseline, a grid chosen by dynamic programming over a fine teacher "
+                         "run (pyengine.tuning.gits), written as the base solver's plan")
     tn.add_argument("--process", default=None, choices=list(PROCESSES),
                     help="forward process of gmm or a user model (as for sample)")
     tn.add_argument("--prediction", default=None, help="what the model predicts (as for sample)")

@@ -590,3 +590,21 @@ def test_sample_digits_with_the_bundled_plan(capsys, tmp_path):
     assert code == 0, err
     assert "5 NFE" in out and "digit classifier" in out
     assert "fingerprint" not in err                     # fitted to the bundled weights
+
+
+def test_tune_method_gits_writes_the_base_solver_plan(capsys, tmp_path):
+    out = tmp_path / "gits.json"
+    code, stdout, err = run(capsys, "tune", "gmm", "--dim", "3", "--nfe", "4", "-n", "12",
+                            "--method", "gits", "--solver", "ipndm", "-o", str(out))
+    assert code == 0, err
+    assert "GITS grid 157.4" in stdout
+    f = pe.load_plan(out)
+    assert f.provenance["method"] == "gits" and f.plan.nfe == 4
+    spec_proc = pe.processes.named("vp")
+    again = pe.Sampler(spec_proc, "ipndm", sigmas=f.plan.sigmas).plan
+    assert pe.tuning.artifact.plans_equal(again, f.plan)
+    karras = pe.Sampler(spec_proc, "ipndm", steps=4).sigmas
+    assert f.plan.sigmas.shape == karras.shape and not np.array_equal(f.plan.sigmas, karras)
+    code, _, err = run(capsys, "tune", "gmm", "--nfe", "4", "--method", "gits", "--loss",
+                       "features", "-o", str(out))
+    assert code == 2
