@@ -247,7 +247,7 @@ class Sampler:
                float(guidance_rescale or 0.0))
         if key == (0, self.guidance_scale, self.guidance_rescale):
             return self.plan
-        if self.tuned is not None:
+        if getattr(self, "tuned", None) is not None:
             return self._tuned_plan_for(*key)
         if key not in self._plans:
             ts = self.timesteps

@@ -306,3 +306,19 @@ def test_schedule_only_plan_rebuilds_for_img2img(tmp_path):
     ref, comp, sch = _modes(smp, MODEL, x, init=init, strength=0.6)
     assert torch.equal(comp, ref) and torch.equal(sch, ref) and torch.equal(ref, a)
     assert torch.equal(smp.sample(MODEL, x), fixed.sample(MODEL, x))
+
+
+class _MyProcess(pe.processes.EDM):
+    """A user process: described by its class and scalar attributes."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+
+def test_user_process_description():
+    d = describe_process(_MyProcess(2.0))
+    assert d["class"] == "_MyProcess" and d["k"] == 2.0
+    assert process_mismatch(d, _MyProcess(2.0)) is None
+    assert "k 2.0 (plan) vs 3.0 (given)" in process_mismatch(d, _MyProcess(3.0))
+    assert "_MyProcess" in process_mismatch(d, pe.processes.EDM())

@@ -119,6 +119,8 @@ def describe_process(process) -> dict:
     other          every int, float, str and bool attribute of the instance
     ============== ==========================================================================
 
+    A user's subclass of a built-in process adds its own scalar attributes to its base's.
+
     :func:`process_mismatch` compares a description with a process."""
     from .. import processes as P
 
@@ -141,9 +143,11 @@ def describe_process(process) -> dict:
     elif isinstance(process, P.RectifiedFlow):
         d.update(shift=process.shift, time_scale=process.time_scale, t_min=process.t_min,
                  t_max=process.t_max)
-    else:
+    builtin = (P.VPDiscrete, P.VPContinuous, P.SubVP, P.VE, P.EDM, P.RectifiedFlow)
+    if type(process) not in builtin:
+        # a user's process (or a user's subclass of a built-in one): its own scalars too
         for k, v in sorted(vars(process).items()):
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
+            if not k.startswith("_") and k not in d and isinstance(v, (bool, int, float, str)):
                 d[k] = v
     return _jsonable(d)
 
