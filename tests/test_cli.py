@@ -380,7 +380,7 @@ def test_demo_without_matplotlib_says_how_to_install(capsys, tmp_path, monkeypat
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     code, out, err = run(capsys, "demo", "--nfe", "3", "--solvers", "euler", "--dim", "4",
                          "--batch", "2", "--digits-nfe", "2", "3", "--digits-samples", "8",
-                         "--out", str(tmp_path / "new"))
+                         "--no-tuning", "--out", str(tmp_path / "new"))
     assert code == 0, err
     assert "plots skipped: matplotlib is not installed; pip install 'pyengine-sampling[plots]'" \
         in out
