@@ -12,7 +12,10 @@ Per configuration, in one run and alternating (A B A B ...) so drifts hit both a
   cannot reach the speed of a 2-read, 1-write add; and a store costs more than a load (the
   line is read for ownership, then written back). The cost of one load stream L and one
   store stream S are solved from ``torch.add`` (2 L + S) and ``Tensor.copy_`` (L + S),
-  timed alternately in the same run; an update with r reads and w writes costs r L + w S.
+  timed alternately in the same run; an update with r reads and w writes costs r L + w S;
+* kernels alone: the plan's fused updates, in plan order with the plan's coefficients, on
+  preallocated tensors through the backend's steady-state launcher (no walk, no model): the
+  loop minus this is the host overhead of the walk.
 
 Rows: 16x4x128x128 (bandwidth-bound: the loop's speed as a fraction of the floor's) and
 1x4x64x64 (overhead-bound: the loop's host overhead per step over the floor, in us), for
@@ -80,15 +83,33 @@ def measure(name: str, shape, steps: int, reps: int, backend: str):
         for _ in range(n_updates):
             z.copy_(x)
 
-    loop, floor, copy = [], [], []
+    be = pe.backends.get(backend)
+    kmax = max(len(op.bufs) for op in smp.plan.updates)
+    ins = [torch.randn(shape) for _ in range(kmax)]
+    kout, kaux = torch.empty(shape), torch.empty(shape)
+    lists = [(op.coefs.tolist(), None if op.aux_coefs is None else op.aux_coefs.tolist(),
+              len(op.bufs)) for op in smp.plan.updates]
+    launch = be.walk_launches() if hasattr(be, "walk_launches") else None
+
+    def kernels_run():
+        for coef, aux_coef, k in lists:
+            aux = None if aux_coef is None else kaux
+            if launch is None or not launch(kout, ins[:k], coef, 0.0, None, -1, aux, aux_coef):
+                be.fused_update(kout, ins[:k], coef, 0.0, None, -1, aux, aux_coef,
+                                trusted=True)
+
+    kernels_run()
+    loop, floor, copy, kern = [], [], [], []
     for _ in range(reps):                          # alternating, so drifts hit both alike
         loop.append(once(lambda: smp.sample(model, noise, backend=backend))[0] / n_updates)
         floor.append(once(floor_run)[0] / n_updates)
         copy.append(once(copy_run)[0] / n_updates)
+        kern.append(once(kernels_run)[0] / n_updates)
     reads = sum(len(op.bufs) for op in smp.plan.updates) / n_updates
     writes = sum(1 + (op.aux_dst is not None) for op in smp.plan.updates) / n_updates
     return (statistics.median(loop) * 1e-6, statistics.median(floor) * 1e-6,
-            statistics.median(copy) * 1e-6, n_updates, reads, writes)
+            statistics.median(copy) * 1e-6, statistics.median(kern) * 1e-6, n_updates, reads,
+            writes)
 
 
 def main(argv=None) -> int:
@@ -105,19 +126,22 @@ def main(argv=None) -> int:
     if args.quick:
         shapes, solvers, args.reps, args.steps = [(2, 4, 16, 16)], SOLVERS[:2], 2, 5
     lines = ["| solver | shape | updates | reads / writes per update | loop us/step | "
-             "add floor us | traffic floor us | speed vs add floor | speed vs traffic floor | "
-             "overhead over add floor us | overhead over traffic floor us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "add floor us | traffic floor us | kernels alone us | speed vs add floor | "
+             "speed vs traffic floor | overhead over add floor us | "
+             "overhead over traffic floor us | host overhead (loop - kernels) us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         for name in solvers:
-            lo, fl, cp, n, r, w = measure(name, shape, args.steps, args.reps, args.backend)
+            lo, fl, cp, kn, n, r, w = measure(name, shape, args.steps, args.reps,
+                                              args.backend)
             load = max(fl - cp, 0.0)                 # add = 2 L + S, copy = L + S
             store = max(cp - load, 0.0)
             traffic = r * load + w * store
             lines.append(f"| {name} | {'x'.join(map(str, shape))} | {n} | {r:.2f} / {w:.2f} | "
                          f"{lo * 1e6:.1f} | {fl * 1e6:.1f} | {traffic * 1e6:.1f} | "
-                         f"{100 * fl / lo:.0f}% | {100 * traffic / lo:.0f}% | "
-                         f"{(lo - fl) * 1e6:.1f} | {(lo - traffic) * 1e6:.1f} |")
+                         f"{kn * 1e6:.1f} | {100 * fl / lo:.0f}% | {100 * traffic / lo:.0f}% | "
+                         f"{(lo - fl) * 1e6:.1f} | {(lo - traffic) * 1e6:.1f} | "
+                         f"{(lo - kn) * 1e6:.1f} |")
             print(lines[-1], flush=True)
     head = (f"# Eager sampling loop vs the preallocated torch.add floor\n\n"
             f"{_cpu_name()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}, "
