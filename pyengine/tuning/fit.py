@@ -129,8 +129,8 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
          times: bool = True, coefficients: bool = True, feature=None, iters: int = 300,
          lr: float = 0.02, optimizer: str = "adam", batch_size: int = 128,
          schedule_evals: int | None = None, eval_every: int = 10, patience: int = 8,
-         time_fraction: float = 0.5, dtype: torch.dtype = torch.float64, seed: int = 0,
-         progress: bool = True) -> TunedPlan:
+         time_fraction: float = 0.5, free_end: bool = True,
+         dtype: torch.dtype = torch.float64, seed: int = 0, progress: bool = True) -> TunedPlan:
     """Fit the plan of ``sampler`` to ``model`` on the standard-normal ``noise`` [N, ...].
 
     See the module docstring for the stages. ``sampler``: a :class:`pyengine.Sampler` with a
@@ -142,7 +142,8 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     endpoints themselves). ``schedule`` / ``times`` / ``coefficients``: which
     parameters to fit. ``iters``, ``lr``, ``optimizer`` ("adam" or "lbfgs"), ``batch_size``,
     ``eval_every``, ``patience``: the gradient stage; ``schedule_evals``: Nelder-Mead's budget
-    of loss evaluations (default 60 per schedule parameter, at least 100). ``dtype``: the
+    of loss evaluations (default 60 per schedule parameter, at least 100). ``time_fraction``
+    and ``free_end``: see :class:`~pyengine.tuning.tunable.TunablePlan`. ``dtype``: the
     walk's state dtype (float64 for small models). Deterministic given ``seed``.
     Returns a :class:`TunedPlan`.
     """
@@ -174,7 +175,7 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
-    tp = TunablePlan(sampler, time_fraction=time_fraction)
+    tp = TunablePlan(sampler, time_fraction=time_fraction, free_end=free_end)
     if times and isinstance(model, Denoiser):
         warnings.warn("tune: a pe.Denoiser is called with the state's sigma, not the plan's "
                       "model time, so evaluation times are not tuned (times=False)",

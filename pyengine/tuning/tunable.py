@@ -8,6 +8,9 @@ bitwise: same ops, same float64 numbers):
   positive levels p_0 > ... > p_{n-1} of the base grid keep their two ends; the increments
   d_i = log p_i - log p_{i+1} become d_i exp(theta_i) (theta_{n-2} = 0), rescaled to the same
   total, so any theta gives a strictly decreasing grid with the same ends (a final 0 stays).
+  On a grid that ends at 0 the last positive level p_{n-1} moves too (one more entry, see
+  ``free_end``): the final step to 0 is then a real step of the solver, not a model call
+  spent at sigma_min, and only the plan's true ends (p_0 and 0) are fixed.
   The plan is rebuilt with :func:`pyengine.sampler.build_plan` on the new grid (float64 host
   code, not differentiable): the schedule is fitted derivative-free.
 * ``phi`` (torch float64, one per model evaluation) -- decoupled evaluation times. Evaluation
@@ -116,9 +119,12 @@ def _structure(plan: Plan):
 class TunablePlan:
     """A base sampler's plan with tunable schedule, evaluation times and coefficients
     (module docstring). ``time_fraction`` bounds the time shifts (a fraction of the gap to
-    the neighbouring evaluation time, at most 0.5 so that shifted times keep their order)."""
+    the neighbouring evaluation time, at most 0.5 so that shifted times keep their order).
+    ``free_end``: on a grid that ends at 0, the last positive level is a schedule parameter
+    too (theta's last entry tau: log p_last rises by (1 - exp(-tau^2)) / 2 of the grid's
+    log span); otherwise both ends stay."""
 
-    def __init__(self, sampler, *, time_fraction: float = 0.5):
+    def __init__(self, sampler, *, time_fraction: float = 0.5, free_end: bool = True):
         plan = sampler.plan
         info = sampler.info
         if plan.n_noise or any(isinstance(op, Update) and op.noise_index >= 0
@@ -155,7 +161,9 @@ class TunablePlan:
             raise ValueError("sampler: a tunable schedule needs finite positive levels")
         self._log_pos = np.log(pos)
         self._inc = -np.diff(self._log_pos)                     # > 0
-        self.theta = np.zeros(max(0, self._inc.size - 1))
+        # a grid ending at 0: its last positive level is free too (the plan's end, 0, stays)
+        self._free_end = bool(free_end and self._zero_end and pos.size >= 2)
+        self.theta = np.zeros(max(0, self._inc.size - 1) + int(self._free_end))
         self._structure = _structure(plan)
         self._dims = None                       # null-space dimension per update (base grid)
         self._set_plan(copy.deepcopy(plan))
@@ -171,11 +179,18 @@ class TunablePlan:
         if not np.all(theta == 0.0):
             if not np.all(np.isfinite(theta)):
                 raise ValueError("theta must be finite")
+            last = self.base_sigmas[self._log_pos.size - 1]
+            total = self._inc.sum()
+            if self._free_end:
+                tau, theta = theta[-1], theta[:-1]
+                if tau != 0.0:      # up to halfway (in log sigma) to the first level
+                    lift = 0.5 * total * -math.expm1(-tau * tau)
+                    last, total = math.exp(self._log_pos[-1] + lift), total - lift
             w = self._inc * np.exp(np.append(np.clip(theta, -30.0, 30.0), 0.0))
-            w = w * (self._inc.sum() / w.sum())
+            w = w * (total / w.sum())
             logp = self._log_pos[0] - np.concatenate([[0.0], np.cumsum(w)])
             pos = np.exp(logp)
-            pos[0], pos[-1] = self.base_sigmas[0], self.base_sigmas[len(pos) - 1]  # the ends
+            pos[0], pos[-1] = self.base_sigmas[0], last                        # the ends
             if not np.all(np.diff(pos) < 0):
                 raise ValueError("theta gives levels that are not strictly decreasing "
                                  "(increments below float64 resolution)")

@@ -1,0 +1,208 @@
+"""Tuned plans on the exact Gaussian mixture: endpoint error vs the exact PF-ODE endpoint.
+
+    .venv/bin/python bench/bench_tuning.py                      # EDM and VP, NFE 3..10
+    .venv/bin/python bench/bench_tuning.py --process edm --nfe 5 --quick
+    .venv/bin/python bench/bench_tuning.py --digits             # the digits model's fit cost
+
+The mixture is the project's test mixture at d = 64 (``GaussianMixture.random(d=64, M=4,
+seed=0)``, the demo's), on the EDM process (x0 model) and the DDPM VP process (epsilon
+model), Karras grids from sigma_max to 0 (the Sampler's default). Per NFE:
+
+* fixed solvers: dpmpp_2m, unipc, ipndm, dpm_multistep (order 3), dpmpp_3m over the karras,
+  time_uniform and logsnr schedules; the best (lowest median) is reported;
+* schedule-tuned: ``pe.tune(..., times=False, coefficients=False)`` (Nelder-Mead on the
+  schedule only) of the base solver (``--base``, default ipndm);
+* fully tuned: ``pe.tune(...)`` (schedule, then evaluation times and coefficients).
+
+Both fits use the same training noise (``--train``, a quarter of it for validation) and the
+same teacher endpoints (``pe.tuning.DEFAULT_TEACHER``, computed once per process: the grids
+of every NFE share their ends); errors are measured on ``--test`` held-out noises against the
+exact endpoint (scipy DOP853, rtol 1e-10). Error of a sample: RMS over its 64 elements
+(``||x - x_exact|| / 8``); the tables give the median and the 90th percentile over samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pyengine as pe
+from pyengine.models import GaussianMixture
+from pyengine.tuning import DEFAULT_TEACHER
+from pyengine.tuning.fit import teacher_sigmas
+from pyengine.tuning.mixture import mixture_model
+
+FIXED = [("dpmpp_2m", {}), ("unipc", {}), ("ipndm", {}), ("dpm_multistep", {"order": 3}),
+         ("dpmpp_3m", {})]
+SCHEDULES = ["karras", "time_uniform", "logsnr"]
+PROCESSES = {"edm": "sample", "vp": "epsilon"}
+
+
+def machine() -> str:
+    try:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_cpu_threads import machine as m
+        return m()
+    except Exception:                                   # noqa: BLE001 - a label only
+        return platform.processor() or platform.machine()
+
+
+def errors(out, exact):
+    e = (out - exact).reshape(out.shape[0], -1).norm(dim=1) / math.sqrt(exact[0].numel())
+    return float(e.median()), float(e.quantile(0.9))
+
+
+def run_process(name: str, nfes, args) -> dict:
+    pred = PROCESSES[name]
+    proc = pe.processes.named(name)
+    gmm = GaussianMixture.random(d=64, M=4, seed=0)
+    model = mixture_model(gmm, proc, pred)
+    test = torch.randn(args.test, 64, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    train = torch.randn(args.train, 64, generator=torch.Generator().manual_seed(2),
+                        dtype=torch.float64)
+    ref = pe.Sampler(proc, solver="dpmpp_2m", steps=5, prediction=pred)
+    sig0 = float(ref.sigmas[0])
+    t0 = time.perf_counter()
+    x_hat0 = test * (float(proc.prior_std(sig0)) / float(proc.s_of_sigma(sig0)))
+    exact = gmm.ode_endpoint(x_hat0, sig0, 0.0)
+    res = {"process": name, "prediction": pred, "exact_seconds": time.perf_counter() - t0,
+           "fixed": {}, "tuned": {}}
+    print(f"[{name}] exact endpoints of {args.test} test noises: "
+          f"{res['exact_seconds']:.1f} s", flush=True)
+
+    # teacher: once per process (every NFE's Karras grid has the same ends)
+    t_name, t_steps, t_opts = DEFAULT_TEACHER
+    ts = pe.Sampler(proc, solver=t_name, prediction=pred, init_noise_scale=1.0,
+                    sigmas=teacher_sigmas(ref.sigmas, proc, t_steps), **t_opts)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        teacher = ts.sample(model, train * ref.init_noise_scale)
+    res["teacher_seconds"] = time.perf_counter() - t0
+    with torch.no_grad():
+        res["teacher_error"] = errors(ts.sample(model, test * ref.init_noise_scale), exact)
+    res["teacher"] = f"{t_name}, {t_steps} steps, log-uniform grid"
+    print(f"[{name}] teacher {res['teacher']}: {res['teacher_seconds']:.1f} s for "
+          f"{args.train}; its own error on the test noises: median "
+          f"{res['teacher_error'][0]:.2e}, p90 {res['teacher_error'][1]:.2e}", flush=True)
+
+    for nfe in nfes:
+        rows = {}
+        for solver, opts in FIXED:
+            for sch in SCHEDULES:
+                s = pe.Sampler(proc, solver=solver, steps=nfe, schedule=sch, prediction=pred,
+                               **opts)
+                if s.nfe != nfe:
+                    continue
+                with torch.no_grad():
+                    rows[f"{solver}/{sch}"] = errors(s.sample(model, test), exact)
+        best = min(rows, key=lambda k: rows[k][0])
+        res["fixed"][nfe] = {"best": best, "best_error": rows[best], "all": rows}
+        base = pe.Sampler(proc, solver=args.base, steps=nfe, schedule="karras", prediction=pred)
+        base_err = errors(base.sample(model, test), exact)
+        kw = dict(teacher=teacher, progress=False, seed=0, iters=args.iters)
+        sched = pe.tune(base, model, train, times=False, coefficients=False, **kw)
+        full = pe.tune(base, model, train, **kw)
+        e_s = errors(sched.sampler().sample(model, test), exact)
+        e_f = errors(full.sampler().sample(model, test), exact)
+        res["tuned"][nfe] = {
+            "base": args.base, "base_error": base_err, "schedule_error": e_s,
+            "full_error": e_f, "schedule_seconds": sched.provenance["fit_seconds"],
+            "full_seconds": full.provenance["fit_seconds"],
+            "fitted": full.provenance["fitted"], "losses": full.provenance["losses"],
+            "schedule_sigmas": [float(v) for v in sched.plan.sigmas],
+            "full_sigmas": [float(v) for v in full.plan.sigmas]}
+        print(f"[{name}] NFE {nfe}: best fixed {best} {rows[best][0]:.4f} / "
+              f"{rows[best][1]:.4f}; {args.base} karras {base_err[0]:.4f}; schedule-tuned "
+              f"{e_s[0]:.4f} / {e_s[1]:.4f} ({sched.provenance['fit_seconds']:.1f} s); fully "
+              f"tuned {e_f[0]:.4f} / {e_f[1]:.4f} ({full.provenance['fit_seconds']:.1f} s, "
+              f"grid {full.provenance['fitted']['gradient_grid']}, "
+              f"{full.provenance['fitted']['iters']} iters)", flush=True)
+        if nfe == 5:
+            res["timing"] = sampling_time(base, full, model, test)
+    return res
+
+
+def sampling_time(base, tuned, model, test, repeats: int = 30) -> dict:
+    """Median seconds of Sampler.sample with the base and the tuned plan (interleaved)."""
+    ts = tuned.sampler()
+    tb, tt = [], []
+    for _ in range(3):
+        base.sample(model, test)
+        ts.sample(model, test)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        base.sample(model, test)
+        tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ts.sample(model, test)
+        tt.append(time.perf_counter() - t0)
+    return {"base_ms": 1e3 * float(np.median(tb)), "tuned_ms": 1e3 * float(np.median(tt)),
+            "base_iqr_ms": 1e3 * float(np.subtract(*np.percentile(tb, [75, 25]))),
+            "tuned_iqr_ms": 1e3 * float(np.subtract(*np.percentile(tt, [75, 25]))),
+            "batch": int(test.shape[0])}
+
+
+def run_digits(args) -> dict:
+    """Fit cost and peak memory of tuning the digits model (NFE 5, feature loss)."""
+    from pyengine.models.digits import _classifier, load_digits_model, quality, to_pixels
+
+    process, model, pred = load_digits_model()
+    clf, _ = _classifier()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = pe.Sampler(process, solver="ipndm", steps=5, prediction=pred)
+    noise = torch.randn(args.digits_train, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    t0 = time.perf_counter()
+    tuned = pe.tune(s, model, noise, feature=lambda x: clf.features(to_pixels(x)),
+                    dtype=torch.float32, iters=args.iters, batch_size=args.batch,
+                    progress=False, seed=0)
+    fit_s = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    held = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        fd_base = quality(s.sample(model, held))["fd"]
+        fd_tuned = quality(tuned.sampler().sample(model, held))["fd"]
+    return {"fit_seconds": fit_s, "maxrss_before_mib": rss0 / 1024,
+            "maxrss_after_mib": rss1 / 1024, "train": args.digits_train, "batch": args.batch,
+            "iters": tuned.provenance["fitted"]["iters"],
+            "losses": tuned.provenance["losses"], "fd_base_256": fd_base,
+            "fd_tuned_256": fd_tuned, "teacher": tuned.provenance["teacher"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--process", default="edm,vp")
+    ap.add_argument("--nfe", default="3,4,5,6,8,10")
+    ap.add_argument("--base", default="ipndm")
+    ap.add_argument("--train", type=int, default=128)
+    ap.add_argument("--test", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--json", default=None, help="write the raw results here")
+    ap.add_argument("--digits", action="store_true", help="the digits fit cost instead")
+    ap.add_argument("--digits-train", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = {"machine": machine(), "torch": torch.__version__, "threads": args.threads}
+    if args.digits:
+        out["digits"] = run_digits(args)
+        print(json.dumps(out["digits"], indent=1))
+    else:
+        nfes = [int(v) for v in args.nfe.split(",")]
+        out["results"] = [run_process(p, nfes, args) for p in args.process.split(",")]
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
