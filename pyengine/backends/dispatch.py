@@ -338,12 +338,18 @@ def get(name: str | None = None, device=None, *, dtype=None, call: Call | None =
     name = name or os.environ.get("PYENGINE_BACKEND") or None
     if call is None:
         key = (name, ranking_file(), str(device), dtype)
-        be = _GET_CACHE.get(key)
-        if be is None:
+        hit = _GET_CACHE.get(key)
+        # a cached answer stands while its backend can still run (an extension can be
+        # unloaded, a test can take it away)
+        if hit is not None and hit[1] is not None and hit[1](hit[2]) is not None:
+            hit = None
+        if hit is None:
             if device is None and name in REGISTRY:     # a forced backend, on its own device
                 device = (getattr(REGISTRY[name], "device_types", None) or ("cpu",))[0]
-            be = _GET_CACHE[key] = select(Call.typical(device, dtype or torch.float32), name)
-        return be
+            be = select(Call.typical(device, dtype or torch.float32), name)
+            hit = _GET_CACHE[key] = (be, getattr(be, "unavailable_reason", None),
+                                     torch.device(device if device is not None else "cpu").type)
+        return hit[0]
     return select(call, name)
 
 
