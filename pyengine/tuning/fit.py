@@ -331,6 +331,10 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                 opt.zero_grad()
                 c, t = current()
                 loss = dist(run(b, c, t), b)
+                if not loss.requires_grad:
+                    raise ValueError("feature: the loss carries no gradient to the plan's "
+                                     "parameters (a feature map that detaches its input, or "
+                                     "a model without autograd)")
                 loss.backward()
                 opt.step()
                 train_now = loss.item()
