@@ -360,3 +360,25 @@ def test_fit_with_guidance_and_lbfgs():
     a = walk(t.plan, model, x, extra_args=ex)
     b = run_plan(t.plan, model, x, extra_args=ex, backend="torch")
     assert float((a - b).abs().max()) <= 1e-12 * max(1.0, float(b.abs().max()))
+
+
+def test_theta_for_inverts_sigmas_for_and_gits_start():
+    proc = pe.processes.named("vp")
+    g = np.random.default_rng(7)
+    for free_end in (True, False):
+        s = pe.Sampler(proc, solver="unipc", steps=6)
+        tp = TunablePlan(s, free_end=free_end)
+        grid = tp.sigmas_for(0.5 * g.standard_normal(tp.theta.size))
+        again = tp.sigmas_for(tp.theta_for(grid))
+        np.testing.assert_allclose(again, grid, rtol=1e-13, atol=0)
+        with pytest.raises(ValueError, match="sigmas"):
+            tp.theta_for(grid[::-1])
+    s, model, train, _, _ = _fit_problem()
+    t = pe.tune(s, model, train, schedule="gits", times=False, coefficients=False,
+                teacher=("unipc", 24), progress=False)
+    assert t.provenance["fitted"]["schedule"] == "gits"
+    gits = t.provenance["fitted"]["gits_sigmas"]
+    if t.provenance["losses"]["schedule"].get("kept", True):
+        np.testing.assert_allclose(t.plan.sigmas, gits, rtol=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        pe.tune(s, model, train, schedule="dp", progress=False)

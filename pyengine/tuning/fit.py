@@ -6,10 +6,13 @@
    plan has one), on the same process and prediction, with the caller's ``extra_args`` and
    the sampler's guidance; or the caller's endpoints (``teacher=`` a tensor).
 2. **Split.** A train / validation split of the noise, deterministic given ``seed``.
-3. **Schedule** (``schedule=True``). Nelder-Mead (scipy) on the training loss over the
-   schedule parameters of :class:`~pyengine.tuning.tunable.TunablePlan` with the base
-   solver's coefficients; kept only when it lowers the validation loss. This is the
-   schedule-only baseline, and the grid the next stage starts from.
+3. **Schedule** (``schedule=True`` or ``"nelder-mead"``). Nelder-Mead (scipy) on the
+   training loss over the schedule parameters of
+   :class:`~pyengine.tuning.tunable.TunablePlan` with the base solver's coefficients; kept
+   only when it lowers the validation loss. This is the schedule-only baseline, and the grid
+   the next stage starts from. ``"gits"``: the dynamic-programming grid of
+   :func:`pyengine.tuning.gits.gits_schedule` on the training noise instead;
+   ``"gits+nelder-mead"``: Nelder-Mead started there.
 4. **Times and coefficients** (``times=``, ``coefficients=``). Adam (minibatches) or L-BFGS
    (full training set, gradients accumulated over minibatches) through the differentiable
    walk (:mod:`pyengine.tuning.difwalk`); the validation loss is measured every
@@ -142,8 +145,9 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     guidance, are sliced per minibatch). ``teacher``: None (:data:`DEFAULT_TEACHER`), a
     solver name, ``(solver, steps[, options])``, or a tensor of endpoints of ``noise``.
     ``feature``: a differentiable map of endpoints whose distance is the loss (default: the
-    endpoints themselves). ``schedule`` / ``times`` / ``coefficients``: which
-    parameters to fit. ``iters``, ``lr``, ``optimizer`` ("adam" or "lbfgs"), ``batch_size``,
+    endpoints themselves). ``schedule`` (True / "nelder-mead", "gits", "gits+nelder-mead"
+    or False), ``times``, ``coefficients``: which parameters to fit and how (module
+    docstring). ``iters``, ``lr``, ``optimizer`` ("adam" or "lbfgs"), ``batch_size``,
     ``eval_every``, ``patience``: the gradient stage; ``schedule_evals``: Nelder-Mead's budget
     of loss evaluations (default 60 per schedule parameter, at least 100). ``time_fraction``
     and ``free_end``: see :class:`~pyengine.tuning.tunable.TunablePlan`. ``dtype``: the
@@ -178,6 +182,12 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
+    modes = {True: "nelder-mead", False: None, None: None, "nelder-mead": "nelder-mead",
+             "gits": "gits", "gits+nelder-mead": "gits+nelder-mead"}
+    if not isinstance(schedule, (bool, str, type(None))) or schedule not in modes:
+        raise ValueError(f"schedule must be True / 'nelder-mead', 'gits', 'gits+nelder-mead' "
+                         f"or False, got {schedule!r}")
+    schedule_mode = modes[schedule]
     tp = TunablePlan(sampler, time_fraction=time_fraction, free_end=free_end)
     if times and isinstance(model, Denoiser):
         warnings.warn("tune: a pe.Denoiser is called with the state's sigma, not the plan's "
@@ -257,36 +267,50 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     losses = {"base": {"train": loss_of(train_idx), "val": loss_of(val_idx)}}
     fit_log = {}
 
-    # -- schedule: Nelder-Mead ----------------------------------------------------------------
-    if schedule and tp.theta.size:
-        from scipy.optimize import minimize
+    # -- schedule: GITS and / or Nelder-Mead ----------------------------------------------------
+    if schedule_mode and tp.theta.size:
         dim = tp.theta.size
-        budget = schedule_evals if schedule_evals is not None else max(100, 60 * dim)
-        bar = _bar(progress, budget, f"schedule ({dim} params, Nelder-Mead)")
-        cache: dict = {}
+        start = np.zeros(dim)
+        if "gits" in schedule_mode:
+            from .gits import gits_schedule
+            grid = gits_schedule(sampler, model, noise[train_idx].to(dtype), sampler.steps,
+                                 extra_args=_slice_args(extra_args, train_idx, N, guided),
+                                 backend=sampler.backend)
+            try:
+                start = tp.theta_for(grid)
+            except ValueError as e:
+                warnings.warn(f"tune: the GITS grid cannot be a schedule of this plan ({e}); "
+                              f"starting from the base grid", stacklevel=2)
+            fit_log["gits_sigmas"] = [float(v) for v in grid]
+        theta = start
+        if "nelder-mead" in schedule_mode:
+            from scipy.optimize import minimize
+            budget = schedule_evals if schedule_evals is not None else max(100, 60 * dim)
+            bar = _bar(progress, budget, f"schedule ({dim} params, Nelder-Mead)")
+            cache: dict = {}
 
-        def f(theta):
-            key = tuple(np.round(theta, 15))
-            if key not in cache:
-                try:
-                    tp.set_schedule(theta)
-                    v = loss_of(train_idx)
-                except (ValueError, FloatingPointError):
-                    v = math.inf
-                cache[key] = v if math.isfinite(v) else 1e300
-                bar.update(1)
-                bar.set_postfix(train=f"{min(cache.values()):.3g}")
-            return cache[key]
+            def f(theta):
+                key = tuple(np.round(theta, 15))
+                if key not in cache:
+                    try:
+                        tp.set_schedule(theta)
+                        v = loss_of(train_idx)
+                    except (ValueError, FloatingPointError):
+                        v = math.inf
+                    cache[key] = v if math.isfinite(v) else 1e300
+                    bar.update(1)
+                    bar.set_postfix(train=f"{min(cache.values()):.3g}")
+                return cache[key]
 
-        simplex = np.vstack([np.zeros(dim), 0.5 * np.eye(dim)])
-        res = minimize(f, np.zeros(dim), method="Nelder-Mead",
-                       options={"maxfev": budget, "initial_simplex": simplex,
-                                "xatol": 1e-3, "fatol": 0.0})
-        bar.close()
-        theta = np.asarray(res.x, dtype=np.float64)
+            simplex = np.vstack([start, start + 0.5 * np.eye(dim)])
+            res = minimize(f, start, method="Nelder-Mead",
+                           options={"maxfev": budget, "initial_simplex": simplex,
+                                    "xatol": 1e-3, "fatol": 0.0})
+            bar.close()
+            theta = np.asarray(res.x, dtype=np.float64)
+            fit_log["schedule_evals"] = int(res.nfev)
         tp.set_schedule(theta)
         sched_loss = {"train": loss_of(train_idx), "val": loss_of(val_idx)}
-        fit_log["schedule_evals"] = int(res.nfev)
         if not sched_loss["val"] < losses["base"]["val"]:
             tp.set_schedule(np.zeros(dim))                # no better on held-out noise
             sched_loss = dict(losses["base"], kept=False)
@@ -392,7 +416,7 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
         "teacher": teacher_info,
         "loss": "feature" if feature is not None else "l2",
         "losses": losses,
-        "fitted": {"schedule": bool(schedule and tp.theta.size),
+        "fitted": {"schedule": schedule_mode if tp.theta.size else None,
                    "times": bool(times and tp.n_times),
                    "coefficients": bool(coefficients and tp.n_coef),
                    "optimizer": optimizer, "iters": iters_run, "lr": lr, **fit_log},

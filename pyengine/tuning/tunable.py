@@ -197,6 +197,35 @@ class TunablePlan:
             return np.append(pos, 0.0) if self._zero_end else pos
         return self.base_sigmas.copy()
 
+    def theta_for(self, sigmas) -> np.ndarray:
+        """The schedule parameters of a grid (the inverse of :meth:`sigmas_for`): same
+        length and first level as the base grid, strictly decreasing, ending at 0 when the
+        base grid does; its last positive level the base's (or, with ``free_end``, at most
+        halfway up in log sigma). ValueError when the grid cannot be represented."""
+        sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        base = self.base_sigmas
+        if sig.shape != base.shape or sig[0] != base[0] or (sig[-1] == 0.0) != self._zero_end \
+                or not np.all(np.diff(sig) < 0):
+            raise ValueError(f"sigmas must be a strictly decreasing grid of {base.size} levels "
+                             f"from {base[0]:.6g}" + (" to 0" if self._zero_end else ""))
+        pos = sig[:-1] if self._zero_end else sig
+        logp = np.log(pos)
+        inc = -np.diff(logp)
+        total = self._inc.sum()
+        lift = float(logp[-1] - self._log_pos[-1])
+        tail = []
+        if self._free_end:
+            frac = 2.0 * lift / total
+            if not -1e-12 <= frac < 1.0:
+                raise ValueError("sigmas: the last positive level is below the base grid's or "
+                                 "above halfway (in log sigma) to the first level")
+            tail = [math.sqrt(-math.log1p(-max(frac, 0.0)))]
+        elif abs(lift) > 1e-12 * max(1.0, abs(self._log_pos[-1])):
+            raise ValueError("sigmas: the last level differs from the base grid's (free_end "
+                             "is off)")
+        r = np.log(inc / self._inc)
+        return np.append(r[:-1] - r[-1], tail)
+
     def set_schedule(self, theta) -> None:
         """Rebuild the plan on the grid of ``theta``. Time and coefficient parameters keep
         their values as coordinates (the bases they scale are recomputed for the new grid):
