@@ -373,12 +373,13 @@ def test_theta_for_inverts_sigmas_for_and_gits_start():
         np.testing.assert_allclose(again, grid, rtol=1e-13, atol=0)
         with pytest.raises(ValueError, match="sigmas"):
             tp.theta_for(grid[::-1])
-    s, model, train, _, _ = _fit_problem()
+    _, model, train, _, _ = _fit_problem()
+    s = pe.Sampler(pe.processes.named("edm"), solver="ipndm", steps=6, prediction="sample")
     t = pe.tune(s, model, train, schedule="gits", times=False, coefficients=False,
                 teacher=("unipc", 24), progress=False)
     assert t.provenance["fitted"]["schedule"] == "gits"
     gits = t.provenance["fitted"]["gits_sigmas"]
-    if t.provenance["losses"]["schedule"].get("kept", True):
-        np.testing.assert_allclose(t.plan.sigmas, gits, rtol=1e-12)
+    assert t.provenance["losses"]["schedule"].get("kept", True)
+    np.testing.assert_allclose(t.plan.sigmas, gits, rtol=1e-12)
     with pytest.raises(ValueError, match="schedule"):
         pe.tune(s, model, train, schedule="dp", progress=False)
