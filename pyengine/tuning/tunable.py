@@ -38,12 +38,15 @@ every update must map the exact solution to the exact solution:
 
     sum_b coef_b v_b = s(sigma') (1, sigma')        (sigma', s(sigma'): the level written)
 
-a 2 x K linear system. Every deterministic solver of the registry satisfies it; the
-corrections live in its null space, so the tuned plan satisfies it exactly too (to rounding)
-whatever z is. An update with K <= 2 buffers (or rank-deficient system) has no freedom. An
-update whose base coefficients do not satisfy the system (none in the registry) is left
-uncorrected. With time shifts the condition still holds for a model whose denoiser is
-constant in x and t (the sample prediction of such a model does not depend on the time).
+a 2 x K linear system. The registry's deterministic solvers satisfy it (to 1e-15) but for
+three ComfyUI ports: deis and ipndm_v (order 4), whose quadrature weights miss it by about
+1e-5, and unipc_comfy's final step to 0 (x = (x + D) / 2, which leaves sigma_min k / 2).
+The corrections live in its null space, so the tuned plan satisfies it exactly too (to
+rounding) whatever z is. An update with K <= 2 buffers (or a rank-deficient system) has no
+freedom; an update whose base coefficients miss the condition (relative residual above
+1e-9, ``TunablePlan.residuals``) is left uncorrected. With time shifts the condition still
+holds for a model whose denoiser is constant in x and t (the sample prediction of such a
+model does not depend on the time).
 """
 
 from __future__ import annotations
