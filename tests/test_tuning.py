@@ -383,3 +383,23 @@ def test_theta_for_inverts_sigmas_for_and_gits_start():
     np.testing.assert_allclose(t.plan.sigmas, gits, rtol=1e-12)
     with pytest.raises(ValueError, match="schedule"):
         pe.tune(s, model, train, schedule="dp", progress=False)
+
+
+def test_registry_solvers_keep_the_exact_solution_of_a_constant_denoiser():
+    """Every deterministic registry configuration maps the constant-denoiser solution to
+    itself, update by update, but the three ComfyUI ports known not to (quadrature weights
+    of deis and ipndm_v order 4; unipc_comfy's last step x = (x + D) / 2)."""
+    known = {"deis", "ipndm_v", "unipc_comfy"}
+    checked = 0
+    for info in pe.list_solvers():
+        for label, opts, _, _ in info.configurations():
+            s = pe.Sampler(pe.processes.named("vp"), solver=info.name, steps=6, **opts)
+            try:
+                tp = TunablePlan(s)
+            except ValueError:
+                continue                    # stochastic, custom ops, inversion
+            checked += 1
+            worst = max(tp.residuals)
+            if info.name not in known:
+                assert worst < 1e-12, (label, worst)
+    assert checked >= 30
