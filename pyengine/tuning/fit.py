@@ -2,8 +2,8 @@
 
 1. **Teacher.** The endpoints of the noise under a high-accuracy run of the registry (default
    :data:`DEFAULT_TEACHER`: ``dpmpp_3m_corrected`` over 256 steps of a log-uniform grid
-   between the plan's first and last positive levels, and the same final step to 0 when the
-   plan has one), on the same process and prediction, with the caller's ``extra_args`` and
+   between the plan's first and last levels, :func:`teacher_sigmas`), on the same process
+   and prediction, with the caller's ``extra_args`` and
    the sampler's guidance; or the caller's endpoints (``teacher=`` a tensor).
 2. **Split.** A train / validation split of the noise, deterministic given ``seed``.
 3. **Schedule** (``schedule=True`` or ``"nelder-mead"``). Nelder-Mead (scipy) on the
@@ -86,11 +86,19 @@ class TunedPlan:
 
 
 def teacher_sigmas(sigmas, process, steps: int) -> np.ndarray:
-    """The teacher's grid: ``steps`` log-uniform steps between the first and the last
-    positive level of ``sigmas``, then 0 when ``sigmas`` ends at 0."""
+    """The teacher's grid: ``steps`` log-uniform steps from the first level of ``sigmas`` to
+    its last level; when ``sigmas`` ends at 0, down to the lower of its last positive level
+    and the process's sigma_min, then 0 (the endpoint at 0 does not depend on where a plan
+    takes its last step, and a tuned plan may move it)."""
     sig = np.asarray(sigmas, dtype=np.float64)
     zero = sig[-1] == 0.0
-    hi, lo = float(sig[0]), float(sig[-2] if zero else sig[-1])
+    hi = float(sig[0])
+    if zero:
+        lo = min(float(sig[-2]), float(process.sigma_min))
+        if not lo < hi:
+            lo = hi * 1e-3 if len(sig) == 2 else float(sig[-2])
+    else:
+        lo = float(sig[-1])
     n = int(steps) - (1 if zero else 0)
     grid = np.exp(np.linspace(math.log(hi), math.log(lo), max(n, 1) + 1))
     grid[0], grid[-1] = hi, lo
