@@ -182,6 +182,9 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                         ("eval_every", eval_every, 1), ("patience", patience, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if schedule_evals is not None and (isinstance(schedule_evals, bool) or not isinstance(
+            schedule_evals, (int, np.integer)) or schedule_evals < 1):
+        raise ValueError(f"schedule_evals must be a positive integer, got {schedule_evals!r}")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if feature is not None and not callable(feature):
@@ -329,7 +332,6 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     # -- times and coefficients: gradient ----------------------------------------------------
     def gradient_stage(start_val: float, label: str):
         """Fit phi and z from zero on the current grid; returns (best val, phi, z, iters)."""
-        params = []
         tp.phi = torch.zeros_like(tp.phi, requires_grad=bool(times and tp.n_times))
         tp.z = torch.zeros_like(tp.z, requires_grad=bool(coefficients and tp.n_coef))
         params = [p for p in (tp.phi, tp.z) if p.requires_grad]
