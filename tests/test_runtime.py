@@ -412,3 +412,13 @@ def test_time_rows_reused_only_while_unmodified():
     for _ in range(2):
         assert torch.equal(smp.sample(scribbling, noise, backend="cpp"), want)
         assert torch.equal(smp.sample(model, noise, backend="cpp"), want)
+
+
+def test_a_plan_without_updates_returns_a_copy():
+    """The walk reads the caller's state without copying it; a plan whose output is that
+    state (no update) still hands back a tensor of its own."""
+    plan = pe.plan.Plan("none", np.array([1.0]), ops=[])
+    x = _noise((2, 3), seed=2)
+    for backend in ["cpp", "torch"]:
+        out = runtime.run_plan(plan, model, x, backend=backend)
+        assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()

@@ -71,4 +71,6 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
     w = Walker(program, model, be, noise=noise, compute_dtype=compute_dtype, mask=mask,
                callback=callback, extra_args=extra_args,
                recycle=callback is None if recycle is None else recycle)
-    return w.start(x, inputs).run()
+    out = w.start(x, inputs).run()
+    # a plan with no update returns its input: the caller gets a copy, never its own tensor
+    return out.clone() if out is x or any(out is v for v in inputs.values()) else out

@@ -245,10 +245,12 @@ class Walker:
 
     # -- buffers ---------------------------------------------------------------------------
     def start(self, x: torch.Tensor, inputs: dict | None = None, *, own: bool = False):
-        """Bind the initial state ``x`` (copied unless ``own``) and read-only ``inputs``."""
-        if not own:
-            x = x.clone()
-        self._own(x)
+        """Bind the initial state ``x`` and read-only ``inputs``. ``own``: ``x`` joins the
+        walk's pool (it may be recycled, i.e. written); else it is read like any input (the
+        walk writes only tensors it owns, so the caller's ``x`` is never modified, and no copy
+        is made: a run whose output is ``x`` itself returns it, see :func:`run_plan`)."""
+        if own:
+            self._own(x)
         self.slots = {"x": x}
         self.like = x
         for k, v in (inputs or {}).items():
