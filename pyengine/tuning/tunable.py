@@ -119,6 +119,34 @@ def _structure(plan: Plan):
             for op in plan.ops]
 
 
+def _conform(plan: Plan, base: Plan) -> None:
+    """Give ``plan``'s updates the buffer lists of ``base``'s where they differ only by
+    terms the plan builder drops when their coefficient is exactly 0 (a coefficient that is 0
+    on one grid can be a rounding residue such as 2e-16 on another): missing buffers get
+    coefficient 0, extra buffers whose coefficients are rounding residues are dropped."""
+    if len(plan.ops) != len(base.ops):
+        return
+    for op, ref in zip(plan.ops, base.ops):
+        if not (isinstance(op, Update) and isinstance(ref, Update)) or op.bufs == ref.bufs \
+                or op.dst != ref.dst:
+            continue
+        scale = max(float(np.abs(op.coefs).max()), 1e-300)
+        extra = [k for k, b in enumerate(op.bufs) if b not in ref.bufs]
+        if any(abs(op.coefs[k]) > 1e-13 * scale or
+               (op.aux_coefs is not None and op.aux_coefs[k] != 0.0) for k in extra):
+            continue                                # a real difference: reported by caller
+        if len(set(op.bufs)) != len(op.bufs):
+            continue
+        pos = {b: k for k, b in enumerate(op.bufs)}
+
+        def pick(c):
+            return None if c is None else np.array(
+                [c[pos[b]] if b in pos else 0.0 for b in ref.bufs], dtype=np.float64)
+        op.coefs, op.aux_coefs = pick(op.coefs), pick(op.aux_coefs)
+        op.mask_coefs = pick(op.mask_coefs)
+        op.bufs = list(ref.bufs)
+
+
 class TunablePlan:
     """A base sampler's plan with tunable schedule, evaluation times and coefficients
     (module docstring). ``time_fraction`` bounds the time shifts (a fraction of the gap to
@@ -244,6 +272,7 @@ class TunablePlan:
             plan = build_plan(self.process, s.solver, sig, self.prediction,
                               guidance_scale=s.guidance_scale,
                               guidance_rescale=s.guidance_rescale, **s.options)
+        _conform(plan, self.base_plan)
         if _structure(plan) != self._structure:
             raise RuntimeError(f"the {self.sampler.solver!r} plan on the tuned grid has "
                                f"another op structure than on the base grid")
