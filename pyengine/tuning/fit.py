@@ -289,7 +289,9 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                                  backend=sampler.backend)
             try:
                 start = tp.theta_for(grid)
-            except ValueError as e:
+                tp.set_schedule(start)
+            except (ValueError, RuntimeError) as e:
+                start = np.zeros(dim)
                 warnings.warn(f"tune: the GITS grid cannot be a schedule of this plan ({e}); "
                               f"starting from the base grid", stacklevel=2)
             fit_log["gits_sigmas"] = [float(v) for v in grid]
@@ -306,8 +308,8 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                     try:
                         tp.set_schedule(theta)
                         v = loss_of(train_idx)
-                    except (ValueError, FloatingPointError):
-                        v = math.inf
+                    except (ValueError, FloatingPointError, RuntimeError):
+                        v = math.inf                # not a grid of this plan's structure
                     cache[key] = v if math.isfinite(v) else 1e300
                     bar.update(1)
                     bar.set_postfix(train=f"{min(cache.values()):.3g}")
