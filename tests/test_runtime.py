@@ -422,3 +422,92 @@ def test_a_plan_without_updates_returns_a_copy():
     for backend in ["cpp", "torch"]:
         out = runtime.run_plan(plan, model, x, backend=backend)
         assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+# -- the buffer pool of the eager walks ------------------------------------------------------
+
+
+def test_pool_keeps_results_and_what_a_model_kept():
+    """Tensors go back to the pool only when nothing else refers to them: the result the
+    caller got, the input tensor a model kept from its last call of a walk, or a view it kept
+    of one stay intact through later calls that reuse the pool. (Within a walk the model's
+    inputs are the walk's own buffers and are reused after its call, as a captured graph's
+    static inputs are: a model that stores its input must store a copy.)"""
+    runtime.buffer_pool.clear()
+    kept = {}
+
+    def keeping(x, t):
+        kept["x"], kept["x_copy"] = x, x.clone()
+        kept["view"] = x[:1]
+        kept["view_copy"] = kept["view"].clone()
+        return model(x, t)
+
+    smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=6)
+    noise = _noise((2, 3, 4, 4), seed=9)
+    first = smp.sample(keeping, noise, backend="cpp")
+    first_copy = first.clone()
+    last = dict(kept)
+    kept.clear()
+    for _ in range(3):
+        again = smp.sample(model, noise, backend="cpp")
+        assert torch.equal(again, first_copy)
+    assert torch.equal(first, first_copy)
+    assert torch.equal(last["x"], last["x_copy"])
+    assert torch.equal(last["view"], last["view_copy"])
+    assert runtime.buffer_pool.nbytes > 0
+
+    # only another tensor on the same memory (neither the tensor object nor a view of it)
+    def viewing(x, t):
+        kept["view"] = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), 0, x.shape,
+                                                          x.stride())
+        kept["view_copy"] = kept["view"].clone()
+        return model(x, t)
+
+    smp.sample(viewing, noise, backend="cpp")
+    last = dict(kept)
+    for _ in range(3):
+        smp.sample(model, noise, backend="cpp")
+    assert torch.equal(last["view"], last["view_copy"])
+
+
+def test_pool_gives_a_walk_its_own_tensors_again():
+    """A repeated call takes its buffers from the pool: one new tensor only, for the one the
+    caller kept (the previous result)."""
+    runtime.buffer_pool.clear()
+    smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=6)
+    noise = _noise((2, 3, 4, 4), seed=10)
+    smp.sample(model, noise, backend="cpp")
+    held = runtime.buffer_pool.nbytes
+    assert held > 0
+    made = []
+    real = torch.empty_like
+
+    def counting(*a, **k):
+        made.append(1)
+        return real(*a, **k)
+
+    torch.empty_like = counting
+    try:
+        smp.sample(model, noise, backend="cpp")
+    finally:
+        torch.empty_like = real
+    assert len(made) == 1
+    assert runtime.buffer_pool.nbytes == held
+
+
+def test_pool_reuses_and_bounds():
+    pool = runtime.BufferPool(per_key=2, max_bytes=3 * 4 * 100)
+    ts = [torch.empty(100) for _ in range(4)]
+    ids = {id(t) for t in ts}
+    pool.give(ts)
+    assert pool.nbytes == 2 * 400                   # at most per_key of one layout
+    got = pool.take(torch.empty(100))
+    assert id(got) in ids
+    assert pool.take(torch.empty(7)) is None         # another layout
+    pool.give([torch.empty(50, dtype=torch.float64), torch.empty(60)])
+    assert pool.nbytes <= 3 * 400                    # least recently used layouts dropped
+    pool.clear()
+    assert pool.nbytes == 0 and pool.take(torch.empty(100)) is None
+    off = runtime.BufferPool(max_bytes=0)
+    off.give([torch.empty(10)])
+    assert off.nbytes == 0

@@ -22,12 +22,13 @@ from ..plan import Plan
 from .graph import CompiledLoop, GraphCache, compile_plan, graph_cache
 from .tables import DeviceTables, plan_signature
 from .transforms import KNOWN, KNOWN_NOISE, check_state_dtype, inpaint, inpaint_inputs
-from .walk import (GeneratorDraws, HostNumbers, PhiloxDraws, Program, SuppliedDraws,
-                   Walker)
+from .walk import (BufferPool, GeneratorDraws, HostNumbers, PhiloxDraws, Program,
+                   SuppliedDraws, Walker, buffer_pool)
 
-__all__ = ["CompiledLoop", "DeviceTables", "GeneratorDraws", "GraphCache", "HostNumbers",
-           "PhiloxDraws", "Program", "SuppliedDraws", "Walker", "compile_plan", "graph_cache",
-           "inpaint", "plan_signature", "run_plan", "resolve_backend"]
+__all__ = ["BufferPool", "CompiledLoop", "DeviceTables", "GeneratorDraws", "GraphCache",
+           "HostNumbers", "PhiloxDraws", "Program", "SuppliedDraws", "Walker", "buffer_pool",
+           "compile_plan", "graph_cache", "inpaint", "plan_signature", "run_plan",
+           "resolve_backend"]
 
 
 def resolve_backend(backend, x):
@@ -71,6 +72,9 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
     w = Walker(program, model, be, noise=noise, compute_dtype=compute_dtype, mask=mask,
                callback=callback, extra_args=extra_args,
                recycle=callback is None if recycle is None else recycle)
+    if w.recycle:
+        w.pool = buffer_pool
     out = w.start(x, inputs).run()
+    w.finish(out)
     # a plan with no update returns its input: the caller gets a copy, never its own tensor
     return out.clone() if out is x or any(out is v for v in inputs.values()) else out
