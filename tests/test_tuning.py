@@ -421,3 +421,34 @@ def test_random_schedules_keep_the_op_structure(proc_name, pred):
             tp.set_schedule(0.6 * g.standard_normal(tp.theta.size))
             assert tp.n_coef == n
             assert [len(u.bufs) for u in tp.plan.updates] == [len(u.bufs) for u in s.plan.updates]
+
+
+def test_digits_table_bench_quick_smoke(tmp_path):
+    """bench/bench_tuning_digits.py --quick: one NFE of every kind of row, finite scores, a
+    loadable fitted plan, and the page re-rendered from its JSON is the same page."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_tuning_digits.py"
+    spec = importlib.util.spec_from_file_location("bench_tuning_digits", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    js, md, md2 = tmp_path / "d.json", tmp_path / "d.md", tmp_path / "d2.md"
+    res = mod.main(["--quick", "--json", str(js), "--markdown", str(md),
+                    "--plans-dir", str(tmp_path / "plans")])
+    size = str(res["eval_sizes"][0])
+    nfe = next(iter(res["tuned"]))
+    for kind in ("fixed", "gits", "tuned"):
+        row = res[kind][nfe]
+        assert math.isfinite(row[size]) and row[size] > 0.0, (kind, row)
+    best = res["fixed"][nfe]
+    assert best[size] == min(v[size] for v in best["all"].values())
+    t = res["tuned"][nfe]
+    assert t["losses"]["tuned"]["val"] <= t["losses"]["base"]["val"]
+    assert t["fit_seconds"] > 0 and t["maxrss_mib"] > 0
+    loaded = pe.load_plan(t["plan"])
+    assert loaded.plan.nfe == int(nfe) and loaded.provenance["loss"] == "feature"
+    page = md.read_text()
+    assert f"| {nfe} | {best['best']} |" in page
+    mod.main(["--from-json", str(js), "--markdown", str(md2)])
+    assert md2.read_text() == page

@@ -1,0 +1,335 @@
+"""Issue 15's digits table: Frechet distance of fixed, GITS-grid and fully tuned plans by NFE.
+
+    .venv/bin/python bench/bench_tuning_digits.py --json d.json --markdown d.md   # ~15 min
+    .venv/bin/python bench/bench_tuning_digits.py --quick                         # < 20 s
+
+The digits model (``pyengine.models.digits``, EDM, x0 prediction); a sample set's score is
+``quality(x)["fd"]``: the Frechet distance between the bundled classifier's features of the
+samples and of the 1797 training digits. Held-out noise: ``torch.randn(n, 1, 8, 8)`` of a
+``torch.Generator`` seeded ``--eval-seed`` (default 0, the demo's: its 128-sample set is the
+demo's digits noise), for each size of ``--eval`` (default 512 and 128). Fitting noise:
+``initial_noise(--fit-seed, range(--num))`` (Philox, default seed 1 and 256 noises: the noise
+of ``pyengine tune digits``), never the held-out noise. Per NFE:
+
+* fixed: dpmpp_2m, unipc, ipndm, dpm_multistep (order 3) on the karras, time_uniform and
+  logsnr schedules; the best (lowest FD at the first ``--eval`` size) is reported;
+* GITS: each of those solvers on the grid of :func:`pyengine.tuning.gits.gits_schedule`
+  (one teacher trajectory of ``--gits-fine`` steps on the fitting noise serves every NFE);
+  the best solver is reported;
+* tuned: ``pe.tune`` of ``--base`` (default ipndm, Karras start) with the classifier-feature
+  loss, the same settings as ``pyengine tune digits --nfe N --solver ipndm --loss features``
+  (256 noises of seed 1, a quarter for validation, 300 Adam iterations at most, batch 128,
+  float64 state). Each fit runs in its own process (``--jobs`` at a time, 1 torch thread
+  each) that reports its fit seconds and its peak resident memory.
+
+Also the bundled plan ``pyengine/models/digits_nfe5.json`` (L2 loss) at its NFE, for
+reference. ``--quick``: one NFE, tiny fits and sample sets, in process (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOLVERS = [("dpmpp_2m", {}), ("unipc", {}), ("ipndm", {}), ("dpm_multistep", {"order": 3})]
+SCHEDULES = ["karras", "time_uniform", "logsnr"]
+HERE = Path(__file__).resolve()
+
+
+def machine() -> str:
+    try:
+        sys.path.insert(0, str(HERE.parent))
+        from bench_tuning import machine as m
+        return m()
+    except Exception:                                   # noqa: BLE001 - a label only
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def _label(solver, opts):
+    return solver + (f"(order {opts['order']})" if "order" in opts else "")
+
+
+def fit_one(nfe: int, args, plan_out: Path) -> dict:
+    """One fit (the worker): ``pe.tune`` as ``pyengine tune digits --loss features`` does it;
+    the plan is written to ``plan_out``; returns seconds, memory and losses."""
+    import pyengine as pe
+    from pyengine.cli import _digits_features
+    from pyengine.distributed import initial_noise
+    from pyengine.models.digits import load_digits_model
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    process, model, pred = load_digits_model()
+    s = pe.Sampler(process, solver=args.base, steps=nfe, schedule="karras", prediction=pred)
+    if s.nfe != nfe:
+        raise SystemExit(f"--base {args.base}: {nfe} steps make {s.nfe} model calls")
+    noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
+                          dtype=torch.float64)
+    t0 = time.perf_counter()
+    tuned = pe.tune(s, model, noise, feature=_digits_features(), iters=args.iters,
+                    batch_size=args.batch, seed=args.fit_seed, progress=False)
+    wall = time.perf_counter() - t0
+    tuned.save(plan_out)
+    pv = tuned.provenance
+    return {"nfe": nfe, "fit_seconds": wall, "maxrss_mib": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024, "maxrss_before_mib": rss0 / 1024,
+        "losses": pv["losses"], "iters": pv["fitted"]["iters"],
+        "gradient_grid": pv["fitted"].get("gradient_grid"),
+        "schedule_evals": pv["fitted"].get("schedule_evals"), "plan": str(plan_out)}
+
+
+def run_fits(nfes, args, plans_dir: Path) -> dict:
+    """Fit every NFE: in process (``--jobs 0``) or in ``--jobs`` worker processes at a time,
+    the most expensive (highest NFE) first."""
+    out = {}
+    todo = sorted(nfes, reverse=True)
+    if args.jobs == 0:
+        for n in todo:
+            out[n] = fit_one(n, args, plans_dir / f"digits_nfe{n}.json")
+        return out
+    common = ["--iters", str(args.iters), "--num", str(args.num), "--batch", str(args.batch),
+              "--fit-seed", str(args.fit_seed), "--base", args.base]
+    running = {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            n = todo.pop(0)
+            info = plans_dir / f"fit_nfe{n}.json"
+            cmd = [sys.executable, str(HERE), "--fit-worker", str(n), "--plan-out",
+                   str(plans_dir / f"digits_nfe{n}.json"), "--info-out", str(info)] + common
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            running[n] = (subprocess.Popen(cmd, env=env), info, time.perf_counter())
+            print(f"fit NFE {n}: started", flush=True)
+        time.sleep(1.0)
+        for n, (p, info, t0) in list(running.items()):
+            if p.poll() is None:
+                continue
+            del running[n]
+            if p.returncode != 0:
+                raise SystemExit(f"the fit of NFE {n} failed (exit {p.returncode})")
+            out[n] = json.loads(info.read_text())
+            print(f"fit NFE {n}: {out[n]['fit_seconds']:.0f} s, peak "
+                  f"{out[n]['maxrss_mib']:.0f} MiB, val loss "
+                  f"{out[n]['losses']['base']['val']:.3f} -> "
+                  f"{out[n]['losses']['tuned']['val']:.3f}", flush=True)
+    return out
+
+
+def scores(sample, noises: dict) -> dict:
+    """{n: fd} of one sampler over each held-out set (and the first set's confidence)."""
+    from pyengine.models.digits import quality
+
+    res = {}
+    with torch.no_grad():
+        for n, z in noises.items():
+            q = quality(sample(z))
+            res[str(n)] = q["fd"]
+            res.setdefault("confidence", q["confidence"])
+    return res
+
+
+def measure(args) -> dict:
+    import pyengine as pe
+    from pyengine.distributed import initial_noise
+    from pyengine.models.digits import load_digits_model
+    from pyengine.tuning.gits import dp_path, step_costs, teacher_trajectory
+
+    process, model, pred = load_digits_model()
+    sizes = args.eval_sizes
+    noises = {n: torch.randn(n, *model.sample_shape,
+                             generator=torch.Generator().manual_seed(args.eval_seed))
+              for n in sizes}
+    key = str(sizes[0])
+    res = {"machine": machine(), "torch": torch.__version__, "threads": args.threads,
+           "command": args.command, "eval_sizes": sizes, "eval_seed": args.eval_seed,
+           "fit_seed": args.fit_seed, "num": args.num, "iters": args.iters,
+           "batch": args.batch, "base": args.base, "gits_fine": args.gits_fine,
+           "fixed": {}, "gits": {}, "tuned": {}}
+
+    # -- fixed solvers ------------------------------------------------------------------
+    t0 = time.perf_counter()
+    for nfe in args.fixed_nfe:
+        rows = {}
+        for solver, opts in SOLVERS:
+            for sch in SCHEDULES:
+                s = pe.Sampler(process, solver=solver, steps=nfe, schedule=sch,
+                               prediction=pred, **opts)
+                if s.nfe != nfe:
+                    continue
+                rows[f"{_label(solver, opts)}/{sch}"] = scores(
+                    lambda z, s=s: s.sample(model, z), noises)
+        best = min(rows, key=lambda k: rows[k][key])
+        res["fixed"][str(nfe)] = {"best": best, **rows[best], "all": rows}
+        print(f"fixed NFE {nfe}: {best} fd {rows[best][key]:.2f}", flush=True)
+    res["fixed_seconds"] = time.perf_counter() - t0
+
+    # -- GITS grids (one teacher trajectory on the fitting noise) ------------------------
+    t0 = time.perf_counter()
+    fit_noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
+                              dtype=torch.float64)
+    ref = pe.Sampler(process, solver="ipndm", steps=args.nfe[0], prediction=pred)
+    traj = teacher_trajectory(ref, model, fit_noise, fine_steps=args.gits_fine)
+    costs = step_costs(traj)
+    for nfe in args.nfe:
+        grid = traj.sigmas[dp_path(costs, nfe)[0]]
+        rows = {}
+        for solver, opts in SOLVERS:
+            s = pe.Sampler(process, solver=solver, sigmas=grid, prediction=pred, **opts)
+            if s.nfe != nfe:
+                continue
+            rows[_label(solver, opts)] = scores(lambda z, s=s: s.sample(model, z), noises)
+        best = min(rows, key=lambda k: rows[k][key])
+        res["gits"][str(nfe)] = {"best": best, **rows[best], "all": rows,
+                                 "sigmas": [float(v) for v in grid]}
+        print(f"GITS NFE {nfe}: {best} fd {rows[best][key]:.2f}", flush=True)
+    res["gits_seconds"] = time.perf_counter() - t0
+
+    # -- the bundled plan (for reference) ------------------------------------------------
+    from pyengine.demo import TUNED_DIGITS
+    if TUNED_DIGITS.exists():
+        f = pe.load_plan(TUNED_DIGITS)
+        s = pe.Sampler.from_tuned(f, process, prediction=pred, model=model)
+        res["bundled"] = {"nfe": s.nfe, "loss": f.provenance.get("loss"),
+                          "seed": f.provenance.get("seed"),
+                          "n": f.provenance.get("n_train", 0) + f.provenance.get("n_val", 0),
+                          **scores(lambda z: s.sample(model, z), noises)}
+
+    # -- fully tuned plans ---------------------------------------------------------------
+    plans_dir = Path(args.plans_dir) if args.plans_dir else Path(tempfile.mkdtemp())
+    plans_dir.mkdir(parents=True, exist_ok=True)
+    fits = run_fits(args.nfe, args, plans_dir)
+    for nfe in args.nfe:
+        fi = fits[nfe]
+        s = pe.Sampler.from_tuned(fi["plan"], process, prediction=pred, model=model)
+        res["tuned"][str(nfe)] = {**fi, **scores(lambda z, s=s: s.sample(model, z), noises)}
+        print(f"tuned NFE {nfe}: fd {res['tuned'][str(nfe)][key]:.2f}", flush=True)
+    res["maxrss_main_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def verdicts(r: dict, size: str) -> list:
+    """The issue's targets at one sample size: (text, met)."""
+    out = []
+    for t_nfe, f_nfe in ((5, 10), (4, 8)):
+        t, f = r["tuned"].get(str(t_nfe)), r["fixed"].get(str(f_nfe))
+        if t and f:
+            ok = t[size] <= f[size]
+            out.append((f"tuned {t_nfe} NFE {t[size]:.2f} <= best fixed at {f_nfe} NFE "
+                        f"({f['best']}) {f[size]:.2f}: {'met' if ok else 'MISSED'}", ok))
+    return out
+
+
+def markdown(r: dict) -> str:
+    sizes = [str(n) for n in r["eval_sizes"]]
+    nfes = sorted({int(k) for k in r["fixed"]} | {int(k) for k in r["tuned"]})
+    cell = " / ".join(sizes)
+    lines = [f"# The digits model: fixed, GITS and tuned plans by NFE ({r['machine']})", "",
+             f"`{r['command']}` (torch {r['torch']}, {r['threads']} thread per process). "
+             f"Frechet distance on the bundled classifier's features (`quality(x)['fd']`) of "
+             f"{' and '.join(sizes)} samples (each cell: FD at {cell} samples) from "
+             f"`torch.randn` noise of seed {r['eval_seed']} (the demo's digits noise at 128), "
+             f"none of it used in any fit. Fits: `pe.tune` of {r['base']} (Karras start), "
+             f"classifier-feature loss, {r['num']} noises `initial_noise({r['fit_seed']}, "
+             f"range({r['num']}))` (a quarter for validation), at most {r['iters']} Adam "
+             f"iterations, batch {r['batch']}, float64 state, teacher dpmpp_3m_corrected "
+             f"256 steps: the settings of `pyengine tune digits --nfe N --solver "
+             f"{r['base']} --loss features`. GITS: the DP grid over a {r['gits_fine']}-step "
+             f"teacher trajectory of the same fitting noise. 'Best' = lowest FD at "
+             f"{sizes[0]} samples among the candidates (chosen on the held-out set itself).", "",
+             "| NFE | best fixed (solver/schedule) | fixed FD | GITS (best solver) | GITS FD | "
+             "tuned FD | fit s | peak RSS MiB | val loss base -> tuned |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fd(d):
+        return " / ".join(f"{d[s]:.2f}" for s in sizes) if d else "-"
+    for n in nfes:
+        f, g, t = (r[k].get(str(n)) for k in ("fixed", "gits", "tuned"))
+        lo = t["losses"] if t else None
+        lines.append(
+            f"| {n} | {f['best'] if f else '-'} | {fd(f)} | {g['best'] if g else '-'} | "
+            f"{fd(g)} | {fd(t)} | {t['fit_seconds']:.0f} | {t['maxrss_mib']:.0f} | "
+            f"{lo['base']['val']:.3f} -> {lo['tuned']['val']:.3f} |" if t else
+            f"| {n} | {f['best'] if f else '-'} | {fd(f)} | {g['best'] if g else '-'} | "
+            f"{fd(g)} | - | - | - | - |")
+    lines.append("")
+    for s in sizes:
+        v = verdicts(r, s)
+        if v:
+            lines.append(f"Targets at {s} samples: " + "; ".join(t for t, _ in v) + ".")
+    b = r.get("bundled")
+    if b:
+        lines += ["", f"The bundled plan `pyengine/models/digits_nfe5.json` ({b['loss']} loss, "
+                  f"{b['n']} noises of seed {b['seed']}; not the feature-loss settings, so not "
+                  f"reused): NFE {b['nfe']}, FD {fd(b)}."]
+    lines += ["", "All candidates (FD at " + cell + " samples):", ""]
+    for kind in ("fixed", "gits"):
+        for n in sorted(r[kind], key=int):
+            lines.append(f"* {kind} NFE {n}: " + "; ".join(
+                f"{k} {fd(v)}" for k, v in sorted(r[kind][n]["all"].items(),
+                                                  key=lambda kv: kv[1][sizes[0]])))
+    lines += ["", f"Seconds: fixed solvers {r['fixed_seconds']:.0f}, GITS (teacher "
+              f"trajectory, DP, samples) {r['gits_seconds']:.0f}; peak resident memory of "
+              f"the measuring process {r['maxrss_main_mib']:.0f} MiB.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nfe", default="3,4,5,6,8", help="NFE of the GITS and tuned plans")
+    ap.add_argument("--fixed-nfe", default="3,4,5,6,8,10", help="NFE of the fixed solvers")
+    ap.add_argument("--eval", default="512,128", help="held-out sample-set sizes")
+    ap.add_argument("--eval-seed", type=int, default=0)
+    ap.add_argument("--fit-seed", type=int, default=1)
+    ap.add_argument("--num", type=int, default=256, help="fitting noises")
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--base", default="ipndm")
+    ap.add_argument("--gits-fine", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=2, help="fits at a time (0: in process)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plans-dir", default=None, help="keep the fitted plans here")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (< 20 s)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--from-json", default=None, help="render --markdown from this file")
+    ap.add_argument("--fit-worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--plan-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--info-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.from_json:
+        Path(args.markdown).write_text(markdown(json.loads(Path(args.from_json).read_text())))
+        return None
+    if args.fit_worker is not None:
+        info = fit_one(args.fit_worker, args, Path(args.plan_out))
+        Path(args.info_out).write_text(json.dumps(info, indent=1))
+        return info
+    args.command = "bench/bench_tuning_digits.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.nfe, args.fixed_nfe, args.eval = "3", "3", "32"
+        args.num, args.iters, args.batch, args.jobs, args.gits_fine = 8, 2, 8, 0, 20
+    args.nfe = [int(v) for v in args.nfe.split(",")]
+    args.fixed_nfe = [int(v) for v in args.fixed_nfe.split(",")]
+    args.eval_sizes = [int(v) for v in args.eval.split(",")]
+    res = measure(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    page = markdown(res)
+    if args.markdown:
+        Path(args.markdown).write_text(page)
+    else:
+        print(page)
+    return res
+
+
+if __name__ == "__main__":
+    main()
