@@ -22,8 +22,12 @@ of ``pyengine tune digits``), never the held-out noise. Per NFE:
   float64 state). Each fit runs in its own process (``--jobs`` at a time, 1 torch thread
   each) that reports its fit seconds and its peak resident memory.
 
-Also the bundled plan ``pyengine/models/digits_nfe5.json`` (L2 loss) at its NFE, for
-reference. ``--quick``: one NFE, tiny fits and sample sets, in process (a smoke test).
+Also: the fits' teacher and unipc / dpmpp_2m at ``--ref-nfe`` (the exact ODE's FD), the
+bundled plan ``pyengine/models/digits_nfe5.json`` (L2 loss) at its NFE, and for every row
+the feature distance to the teacher on the first held-out set (the fits' loss on held-out
+noise: paired, far less noisy than the FD). ``--plans-dir`` keeps the fitted plans and fit
+records; ``--reuse`` takes them instead of refitting (e.g. with another ``--eval-seed``).
+``--quick``: one NFE, tiny fits and sample sets, in process (a smoke test, < 20 s).
 """
 
 from __future__ import annotations
@@ -92,9 +96,16 @@ def run_fits(nfes, args, plans_dir: Path) -> dict:
     the most expensive (highest NFE) first."""
     out = {}
     todo = sorted(nfes, reverse=True)
+    if args.reuse:                       # the plans and fit records of an earlier run
+        for n in list(todo):
+            info = plans_dir / f"fit_nfe{n}.json"
+            if info.exists() and (plans_dir / f"digits_nfe{n}.json").exists():
+                out[n] = dict(json.loads(info.read_text()), reused=True)
+                todo.remove(n)
     if args.jobs == 0:
         for n in todo:
             out[n] = fit_one(n, args, plans_dir / f"digits_nfe{n}.json")
+            (plans_dir / f"fit_nfe{n}.json").write_text(json.dumps(out[n], indent=1))
         return out
     common = ["--iters", str(args.iters), "--num", str(args.num), "--batch", str(args.batch),
               "--fit-seed", str(args.fit_seed), "--base", args.base]
@@ -123,16 +134,33 @@ def run_fits(nfes, args, plans_dir: Path) -> dict:
     return out
 
 
+#: the teacher's classifier features on the first held-out set (set by measure)
+_REF: dict = {}
+
+
+def _features(x):
+    from pyengine.models.digits import _classifier, to_pixels
+    return _classifier()[0].features(to_pixels(x).reshape(-1, 64)).to(torch.float64)
+
+
 def scores(sample, noises: dict) -> dict:
-    """{n: fd} of one sampler over each held-out set (and the first set's confidence)."""
+    """{n: fd} of one sampler over each held-out set, the first set's confidence and, once
+    the teacher's endpoints are known, ``tdist``: the mean over the first set's samples of
+    the RMS distance of a sample's classifier features to the teacher's (the fits' loss, on
+    held-out noise; paired, so far less noisy than the FD)."""
     from pyengine.models.digits import quality
 
     res = {}
     with torch.no_grad():
         for n, z in noises.items():
-            q = quality(sample(z))
+            x = sample(z)
+            q = quality(x)
             res[str(n)] = q["fd"]
-            res.setdefault("confidence", q["confidence"])
+            if "confidence" not in res:
+                res["confidence"] = q["confidence"]
+                if "feat" in _REF:
+                    d = _features(x) - _REF["feat"]
+                    res["tdist"] = float(d.pow(2).mean(1).sqrt().mean())
     return res
 
 
@@ -142,6 +170,7 @@ def measure(args) -> dict:
     from pyengine.models.digits import load_digits_model
     from pyengine.tuning.gits import dp_path, step_costs, teacher_trajectory
 
+    _REF.clear()
     process, model, pred = load_digits_model()
     sizes = args.eval_sizes
     noises = {n: torch.randn(n, *model.sample_shape,
@@ -154,6 +183,18 @@ def measure(args) -> dict:
            "batch": args.batch, "base": args.base, "gits_fine": args.gits_fine,
            "fixed": {}, "gits": {}, "tuned": {}}
 
+    # -- the teacher of the fits (their floor: a fit matches its endpoints) -------------------
+    from pyengine.tuning import DEFAULT_TEACHER
+    from pyengine.tuning.fit import teacher_sigmas
+    t_name, t_steps, t_opts = DEFAULT_TEACHER
+    base = pe.Sampler(process, solver=args.base, steps=args.nfe[0], prediction=pred)
+    ts = pe.Sampler(process, solver=t_name, prediction=pred, init_noise_scale=1.0,
+                    sigmas=teacher_sigmas(base.sigmas, process, t_steps), **t_opts)
+    res["teacher"] = {"solver": t_name, "steps": t_steps, **scores(
+        lambda z: ts.sample(model, z * base.init_noise_scale), noises)}
+    with torch.no_grad():
+        _REF["feat"] = _features(ts.sample(model, noises[sizes[0]] * base.init_noise_scale))
+    print(f"teacher: fd {res['teacher'][key]:.2f}", flush=True)
     # -- fixed solvers ------------------------------------------------------------------
     t0 = time.perf_counter()
     for nfe in args.fixed_nfe:
@@ -202,6 +243,14 @@ def measure(args) -> dict:
                           "n": f.provenance.get("n_train", 0) + f.provenance.get("n_val", 0),
                           **scores(lambda z: s.sample(model, z), noises)}
 
+    res["converged"] = {}                 # the fixed solvers toward the exact ODE
+    for nfe in args.ref_nfe:
+        for solver in ("unipc", "dpmpp_2m"):
+            s = pe.Sampler(process, solver=solver, steps=nfe, schedule="karras",
+                           prediction=pred)
+            res["converged"][f"{solver}/karras@{nfe}"] = scores(
+                lambda z, s=s: s.sample(model, z), noises)
+
     # -- fully tuned plans ---------------------------------------------------------------
     plans_dir = Path(args.plans_dir) if args.plans_dir else Path(tempfile.mkdtemp())
     plans_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +284,8 @@ def markdown(r: dict) -> str:
              f"`{r['command']}` (torch {r['torch']}, {r['threads']} thread per process). "
              f"Frechet distance on the bundled classifier's features (`quality(x)['fd']`) of "
              f"{' and '.join(sizes)} samples (each cell: FD at {cell} samples) from "
-             f"`torch.randn` noise of seed {r['eval_seed']} (the demo's digits noise at 128), "
+             f"`torch.randn` noise of seed {r['eval_seed']}"
+             f"{' (the demo digits noise at 128)' if r['eval_seed'] == 0 else ''}, "
              f"none of it used in any fit. Fits: `pe.tune` of {r['base']} (Karras start), "
              f"classifier-feature loss, {r['num']} noises `initial_noise({r['fit_seed']}, "
              f"range({r['num']}))` (a quarter for validation), at most {r['iters']} Adam "
@@ -243,27 +293,52 @@ def markdown(r: dict) -> str:
              f"256 steps: the settings of `pyengine tune digits --nfe N --solver "
              f"{r['base']} --loss features`. GITS: the DP grid over a {r['gits_fine']}-step "
              f"teacher trajectory of the same fitting noise. 'Best' = lowest FD at "
-             f"{sizes[0]} samples among the candidates (chosen on the held-out set itself).", "",
+             f"{sizes[0]} samples among the candidates (chosen on the held-out set itself). "
+             f"Feature distance to the teacher: the mean over the {sizes[0]} held-out samples "
+             f"of the RMS distance between the classifier features of a sample and of the "
+             f"fits' teacher endpoint from the same noise (the fits' loss on held-out noise; "
+             f"paired, so much less noisy than the FD).", "",
              "| NFE | best fixed (solver/schedule) | fixed FD | GITS (best solver) | GITS FD | "
-             "tuned FD | fit s | peak RSS MiB | val loss base -> tuned |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "tuned FD | feature dist. to teacher: fixed / GITS / tuned | fit s | "
+             "peak RSS MiB | val loss base -> tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def fd(d):
         return " / ".join(f"{d[s]:.2f}" for s in sizes) if d else "-"
+    def td(d):
+        return f"{d['tdist']:.3f}" if d and "tdist" in d else "-"
     for n in nfes:
         f, g, t = (r[k].get(str(n)) for k in ("fixed", "gits", "tuned"))
-        lo = t["losses"] if t else None
-        lines.append(
-            f"| {n} | {f['best'] if f else '-'} | {fd(f)} | {g['best'] if g else '-'} | "
-            f"{fd(g)} | {fd(t)} | {t['fit_seconds']:.0f} | {t['maxrss_mib']:.0f} | "
-            f"{lo['base']['val']:.3f} -> {lo['tuned']['val']:.3f} |" if t else
-            f"| {n} | {f['best'] if f else '-'} | {fd(f)} | {g['best'] if g else '-'} | "
-            f"{fd(g)} | - | - | - | - |")
+        head = (f"| {n} | {f['best'] if f else '-'} | {fd(f)} | {g['best'] if g else '-'} | "
+                f"{fd(g)} | {fd(t)} | {td(f)} / {td(g)} / {td(t)} |")
+        if t:
+            lo = t["losses"]
+            lines.append(f"{head} {t['fit_seconds']:.0f} | {t['maxrss_mib']:.0f} | "
+                         f"{lo['base']['val']:.3f} -> {lo['tuned']['val']:.3f} |")
+        else:
+            lines.append(f"{head} - | - | - |")
     lines.append("")
     for s in sizes:
         v = verdicts(r, s)
         if v:
             lines.append(f"Targets at {s} samples: " + "; ".join(t for t, _ in v) + ".")
+    te = r.get("teacher")
+    if te:
+        lines += ["", f"The fits' teacher ({te['solver']}, {te['steps']} steps, log-uniform "
+                  f"grid; a fit matches its endpoints, so its FD is the floor a fit aims at): "
+                  f"FD {fd(te)}."]
+    if r.get("converged"):
+        lines += ["", "Fixed solvers at more NFE (toward the exact ODE): " + "; ".join(
+            f"{k} {fd(v)}" for k, v in r["converged"].items()) + "."]
+    grids = {n: v.get("gradient_grid") for n, v in sorted(r["tuned"].items(), key=lambda kv:
+                                                          int(kv[0]))}
+    if grids:
+        lines += ["", "Grid the gradient stage of each fit started from (tuned: the "
+                  "Nelder-Mead schedule; base: the Karras grid): " + ", ".join(
+                      f"NFE {n} {g}" for n, g in grids.items()) + "."]
+    if any(v.get("reused") for v in r["tuned"].values()):
+        lines += ["", "The fits were taken from an earlier run of the same command "
+                  "(`--reuse`): their seconds and memory are that run's."]
     b = r.get("bundled")
     if b:
         lines += ["", f"The bundled plan `pyengine/models/digits_nfe5.json` ({b['loss']} loss, "
@@ -287,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--fixed-nfe", default="3,4,5,6,8,10", help="NFE of the fixed solvers")
     ap.add_argument("--eval", default="512,128", help="held-out sample-set sizes")
     ap.add_argument("--eval-seed", type=int, default=0)
+    ap.add_argument("--ref-nfe", default="20,50",
+                    help="NFE of unipc and dpmpp_2m (karras) toward the exact ODE")
     ap.add_argument("--fit-seed", type=int, default=1)
     ap.add_argument("--num", type=int, default=256, help="fitting noises")
     ap.add_argument("--iters", type=int, default=300)
@@ -296,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="fits at a time (0: in process)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plans-dir", default=None, help="keep the fitted plans here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the fits found in --plans-dir (plan and fit record of an "
+                         "earlier run, its seconds and memory) instead of refitting")
     ap.add_argument("--quick", action="store_true", help="a smoke run (< 20 s)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -317,9 +397,11 @@ def main(argv=None):
     if args.quick:
         args.nfe, args.fixed_nfe, args.eval = "3", "3", "32"
         args.num, args.iters, args.batch, args.jobs, args.gits_fine = 8, 2, 8, 0, 20
+        args.ref_nfe = "12"
     args.nfe = [int(v) for v in args.nfe.split(",")]
     args.fixed_nfe = [int(v) for v in args.fixed_nfe.split(",")]
     args.eval_sizes = [int(v) for v in args.eval.split(",")]
+    args.ref_nfe = [int(v) for v in args.ref_nfe.split(",") if v]
     res = measure(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
