@@ -243,7 +243,7 @@ def markdown(out: dict) -> str:
                   f"schedule {lo['schedule']['val']:.3f}, tuned {lo['tuned']['val']:.3f}. "
                   f"Frechet distance of 256 held-out samples (seed 99): base "
                   f"{dg['fd_base_256']:.2f}, tuned {dg['fd_tuned_256']:.2f} (one run; the "
-                  f"issue's digits table is not measured here).", ""]
+                  f"issue's digits table by NFE: bench/bench_tuning_digits.py).", ""]
     return "\n".join(lines)
 
 
