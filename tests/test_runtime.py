@@ -511,3 +511,26 @@ def test_pool_reuses_and_bounds():
     off = runtime.BufferPool(max_bytes=0)
     off.give([torch.empty(10)])
     assert off.nbytes == 0
+
+
+def test_concurrent_samples_equal_sequential_ones():
+    """Threads sampling with one sampler at once (shared program caches, the buffer pool,
+    the launch structs) give what each call gives alone."""
+    import threading
+
+    smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=8)
+    noises = [_noise((2, 3, 4, 4), seed=20 + i) for i in range(6)]
+    want = [smp.sample(model, n, backend="cpp") for n in noises]
+    got = [None] * len(noises)
+
+    def work(i):
+        for _ in range(5):
+            got[i] = smp.sample(model, noises[i], backend="cpp")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(noises))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
