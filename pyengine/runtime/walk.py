@@ -185,6 +185,7 @@ class Program:
         self.segments = [self.instructions[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self.customs = [ins[1] for ins in self.instructions if ins[0] == CUSTOM]
         self._host_lists = None
+        self.steady_seen: dict = {}
         # [B] model-time rows by (B, dtype, device, denoiser), reused while unmodified
         self.time_rows: dict = {}
         # call structures already validated against the fused-update contract: each
@@ -584,6 +585,13 @@ class Walker:
         call_row, time_row, pin, bind, take = (self.adapter.call_row, self._time_row,
                                                self._pin_aliases, self.bind, self.take)
         slots = self.slots
+        if self._like_key is None:
+            self._like_key = (tuple(self.like.shape), str(self.like.device))
+        # per state layout, the model-output dtype each update was found valid with (kept on
+        # the program: each update runs once per walk)
+        seen = prog.steady_seen.get(self._like_key)
+        if seen is None:
+            seen = prog.steady_seen[self._like_key] = [None] * len(prog.updates)
         for kind, op, ref in prog.instructions:
             if kind == EVAL:
                 if op.guidance is not None:
@@ -598,11 +606,14 @@ class Walker:
                     self.update(op, ref)
                     continue
                 ins = [slots[b] for b in op.bufs]
-                # the key apply() records once it validated this update's structure
-                if (ref, ins[-1].dtype, self._like_key, True, True, True,
-                        op.aux_dst is None) not in validated:
-                    self.update(op, ref)
-                    continue
+                dt = ins[-1].dtype
+                if seen[ref] is not dt:
+                    # the key apply() records once it validated this update's structure
+                    if (ref, dt, self._like_key, True, True, True,
+                            op.aux_dst is None) not in validated:
+                        self.update(op, ref)
+                        continue
+                    seen[ref] = dt
                 coef, aux_coef, _ = lists[ref]
                 out = take()
                 aux = None if op.aux_dst is None else take()
