@@ -228,6 +228,29 @@ def _eps_of(b, slot, sigma, raw):
     return b.ref(slot) * ex + raw * eo
 
 
+def _combiners(b, combine: str):
+    """(raw_of, eps_of) of PNDM's two ways to combine outputs: ``"eps"`` combines the noise
+    estimates themselves; ``"output"`` the raw model outputs, turned into a noise estimate with
+    a state (PNDMScheduler's way)."""
+    if combine == "eps":
+        return (lambda slot, sigma, eps: eps), (lambda slot, sigma, comb: comb)
+    return (lambda slot, sigma, eps: _raw_output(b, slot, sigma, eps),
+            lambda slot, sigma, comb: _eps_of(b, slot, sigma, comb))
+
+
+def _plms_step(b, x, s: float, t: float, raw, hist: list, eps_of, slot: str, keep: bool):
+    """One PLMS step from ``s`` to ``t``: Adams-Bashforth (order <= 4) over ``raw`` and the
+    history (most recent first); ``keep`` puts ``raw`` into ``slot`` as history. Returns the
+    history for the next step."""
+    q = min(len(hist) + 1, 4)
+    comb = _AB[q][0] * raw
+    for a, h in zip(_AB[q][1:], hist):
+        comb = comb + a * h
+    b.assign("x", x + (t - s) * eps_of("x", s, comb), t, aux=(slot, raw) if keep else None,
+             kind="plms")
+    return [b.ref(slot)] + hist[:2] if keep else hist
+
+
 @register("pndm_plms", order=2, nfe_per_step=1, stochastic=False, family="pndm",
           summary="PNDM's PLMS (Liu et al. 2022; diffusers PNDMScheduler skip_prk_steps): "
                   "first step x_hat' = x_hat + (sigma' - sigma)(e_0 + e_1)/2 with e_1 at the "
@@ -243,18 +266,7 @@ def pndm_plms(b, combine):
     differ, and only "eps" gives the same samples whatever the model's prediction kind). The
     first step's predictor output is not kept in the history. n steps take n + 1 model
     calls."""
-    if combine == "eps":
-        def raw_of(slot, sigma, eps):
-            return eps
-
-        def eps_of(slot, sigma, comb):
-            return comb
-    else:
-        def raw_of(slot, sigma, eps):
-            return _raw_output(b, slot, sigma, eps)
-
-        def eps_of(slot, sigma, comb):
-            return _eps_of(b, slot, sigma, comb)
+    raw_of, eps_of = _combiners(b, combine)
     sig = b.sigmas
     n = b.n_steps
     ring = ["p0", "p1", "p2"]
@@ -278,15 +290,7 @@ def pndm_plms(b, combine):
             e = eps_of("x", s, 0.5 * (raw1 + hist[0]))
             b.assign("x", x + (t - s) * e, t, kind="pndm_heun")
             continue
-        q = min(len(hist) + 1, 4)
-        comb = _AB[q][0] * raw0
-        for a, h in zip(_AB[q][1:], hist):
-            comb = comb + a * h
-        e = eps_of("x", s, comb)
-        slot = ring[i % 3]
-        b.assign("x", x + (t - s) * e, t, aux=(slot, raw0) if keep else None, kind="plms")
-        if keep:
-            hist = [b.ref(slot)] + hist[:2]
+        hist = _plms_step(b, x, s, t, raw0, hist, eps_of, ring[i % 3], keep)
 
 
 
@@ -332,18 +336,7 @@ def pndm(b, combine, midpoint):
     step is already of order 4. ``combine`` as in ``pndm_plms`` ("output": the raw outputs
     are combined and turned into a noise estimate with the step's start state, PNDMScheduler's
     way). ``midpoint``: see :func:`_prk_levels`. n steps take n + 9 model calls (n >= 3)."""
-    if combine == "eps":
-        def raw_of(slot, sigma, eps):
-            return eps
-
-        def eps_of(slot, sigma, comb):
-            return comb
-    else:
-        def raw_of(slot, sigma, eps):
-            return _raw_output(b, slot, sigma, eps)
-
-        def eps_of(slot, sigma, comb):
-            return _eps_of(b, slot, sigma, comb)
+    raw_of, eps_of = _combiners(b, combine)
     sig = b.sigmas
     n = b.n_steps
     ring = ["p0", "p1", "p2"]
@@ -373,15 +366,7 @@ def pndm(b, combine, midpoint):
             b.assign("x", x + (t - s) * eps_of("x", s, comb), t, kind="prk")
             hist = [b.ref(slot)] + hist[:2]
             continue
-        q = min(len(hist) + 1, 4)
-        comb = _AB[q][0] * raw1
-        for a, h in zip(_AB[q][1:], hist):
-            comb = comb + a * h
-        keep = i < n - 1
-        b.assign("x", x + (t - s) * eps_of("x", s, comb), t,
-                 aux=(slot, raw1) if keep else None, kind="plms")
-        if keep:
-            hist = [b.ref(slot)] + hist[:2]
+        hist = _plms_step(b, x, s, t, raw1, hist, eps_of, slot, i < n - 1)
 
 
 # ---------------------------------------------------------------------------------------
