@@ -139,11 +139,7 @@ class ModelAdapter:
 
     @staticmethod
     def _check(out, x):
-        if not isinstance(out, torch.Tensor):
-            if hasattr(out, "sample"):
-                out = out.sample  # diffusers model outputs
-            elif isinstance(out, tuple):
-                out = out[0]
+        out = output_tensor(out)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output must be a tensor of the input's shape "
@@ -152,6 +148,18 @@ class ModelAdapter:
             raise ValueError(f"model output must be a floating tensor on the input's device "
                              f"{x.device}, got {out.dtype} on {out.device}")
         return out
+
+
+def output_tensor(out):
+    """The tensor of a model's output: itself, a diffusers output's ``.sample``, or a tuple's
+    first element (anything else is returned as it is, for the caller to refuse)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, tuple):
+        return out[0]
+    return out
 
 
 def wrap(model, extra_args: dict | None = None) -> ModelAdapter:

@@ -77,7 +77,7 @@ import torch
 
 from .. import backends
 from ..noise import seeds_tensor
-from ..parameterization import Denoiser, edm_scalings
+from ..parameterization import Denoiser, edm_scalings, output_tensor
 from ..parameterization import affine as param_affine
 from ..plan import Custom, Eval
 from ..processes import EDM, Process, RectifiedFlow, VPDiscrete
@@ -157,10 +157,7 @@ class EDMPreconditioned(Denoiser):
         sig = sigma.to(x_hat.dtype).view(view)
         c_skip, c_out, c_in = edm_scalings(sig, self.sigma_data)
         out = self.fn(x_hat * c_in, 0.25 * torch.log(sigma), **kwargs)
-        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
-            out = out.sample
-        elif isinstance(out, tuple):
-            out = out[0]
+        out = output_tensor(out)
         return c_skip * x_hat + (self.sign * c_out) * out
 
 
@@ -1164,10 +1161,7 @@ class _MeanOutput:
 
     def __call__(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
-        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
-            out = out.sample
-        elif isinstance(out, tuple):
-            out = out[0]
+        out = output_tensor(out)
         return out[:, : self.channels]
 
 
@@ -1182,10 +1176,7 @@ class _NegatedOutput:
 
     def __call__(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
-        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
-            out = out.sample
-        elif isinstance(out, tuple):
-            out = out[0]
+        out = output_tensor(out)
         return -out
 
 
