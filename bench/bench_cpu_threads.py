@@ -72,6 +72,33 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
+def _cpp_update():
+    """The fused update on the cpp backend, for this build or an older one."""
+    try:
+        from pyengine.fused_update import fused_update as fu
+
+        def update(*args):
+            return fu(*args, backend="cpp")
+    except ImportError:                       # builds before the fused_update package
+        from pyengine.backends import cpp
+
+        def update(*args):
+            return cpp.fused_update(*args)
+    return update
+
+
+def _timed(run, seconds: float, least: int, most: int) -> float:
+    """Median seconds of ``run()`` after one warm-up call: at least ``least`` calls, more
+    while ``seconds`` last, at most ``most``."""
+    run()
+    times, t_end = [], time.perf_counter() + seconds
+    while len(times) < least or (time.perf_counter() < t_end and len(times) < most):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
 def child(threads: int, budget_s: float) -> dict:
     """Runs in a fresh process: the timings of every case at ``threads`` threads."""
     import torch
@@ -80,16 +107,7 @@ def child(threads: int, budget_s: float) -> dict:
     import pyengine as pe
     from pyengine.noise import seeds_tensor
 
-    try:
-        from pyengine.fused_update import fused_update as _fu
-
-        def update(*args):
-            return _fu(*args, backend="cpp")
-    except ImportError:                       # builds before the fused_update package
-        from pyengine.backends import cpp
-
-        def update(*args):
-            return cpp.fused_update(*args)
+    update = _cpp_update()
 
     proc = pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     num_train_timesteps=1000)
@@ -103,13 +121,7 @@ def child(threads: int, budget_s: float) -> dict:
             def run():
                 torch.zeros_like(x)
                 return x * 0.5
-            run()
-            times, t_end = [], time.perf_counter() + per_case
-            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 2000):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            res[name] = 1e3 * _median(times)
+            res[name] = 1e3 * _timed(run, per_case, 5, 2000)
         elif kind.startswith("step"):
             e = torch.randn(shape, generator=g)
             out = torch.empty(shape)
@@ -120,13 +132,7 @@ def child(threads: int, budget_s: float) -> dict:
             else:
                 def run():
                     update(out, [x, e], [0.9, 0.1], 0.3, seeds, 5)
-            run()
-            times, t_end = [], time.perf_counter() + per_case
-            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 2000):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            res[name] = 1e3 * _median(times)
+            res[name] = 1e3 * _timed(run, per_case, 5, 2000)
         else:
             solver = kind.split(":")[1]
             sampler = pe.Sampler(proc, solver=solver, steps=50, prediction="epsilon",
@@ -135,13 +141,8 @@ def child(threads: int, budget_s: float) -> dict:
             if kind.startswith("loop0"):
                 const = torch.zeros_like(x)
                 model = lambda x, t: const      # noqa: E731
-            sampler.sample(model, x, seed=0)
-            times, t_end = [], time.perf_counter() + per_case
-            while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
-                t0 = time.perf_counter()
-                sampler.sample(model, x, seed=0)
-                times.append((time.perf_counter() - t0) / 50)
-            res[name] = 1e3 * _median(times)
+            res[name] = 1e3 * _timed(lambda: sampler.sample(model, x, seed=0), per_case, 3,
+                                     200) / 50
     return res
 
 
@@ -156,16 +157,7 @@ def sweep_child(threads: int, budget_s: float) -> dict:
     torch.set_num_threads(threads)
     from pyengine.noise import seeds_tensor
 
-    try:
-        from pyengine.fused_update import fused_update as _fu
-
-        def update(*args):
-            return _fu(*args, backend="cpp")
-    except ImportError:
-        from pyengine.backends import cpp
-
-        def update(*args):
-            return cpp.fused_update(*args)
+    update = _cpp_update()
 
     seeds = seeds_tensor(1, 1)
     res = {}
@@ -174,13 +166,7 @@ def sweep_child(threads: int, budget_s: float) -> dict:
         x, e, out = torch.randn(1, n), torch.randn(1, n), torch.empty(1, n)
         for noisy in (False, True):
             args = (out, [x, e], [0.9, 0.1]) + ((0.3, seeds, 5) if noisy else ())
-            update(*args)
-            times, t_end = [], time.perf_counter() + per
-            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 5000):
-                t0 = time.perf_counter()
-                update(*args)
-                times.append(time.perf_counter() - t0)
-            res[f"{n}:{int(noisy)}"] = 1e6 * _median(times)
+            res[f"{n}:{int(noisy)}"] = 1e6 * _timed(lambda: update(*args), per, 5, 5000)
     return res
 
 
