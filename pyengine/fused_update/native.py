@@ -164,7 +164,29 @@ def marshal(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise, 
 # for a full marshal against about 3 us for the lookup and the per-step fields.
 
 _ARGS_CACHE: dict = {}
-_ARGS_CACHE_MAX = 64
+_ARGS_CACHE_MAX = 256
+
+
+def _args_key(out, bufs, coef_kind, compute_dtype, aux=None, mask=None, noisy=False,
+              nc_table=False, step_table=False, noise=None, seeds=None) -> tuple:
+    """The cache key of a call's struct: the data pointers, dtypes and sizes it was filled
+    from and its modes (aux/mask: (tensor, coefficient kind) or None; noise: the tensor of
+    tensor noise; seeds: the seeds tensor of Philox noise). The commonest call's key is also
+    written out inline in :func:`_fast_cpu`, in this same layout."""
+    return (out.data_ptr(), out.dtype, out.numel(), out.shape[0],
+            tuple([(b.data_ptr(), b.dtype) for b in bufs]),
+            None if aux is None else (aux[0].data_ptr(), aux[0].dtype, aux[1]),
+            None if mask is None else (mask[0].data_ptr(), mask[0].dtype, mask[1]),
+            coef_kind, compute_dtype, noisy, nc_table, step_table,
+            None if noise is None else (noise.data_ptr(), noise.dtype),
+            None if seeds is None else seeds.data_ptr())
+
+
+def _remember(key, args) -> None:
+    """Keep ``args`` under ``key`` (the oldest entry goes when the cache is full)."""
+    if len(_ARGS_CACHE) >= _ARGS_CACHE_MAX:
+        del _ARGS_CACHE[next(iter(_ARGS_CACHE))]
+    _ARGS_CACHE[key] = args
 
 
 def _kind(c) -> int:
@@ -207,13 +229,11 @@ def _fast_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise
     if tensor_noise and not noise.is_contiguous():
         return False
     step_table = noisy and not tensor_noise and isinstance(step, torch.Tensor)
-    key = (out.data_ptr(), out.dtype, out.numel(), out.shape[0],
-           tuple((b.data_ptr(), b.dtype) for b in bufs),
-           None if aux_out is None else (aux_out.data_ptr(), aux_out.dtype, _kind(aux_coef)),
-           None if mask is None else (mask.data_ptr(), mask.dtype, _kind(mask_coef)),
-           _kind(coef), compute_dtype, noisy, nc_table, step_table,
-           (noise.data_ptr(), noise.dtype) if tensor_noise else None,
-           seeds.data_ptr() if noisy and not tensor_noise else None)
+    key = _args_key(out, bufs, _kind(coef), compute_dtype,
+                    None if aux_out is None else (aux_out, _kind(aux_coef)),
+                    None if mask is None else (mask, _kind(mask_coef)), noisy, nc_table,
+                    step_table, noise if tensor_noise else None,
+                    seeds if noisy and not tensor_noise else None)
     keep = []
     a = _ARGS_CACHE.get(key)
     if a is None:
@@ -227,9 +247,7 @@ def _fast_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise
             return True
         if not noisy or tensor_noise or (seeds.is_cpu and seeds.is_contiguous()
                                          and seeds.dtype == torch.int64):
-            if len(_ARGS_CACHE) >= _ARGS_CACHE_MAX:         # the oldest entry goes
-                del _ARGS_CACHE[next(iter(_ARGS_CACHE))]
-            _ARGS_CACHE[key] = m.args
+            _remember(key, m.args)
         _C.fused_update_cpu(m.args, nthreads)
         return True
     _set_coef(a, "coef", coef, keep)
@@ -254,12 +272,6 @@ def _fast_cpu(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise
                 a.step = int(step) & _MASK32
     _C.fused_update_cpu(a, nthreads)
     return True
-
-
-#: structs by the addresses, dtypes and sizes they were filled from (no tensors are held: a
-#: struct is only reused for tensors at exactly those addresses)
-_WALK_STRUCTS: dict = {}
-_WALK_STRUCTS_MAX = 256
 
 
 class CpuWalkLaunches:
@@ -295,22 +307,19 @@ class CpuWalkLaunches:
             if noisy and not (seeds.is_cpu and seeds.is_contiguous()
                               and seeds.dtype == torch.int64):
                 return False
-            # a struct filled for the same addresses before (another walk: the allocator
-            # hands a repeated loop the same memory), else a new one
-            gkey = (out.data_ptr(), out.dtype, out.numel(), out.shape[0],
-                    None if aux is None else (aux.data_ptr(), aux.dtype),
-                    noisy and seeds.data_ptr(), self.compute_dtype,
-                    tuple([(t.data_ptr(), t.dtype, t.numel()) for t in ins]))
-            args = _WALK_STRUCTS.pop(gkey, None)
+            # a struct filled for the same addresses before (another walk: the allocator and
+            # the buffer pool hand a repeated loop the same memory), else a new one
+            gkey = _args_key(out, ins, 0, self.compute_dtype,
+                             None if aux is None else (aux, 0), None, noisy,
+                             seeds=seeds if noisy else None)
+            args = _ARGS_CACHE.get(gkey)
             if args is None:
                 m = marshal(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, None,
                             self.compute_dtype, None, None)
                 if m is None or m.copy_back:
                     return False
                 args = m.args
-            if len(_WALK_STRUCTS) >= _WALK_STRUCTS_MAX:       # the oldest entry goes
-                del _WALK_STRUCTS[next(iter(_WALK_STRUCTS))]
-            _WALK_STRUCTS[gkey] = args
+                _remember(gkey, args)
             e = self.structs[key] = (args, [t.data_ptr() for t in ins], (out, aux, seeds), ins)
         elif [t.data_ptr() for t in ins] != e[1]:
             del self.structs[key]
