@@ -534,3 +534,18 @@ def test_concurrent_samples_equal_sequential_ones():
         th.join()
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_second_walk_takes_the_steady_path(monkeypatch):
+    """After one walk validated a program's updates, the next walk of the same layout runs
+    every update on the steady path (the validation key is written once, so the steady
+    loop finds what apply() recorded)."""
+    smp = pe.Sampler(PROC, solver="dpmpp_2m", steps=10)
+    noise = _noise((2, 3, 4, 4), seed=12)
+    smp.sample(model, noise, backend="cpp")
+    general = []
+    real = runtime.Walker.update
+    monkeypatch.setattr(runtime.Walker, "update",
+                        lambda self, op, i: (general.append(i), real(self, op, i)))
+    smp.sample(model, noise, backend="cpp")
+    assert general == []

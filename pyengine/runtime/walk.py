@@ -79,6 +79,14 @@ def _storage_uses(t: torch.Tensor) -> int | None:
         return None
 
 
+def _host_key(index, dtype, like_key, noise, seeds, mask_coef, aux) -> tuple:
+    """What the validation of update ``index`` of a program walked with host numbers depends
+    on beyond the update itself: the model output's dtype, the state's layout and which of
+    noise tensor, seeds, mask and aux output the call has."""
+    return (index, dtype, like_key, noise is None, seeds is None, mask_coef is None,
+            aux is None)
+
+
 class BufferPool:
     """Tensors of finished eager walks, lent to the next walk of the same layout.
 
@@ -437,8 +445,8 @@ class Walker:
             # shape and the noise source is fixed per update
             if self._like_key is None:
                 self._like_key = (tuple(self.like.shape), str(self.like.device))
-            key = (index, ins[-1].dtype, self._like_key, noise is None, seeds is None,
-                   mask_coef is None, aux is None)
+            key = _host_key(index, ins[-1].dtype, self._like_key, noise, seeds, mask_coef,
+                            aux)
             validated = self.program.validated
             if key not in validated:
                 _validate(out, ins, coef, noise_coef, seeds, step, aux, aux_coef, noise=noise,
@@ -609,8 +617,8 @@ class Walker:
                 dt = ins[-1].dtype
                 if seen[ref] is not dt:
                     # the key apply() records once it validated this update's structure
-                    if (ref, dt, self._like_key, True, True, True,
-                            op.aux_dst is None) not in validated:
+                    if _host_key(ref, dt, self._like_key, None, None, None,
+                                 op.aux_dst) not in validated:
                         self.update(op, ref)
                         continue
                     seen[ref] = dt
