@@ -237,6 +237,7 @@ BEGIN = [
         solver_order=3, disable_corrector=[0, 4]), 10, 2),
     ("EDM Euler", lambda: D.EDMEulerScheduler(), 8, 3),
     ("KDPM2", lambda: D.KDPM2DiscreteScheduler(), 6, 4),
+    ("KDPM2 ancestral", lambda: D.KDPM2AncestralDiscreteScheduler(), 6, 4),
     ("DEIS", lambda: D.DEISMultistepScheduler(), 12, 3),
     ("DPM SDE (Brownian tree)", lambda: D.DPMSolverSDEScheduler(noise_sampler_seed=5), 6, 4),
     ("LCM", lambda: D.LCMScheduler(), 6, 2),
@@ -360,6 +361,104 @@ def test_pndm_phase_methods():
     # before set_timesteps they are diffusers' own (which raises there)
     with pytest.raises(ValueError, match="set_timesteps"):
         FusedScheduler.from_scheduler(sch).step_plms(noise, 1, noise)
+
+
+def test_pndm_written_history_hands_the_steps_to_the_wrapped_class():
+    # diffusers' PNDM tests write the multistep history (ets) and step with it at any
+    # timestep: the drop-in's history is its plan's buffers, so those steps are the wrapped
+    # class's, until the next set_timesteps starts a run of the drop-in's own
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(SHAPE, generator=g)
+    past = [torch.randn(SHAPE, generator=g) for _ in range(4)]
+    ref = D.PNDMScheduler(steps_offset=1)
+    fused = FusedScheduler.from_scheduler(D.PNDMScheduler(steps_offset=1))
+    for s in (ref, fused):
+        s.set_timesteps(20)
+        s.ets = [p.clone() for p in past]
+    assert all(torch.equal(a, b) for a, b in zip(fused.ets, past))
+    for t in (0, 1, 501):
+        for phase in ("step_prk", "step_plms"):
+            a = getattr(fused, phase)(0.1 * x, t, x).prev_sample
+            b = getattr(ref, phase)(0.1 * x, t, x).prev_sample
+            assert torch.equal(a, b), (phase, t)
+    # a new run is the drop-in's own again (phases checked, as in test_pndm_phase_methods)
+    fused.set_timesteps(8)
+    with pytest.raises(ValueError, match="prk phase"):
+        fused.step_plms(x, fused.prk_timesteps[0], x)
+    noise = torch.randn(SHAPE, generator=g)
+    out = protocol_loop(fused, NonlinearModel(), noise, 8)
+    record("loop: PNDM after a written history", rel(out, protocol_loop(
+        D.PNDMScheduler(steps_offset=1), NonlinearModel(), noise, 8)))
+    with pytest.raises(AttributeError, match="ets"):
+        FusedScheduler.from_scheduler(D.DDIMScheduler()).ets = past
+
+
+#: (class, steps): the Euler-type classes, whose scale_model_input divides by
+#: sqrt(sigma^2 + 1), at enough levels that a float64 sqrt rounded to float32 would differ
+#: from their float32 one somewhere (about 1% of levels do)
+SCALED_INPUT = [(D.EulerDiscreteScheduler, 60), (D.EulerAncestralDiscreteScheduler, 60),
+                (D.HeunDiscreteScheduler, 40), (D.LMSDiscreteScheduler, 60),
+                (D.KDPM2DiscreteScheduler, 40), (D.KDPM2AncestralDiscreteScheduler, 40)]
+
+
+@pytest.mark.parametrize("cls,steps", SCALED_INPUT, ids=[c[0].__name__ for c in SCALED_INPUT])
+def test_scaled_model_input_is_bitwise_the_wrapped_class(cls, steps):
+    g = torch.Generator().manual_seed(steps)
+    ref, fused = cls(), FusedScheduler.from_scheduler(cls())
+    for s in (ref, fused):
+        s.set_timesteps(steps)
+    kw = step_kwargs(ref, 3)
+    kw2 = step_kwargs(fused, 3)
+    x = 50.0 * torch.randn(SHAPE, generator=g)
+    y, model = x.clone(), NonlinearModel()
+    for t in ref.timesteps:
+        a, b = fused.scale_model_input(y, t), ref.scale_model_input(x, t)
+        assert torch.equal(a, b) if torch.equal(x, y) else True
+        assert torch.equal(fused.scale_model_input(x, t), b), t
+        y = fused.step(model(a, t), t, y, **kw2).prev_sample
+        x = ref.step(model(b, t), t, x, **kw).prev_sample
+
+
+def test_kdpm2_ancestral_steps_on_the_wrapped_class_levels():
+    # KDPM2-ancestral keeps sigma_interpol / sigma_down / sigma_up in float32, where
+    # sigma_down = sqrt(sigma'^2 - sigma_up^2) cancels (1e-4 relative): the drop-in steps on
+    # those levels. diffusers' own test_full_loop_with_noise (img2img start, |x| ~ 250, a
+    # model linear in x, so roundings of one sign add up) compares sum |x| within 1e-2; on
+    # the levels recomputed in float64 the drop-in was 0.011 off
+    def run(sch):
+        sch.set_timesteps(10)
+        g = torch.Generator().manual_seed(0)
+        n = 4 * 3 * 8 * 8
+        ramp = (torch.arange(n).reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+        noise = (torch.arange(n).flip(-1).reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+        x = sch.add_noise(ramp * sch.init_noise_sigma, noise, sch.timesteps[16:17])
+        for t in sch.timesteps[16:]:
+            x = sch.scale_model_input(x, t)       # (the test steps from the scaled input)
+            x = sch.step(x * t / (t + 1), t, x, generator=g).prev_sample
+        return x.double().abs().sum().item()
+
+    cfg = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02)
+    ref = run(D.KDPM2AncestralDiscreteScheduler(**cfg))
+    out = run(FusedScheduler.from_scheduler(D.KDPM2AncestralDiscreteScheduler(**cfg)))
+    assert abs(out - ref) < 2e-3, (out, ref)
+    # the levels option of the registry solver: checked, and the computed ones reproduce
+    # the plan without it
+    import math
+
+    proc = pe.processes.VP.discrete("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sig = [14.0, 5.0, 1.0, 0.1, 0.0]
+    rows = []
+    for c, cn in zip(sig, sig[1:]):
+        up = math.sqrt(cn ** 2 * (c ** 2 - cn ** 2) / c ** 2)
+        down = math.sqrt(max(cn ** 2 - up ** 2, 0.0))
+        rows.append((math.exp(0.5 * (math.log(c) + math.log(down))) if down else 0.0, down,
+                     up))
+    base = pe.build_plan(proc, "dpm_2_ancestral", sig, "epsilon")
+    given = pe.build_plan(proc, "dpm_2_ancestral", sig, "epsilon", levels=rows)
+    assert repr(given.ops) == repr(base.ops)
+    for bad in ([rows[0]], [(5.0, 20.0, 1.0)] * 4, "abc", [(1.0, float("nan"), 0.1)] * 4):
+        with pytest.raises(ValueError, match="levels"):
+            pe.build_plan(proc, "dpm_2_ancestral", sig, "epsilon", levels=bad)
 
 
 def test_unsupported_and_misuse_raise():

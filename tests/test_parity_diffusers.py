@@ -53,7 +53,8 @@ class NonlinearModel:
         t = torch.as_tensor(t).to(torch.float32)
         self.times.append(float(t.reshape(-1)[0]))
         t = t.reshape(-1, 1, 1, 1) if t.dim() else t
-        h = torch.einsum("oc,bchw->bohw", self.W, x) + self.b.view(1, -1, 1, 1)
+        h = torch.einsum("oc,bchw->bohw", self.W.to(x.dtype), x) + \
+            self.b.to(x.dtype).view(1, -1, 1, 1)
         return torch.tanh(h) * (1 + 0.5 * torch.sin(t / 157.0)) + 0.2 * x * torch.cos(t / 311.0)
 
 
@@ -630,7 +631,8 @@ class _Float64Model:
     def __call__(self, x, t):
         t = torch.as_tensor(t).to(torch.float64)
         t = t.reshape(-1, 1, 1, 1) if t.dim() else t
-        h = torch.einsum("oc,bchw->bohw", self.W, x) + self.b.view(1, -1, 1, 1)
+        h = torch.einsum("oc,bchw->bohw", self.W.to(x.dtype), x) + \
+            self.b.to(x.dtype).view(1, -1, 1, 1)
         return torch.tanh(h) * (1 + 0.5 * torch.sin(t / 157.0)) + 0.2 * x * torch.cos(t / 311.0)
 
 

@@ -738,9 +738,17 @@ def _kdpm2(name, sch, eta):
     # DPM-2 (midpoint sqrt(sigma sigma') in log sigma, the model at the midpoint's
     # interpolated timestep), Euler on the step to 0
     if name == "KDPM2AncestralDiscreteScheduler":
+        # the scheduler's own float32 (mid, down, up) of step j, at entry 2j of its
+        # interleaved tables: its sigma_down = sqrt(sigma'^2 - sigma_up^2) cancels in float32
+        # (1e-4 relative), and its samples follow those rounded levels
+        rows = np.stack([_f64(sch.sigmas_interpol), _f64(sch.sigmas_down),
+                         _f64(sch.sigmas_up)], axis=1)[0:2 * (grid.size - 1):2]
         return _Recipe(proc, grid, ts, "dpm_2_ancestral", pred, init, "x_hat",
-                       dict(eta=1.0, s_noise=1.0))
-    return _Recipe(proc, grid, ts, "dpm_2", pred, init, "x_hat")
+                       dict(eta=1.0, s_noise=1.0, levels=[tuple(r) for r in rows.tolist()]))
+    # its float32 sigma_interpol of step j (sqrt(sigma_j sigma_j+1)) at entry 2j + 1
+    mids = _f64(sch.sigmas_interpol)[1:2 * (grid.size - 1):2]
+    return _Recipe(proc, grid, ts, "dpm_2", pred, init, "x_hat",
+                   dict(mid_levels=mids.tolist()))
 
 
 def _edm_dpm_multistep(name, sch, eta):
@@ -1434,6 +1442,12 @@ class _Walk:
             self.plan, [self.conv(k) for k in range(len(self.evals))], self.final_conv,
             self.plan.output)
         self.program = Program(scaled)
+        # scale_model_input's divisor sqrt(sigma^2 + 1) per model call, computed as the
+        # schedulers compute it: in float32 torch ops on their float32 levels (a float64
+        # sqrt rounded to float32 differs in the last bit for ~1% of the levels)
+        self.divisors = ((torch.tensor([self.sigma(k) for k in range(len(self.evals))],
+                                       dtype=torch.float32) ** 2 + 1) ** 0.5).tolist() \
+            if self.x_hat else None
         self.k = 0                  # model calls of the plan consumed
         self.j = 0                  # timestep entries consumed (step() calls)
         self.walker: Walker | None = None
@@ -1708,6 +1722,7 @@ class FusedScheduler:
         if hasattr(self._inner, "_begin_index"):
             self._inner._begin_index = None
         self._walk, self._plans, self._ready = None, {}, True
+        self.__dict__.pop("_handed_over", None)
         self._start(0, self._default_opts())   # builds the plan now: unsupported ones raise
         self._walk = None
 
@@ -1740,7 +1755,8 @@ class FusedScheduler:
         if self._edm is not None:
             return sample / math.sqrt(sigma * sigma + self._edm[0] ** 2)
         if w.x_hat:
-            return sample / math.sqrt(sigma * sigma + 1.0)
+            return sample / (w.divisors[w.k] if w.k < len(w.divisors)
+                             else math.sqrt(sigma * sigma + 1.0))
         return sample
 
     step = _StepMethod()
@@ -1781,9 +1797,26 @@ class FusedScheduler:
     step_prk = _PhaseMethod("prk")
     step_plms = _PhaseMethod("plms")
 
+    @property
+    def ets(self):
+        """PNDMScheduler's multistep history (its past model outputs): the wrapped
+        scheduler's. Writing it hands the run to the wrapped scheduler until the next
+        ``set_timesteps``: the drop-in's history is its plan's buffers, filled by its own model
+        calls, so a caller-written history is stepped with the wrapped class's own
+        ``step`` / ``step_prk`` / ``step_plms``."""
+        return self._inner.ets
+
+    @ets.setter
+    def ets(self, value):
+        if self._name != "PNDMScheduler":
+            raise AttributeError(f"FusedScheduler({self._name}) has no multistep history "
+                                 f"'ets' (PNDMScheduler's)")
+        self._inner.ets = value
+        self.__dict__["_handed_over"] = True
+
     def _phase_step(self, phase: str, *args, **kwargs):
         """``step_prk`` / ``step_plms`` (PNDMScheduler): the drop-in's step, in its phase."""
-        if not self._ready:
+        if not self._ready or self.__dict__.get("_handed_over"):
             return getattr(self._inner, "step_" + phase)(*args, **kwargs)
         j = self.step_index or 0
         n_prk = 0 if self._inner.config.skip_prk_steps else len(self._inner.prk_timesteps)
@@ -1798,9 +1831,10 @@ class FusedScheduler:
     def _step(self, *args, **kwargs):
         """One model output in, the fused update(s) up to the next model call, the next state
         out (in the wrapped scheduler's space)."""
-        if not self._ready:
+        if not self._ready or self.__dict__.get("_handed_over"):
             # before set_timesteps: the wrapped scheduler's own step on its training schedule
-            # (diffusers' Euler-type schedulers step there; DDIM / DDPM raise their own error)
+            # (diffusers' Euler-type schedulers step there; DDIM / DDPM raise their own
+            # error); after a caller wrote PNDM's history (``ets``): the wrapped class's step
             return self._inner.step(*args, **kwargs)
         a = self._step_args(args, kwargs)
         model_output, timestep, sample = a.pop("model_output"), a.pop("timestep"), \
@@ -2076,6 +2110,9 @@ def _slice_recipe(r: _Recipe, begin: int, name: str) -> _Recipe:
     r = dataclasses.replace(r, sigmas=r.sigmas[g:], options=dict(r.options),
                             timesteps=None if r.timesteps is None else r.timesteps[g:],
                             identity=[j - begin for j in r.identity if j >= begin])
+    for key in ("levels", "mid_levels"):                  # per-step rows
+        if r.options.get(key) is not None:
+            r.options[key] = r.options[key][g:]
     if r.solver == "lms_integrated":
         # diffusers' LMS takes order min(step_index + 1, 4) over the schedule's levels, those
         # before the start included, and pairs the coefficients with the outputs it has

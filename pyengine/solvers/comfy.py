@@ -381,28 +381,67 @@ def euler_ancestral_comfy(b, eta, s_noise):
           summary="Ancestral DPM-2 (k-diffusion / ComfyUI sample_dpm_2_ancestral, _RF for flow): "
                   "DPM-2 midpoint step to sigma_down in ComfyUI's space, then ancestral noise "
                   "(flow: the RF renoising); Euler when sigma_down = 0",
-          options=("eta", "s_noise"), eta=1.0, s_noise=1.0,
+          options=("eta", "s_noise", "levels"), eta=1.0, s_noise=1.0, levels=None,
           variants=(("dpm_2_ancestral[eta=0]", {"eta": 0.0}, 2, 2),))
-def dpm_2_ancestral(b, eta, s_noise):
+def dpm_2_ancestral(b, eta, s_noise, levels):
+    """``levels``: per step (sigma_mid, sigma_down, sigma_up) given as a table instead of
+    computed from ``eta`` (a scheduler's own rounded tables: diffusers'
+    KDPM2AncestralDiscreteScheduler keeps them in float32, where sigma_down =
+    sqrt(sigma'^2 - sigma_up^2) cancels); eps-type processes only."""
     sp, sig = ComfySpace(b), b.sigmas
+    table = _ancestral_levels(levels, sp, [sp.c(v) for v in sig])
     for i in range(b.n_steps):
         b.step = i
         c, cn = sp.c(sig[i]), sp.c(sig[i + 1])
         x = sp.x("x", sig[i])
         D, _ = b.evaluate("x", sig[i], dst="o1")
         down, std, f = ancestral_split(sp, c, cn, eta)
+        if table is not None:
+            mid, down, std = table[i]
         d = _to_d(x, D, c)
         if down == 0:
             sp.put("x", x + (down - c) * d, sig[i + 1], kind="euler")
             continue
-        mid = math.exp(0.5 * (math.log(c) + math.log(down)))
+        if table is None:
+            mid = math.exp(0.5 * (math.log(c) + math.log(down)))
         s_mid = sp.sigma(mid)
         sp.put("x2", x + (mid - c) * d, s_mid, kind="dpm2_mid")
         x2 = sp.x("x2", s_mid)
         D2, _ = b.evaluate("x2", s_mid, dst="o2")
         xn = f * (x + (down - c) * _to_d(x2, D2, mid))
-        sp.put("x", xn, sig[i + 1], noise=s_noise * std, noisy=eta > 0,
-               kind="dpm2_ancestral")
+        sp.put("x", xn, sig[i + 1], noise=s_noise * std,
+               noisy=(eta > 0) if table is None else std > 0, kind="dpm2_ancestral")
+
+
+def _ancestral_levels(levels, sp: ComfySpace, c: list[float]):
+    """``levels`` of dpm_2_ancestral checked: None, or one (mid, down, up) triple of finite
+    numbers per step with 0 <= down <= c, down <= mid <= c when down > 0, 0 <= up <= c'
+    (to 1e-6 relative)."""
+    if levels is None:
+        return None
+    n = len(c) - 1
+    where = "solver 'dpm_2_ancestral': levels"
+    if sp.flow:
+        raise ValueError(f"{where} are for eps-type processes; a flow process's ancestral "
+                         f"step renoises with its own factor")
+    try:
+        rows = [tuple(float(v) for v in row) for row in levels]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a sequence of (sigma_mid, sigma_down, sigma_up) "
+                         f"triples, got {levels!r}") from None
+    if len(rows) != n or any(len(r) != 3 for r in rows):
+        raise ValueError(f"{where} must hold one (sigma_mid, sigma_down, sigma_up) triple per "
+                         f"step ({n}), got {len(rows)} rows")
+    for i, (mid, down, up) in enumerate(rows):
+        # slack of 1e-6 relative: a float32 table's rounding
+        hi, hn = c[i] * (1 + 1e-6), c[i + 1] * (1 + 1e-6)
+        ok = all(math.isfinite(v) for v in (mid, down, up)) and 0 <= down <= hi and \
+            0 <= up <= hn and (down == 0 or down * (1 - 1e-6) <= mid <= hi)
+        if not ok:
+            raise ValueError(f"{where}: step {i} ({c[i]:g} -> {c[i + 1]:g}) has (mid, down, "
+                             f"up) = {(mid, down, up)}; need 0 <= down <= mid <= sigma and "
+                             f"0 <= up <= sigma'")
+    return rows
 
 
 @register("dpmpp_2s_ancestral", order=2, nfe_per_step=2, stochastic=True, family="comfy",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ._common import CHURN_DEFAULTS, CHURN_OPTIONS, ancestral_step, churn
 from .registry import register
 from .stochasticity import ancestral_eta
@@ -66,9 +68,13 @@ def heun(b, s_churn, s_tmin, s_tmax, s_noise):
 @register("dpm_2", order=2, nfe_per_step=2, stochastic=False, family="euler",
           summary="DPM-2: midpoint in log sigma, sigma_mid = sqrt(sigma_hat sigma') (k-diffusion "
                   "sample_dpm_2); Euler on the step to sigma 0",
-          options=CHURN_OPTIONS, **CHURN_DEFAULTS)
-def dpm_2(b, s_churn, s_tmin, s_tmax, s_noise):
+          options=CHURN_OPTIONS + ("mid_levels",), mid_levels=None, **CHURN_DEFAULTS)
+def dpm_2(b, s_churn, s_tmin, s_tmax, s_noise, mid_levels):
+    """``mid_levels``: sigma_mid of each step given as a table instead of computed (a
+    scheduler's own rounded one: diffusers' KDPM2DiscreteScheduler keeps its
+    sigmas_interpol in float32); without churn only."""
     sig = b.sigmas
+    mids = _mid_levels(mid_levels, sig, s_churn)
     for i in range(b.n_steps):
         b.step = i
         sigma_hat = churn(b, sig[i], s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
@@ -78,7 +84,32 @@ def dpm_2(b, s_churn, s_tmin, s_tmax, s_noise):
         if sig[i + 1] == 0:
             b.assign("x", x_hat + (sig[i + 1] - sigma_hat) * eps, sig[i + 1])
             continue
-        sigma_mid = (sigma_hat * sig[i + 1]) ** 0.5
+        sigma_mid = (sigma_hat * sig[i + 1]) ** 0.5 if mids is None else mids[i]
         b.assign("x2", x_hat + (sigma_mid - sigma_hat) * eps, sigma_mid, kind="dpm2_mid")
         _, eps2 = b.evaluate("x2", sigma_mid, dst="e2")
         b.assign("x", x_hat + (sig[i + 1] - sigma_hat) * eps2, sig[i + 1])
+
+
+def _mid_levels(levels, sig, s_churn: float):
+    """``mid_levels`` of dpm_2 checked: None, or one finite number per step within its step
+    (sigma' <= mid <= sigma to 1e-6 relative; read only where sigma' > 0)."""
+    if levels is None:
+        return None
+    where = "solver 'dpm_2': mid_levels"
+    if s_churn > 0:
+        raise ValueError(f"{where} are the levels of steps without churn; got s_churn="
+                         f"{s_churn:g}")
+    try:
+        mids = [float(v) for v in levels]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a sequence of noise levels, got {levels!r}") \
+            from None
+    n = len(sig) - 1
+    if len(mids) != n:
+        raise ValueError(f"{where} must hold one level per step ({n}), got {len(mids)}")
+    for i, m in enumerate(mids):
+        if sig[i + 1] > 0 and not (math.isfinite(m) and sig[i + 1] * (1 - 1e-6) <= m <=
+                                   sig[i] * (1 + 1e-6)):
+            raise ValueError(f"{where}: step {i} ({sig[i]:g} -> {sig[i + 1]:g}) has mid "
+                             f"level {m!r}, outside the step")
+    return mids
