@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from . import backends
+from .errors import as_device, check_callable, check_tensor
+from .fused_update.contract import check_compute_dtype
 from .noise import sample_seed
 from .parameterization import Denoiser, ModelAdapter
 from .plan import K_MAX, Eval, Plan, Update
@@ -167,14 +169,14 @@ class RequestScheduler:
     def __init__(self, model, *, device=None, dtype: torch.dtype = torch.float32,
                  max_batch: int = 64, backend: str | None = None,
                  compute_dtype: torch.dtype | None = None):
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        check_callable("model", model)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_compute_dtype(compute_dtype)
         self.model = model
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = as_device(device)
         self.dtype = dtype
         self.max_batch = max_batch
         self.backend = (backend if hasattr(backend, "fused_update") else
@@ -204,6 +206,10 @@ class RequestScheduler:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or \
                 noise.dim() < 1 or noise.shape[0] < 1:
             raise ValueError("noise must be a floating tensor [b, ...] with b >= 1")
+        check_tensor("noise", noise)
+        if not callable(getattr(sampler, "start", None)) or \
+                not hasattr(sampler, "prediction"):
+            raise TypeError(f"sampler must be a pe.Sampler, got {type(sampler).__name__}")
         b = noise.shape[0]
         guided = getattr(sampler, "guidance_scale", None) is not None
         rows = 2 * b if guided else b

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from .errors import UsageError
+from .errors import UsageError, as_device
 
 __all__ = ["main", "build_parser"]
 
@@ -116,7 +116,10 @@ def cmd_sample(args) -> int:
         raise UsageError(f"a .png grid needs image samples; {spec.label} makes samples of shape "
                          f"{spec.shape}: write .pt or .npy")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    device = torch.device(args.device)
+    try:
+        device = as_device(args.device, "--device")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
     try:

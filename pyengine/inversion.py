@@ -34,6 +34,7 @@ import torch
 
 from . import backends
 from . import schedules as sched
+from .errors import check_tensor
 from .parameterization import Denoiser, check_prediction
 from .plan import Custom, Plan, PlanBuilder
 from .processes import EDM, Process
@@ -72,7 +73,12 @@ def inversion_plan(process: Process, solver: str, sigmas, prediction: str = "eps
     info = registry.get(solver)
     full = registry.check_options(info, options)     # names and values, in one place
     options = {k: full[k] for k in options}
+    if timesteps is not None:
+        timesteps = registry.check_timesteps(timesteps)
     sig = sched.validate(sigmas, increasing=True)
+    if len(sig) - 1 > registry.MAX_STEPS:
+        raise ValueError(f"sigmas has {len(sig) - 1} steps; at most {registry.MAX_STEPS} "
+                         f"(pyengine.solvers.registry.MAX_STEPS)")
     if sig[0] <= 0:
         raise ValueError("sigmas for inversion must be positive: the step out of sigma 0 has "
                          "h = log(sigma_0 / sigma_1) = -inf (start at a small sigma_min > 0)")
@@ -122,13 +128,14 @@ def _grid(process, steps, schedule, sigmas, sigma_min, sigma_max, schedule_optio
         raise ValueError("give steps= (with schedule=) or sigmas=")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    registry.check_scalar("steps", steps)           # at most MAX_STEPS, before numpy
     for key, val in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if val is None:
             continue
         if schedule not in _RANGED:
             raise ValueError(f"{key}= needs a schedule that takes a sigma range "
                              f"({', '.join(_RANGED)}); schedule {schedule!r} does not")
-        opts[key] = float(val)
+        opts[key] = registry.Option("real").check(key, val)
     down = sched.get_sigmas(schedule, process, int(steps), append_zero=False, **opts)
     return down[::-1].copy()
 
@@ -167,7 +174,7 @@ class Inverter:
                                    timesteps=timesteps, **options)
         if init_noise_scale is None:
             init_noise_scale = float(process.prior_std(self.sigmas[-1]))
-        self.init_noise_scale = float(init_noise_scale)
+        self.init_noise_scale = registry.check_scalar("init_noise_scale", init_noise_scale)
 
     @property
     def solver(self) -> str:
@@ -185,11 +192,7 @@ class Inverter:
                backend: str | None = None, compute_dtype: torch.dtype | None = None
                ) -> torch.Tensor:
         """The latent (standard-normal convention) of ``data`` (the state at sigma_min)."""
-        if not isinstance(data, torch.Tensor):
-            raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
-        if not data.is_floating_point() or data.dim() < 1 or data.shape[0] < 1:
-            raise ValueError(f"data must be a floating tensor [B, ...] with B >= 1, got "
-                             f"dtype {data.dtype} shape {tuple(data.shape)}")
+        check_tensor("data", data)
         if isinstance(model, Denoiser) and self.prediction != "sample":
             raise ValueError(f"model is a pe.Denoiser (it returns x0), but the inverter was "
                              f"built with prediction={self.prediction!r}; use "

@@ -44,9 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import check_callable, check_int, check_real, check_tensor
 from .noise import philox_normal, seeds_tensor
 from .parameterization import Denoiser, affine, check_prediction, wrap
 from .processes import Process
+from .solvers.registry import MAX_STEPS
 
 __all__ = [
     "LikelihoodResult",
@@ -205,12 +207,24 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
     if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() < 2:
         raise ValueError("data must be a floating tensor [B, ...] with at least one dimension "
                          "per sample")
+    check_tensor("data", data)
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError("data must be finite (it holds NaN or infinite values)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_callable("model", model)
+    rtol = check_real("rtol", rtol, lo=0.0, lo_open=True)
+    atol = check_real("atol", atol, lo=0.0, lo_open=True)
+    if data_var is not None:
+        data_var = check_real("data_var", data_var, lo=0.0)
     prediction = check_prediction(prediction)
     if isinstance(model, Denoiser) and prediction != "sample":
         raise ValueError(f"model is a pe.Denoiser (it returns x0), but prediction="
                          f"{prediction!r}; use prediction='sample'")
-    smin = float(process.sigma_min if sigma_min is None else sigma_min)
-    smax = float(process.sigma_max if sigma_max is None else sigma_max)
+    smin = check_real("sigma_min", process.sigma_min if sigma_min is None else sigma_min,
+                      allow_inf=True)
+    smax = check_real("sigma_max", process.sigma_max if sigma_max is None else sigma_max,
+                      allow_inf=True)
     if not (0 < smin < smax) or not math.isfinite(smax):
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {smin} and {smax}")
     B = data.shape[0]
@@ -228,6 +242,7 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"method {method!r} needs steps= (a positive integer), got "
                              f"{steps!r}")
+        check_int("steps", steps, hi=MAX_STEPS)
     elif steps is not None:
         raise ValueError(f"steps= is for the fixed-step methods {_FIXED_METHODS}; "
                          f"{method!r} adapts its steps to rtol/atol")
@@ -251,7 +266,7 @@ def log_likelihood(process: Process, model, data: torch.Tensor, *, prediction: s
         if isinstance(probes, torch.Tensor):
             # explicit probe vectors: [P, B, ...] or [P, ...] shared by every sample
             z = probes.to(device=device, dtype=dtype)
-            if z.dim() == data.dim():
+            if z.dim() == data.dim() and tuple(z.shape[1:]) == tuple(shape[1:]):
                 z = z.unsqueeze(1).expand(z.shape[0], *shape)
             if z.dim() != data.dim() + 1 or tuple(z.shape[1:]) != tuple(shape):
                 raise ValueError(f"probes must be [P, *data.shape] or [P, *data.shape[1:]], "

@@ -135,6 +135,13 @@ def philox_normal(seeds: torch.Tensor, step, numel: int, device=None,
     int for the whole batch, or an int64 [B] tensor of per-sample draw numbers (sample b then
     gets exactly the normals it would get alone at draw step[b]; low 32 bits, as for an int;
     a [1] tensor is one draw number for the batch)."""
+    if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1 or seeds.is_floating_point() \
+            or seeds.is_complex() or seeds.dtype == torch.bool:
+        got = f"{seeds.dtype} {tuple(seeds.shape)}" if isinstance(seeds, torch.Tensor) else \
+            type(seeds).__name__
+        raise ValueError(f"seeds must be an integer [B] tensor (int64: seeds_tensor), got {got}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an integer >= 0, got {numel!r}")
     device = device if device is not None else seeds.device
     seeds = seeds.to(device=device, dtype=torch.int64)
     B = seeds.shape[0]

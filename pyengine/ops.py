@@ -21,6 +21,7 @@ the (loaded) 2-core EPYC, the decorator's op took 215 us, this one 36-54 us, the
 20 us (mostly argument validation).
 """
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -87,13 +88,47 @@ def _as_tensor(coef) -> Tensor:
 
 def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
                  aux_coef=None, *, noise=None, compute_dtype=None, mask=None, mask_coef=None):
-    """The backend contract through ``torch.ops.pyengine.fused_update`` (traceable)."""
-    per_sample = noise_coef if isinstance(noise_coef, Tensor) else None
-    scalar = 0.0 if per_sample is not None else float(noise_coef)
-    steps = step if isinstance(step, Tensor) else None
-    torch.ops.pyengine.fused_update(
-        out, list(bufs), _as_tensor(coef), scalar, per_sample, seeds,
-        -1 if steps is not None else int(step), aux_out,
-        None if aux_coef is None else _as_tensor(aux_coef), noise, compute_dtype, steps, mask,
-        None if mask_coef is None else _as_tensor(mask_coef))
+    """The backend contract through ``torch.ops.pyengine.fused_update`` (traceable).
+
+    Arguments the op's schema cannot take (a list for ``out``, a string coefficient, a step
+    that is not an integer) are reported by the contract's validator, naming the argument."""
+    for name, c in (("coef", coef), ("aux_coef", aux_coef), ("mask_coef", mask_coef),
+                    ("noise_coef", noise_coef)):
+        if c is not None:
+            contract.check_finite(c, name)          # host numbers, before they become tensors
+    try:
+        if not isinstance(step, Tensor) and (isinstance(step, bool) or
+                                             not isinstance(step, numbers.Integral)):
+            raise TypeError("step")
+        per_sample = noise_coef if isinstance(noise_coef, Tensor) else None
+        scalar = 0.0 if per_sample is not None else float(noise_coef)
+        steps = step if isinstance(step, Tensor) else None
+        args = (out, list(bufs), _as_tensor(coef), scalar, per_sample, seeds,
+                -1 if steps is not None else int(step), aux_out,
+                None if aux_coef is None else _as_tensor(aux_coef), noise, compute_dtype, steps,
+                mask, None if mask_coef is None else _as_tensor(mask_coef))
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        _explain(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                 compute_dtype, mask, mask_coef)
+        raise
+    try:
+        torch.ops.pyengine.fused_update(*args)
+    except (RuntimeError, AttributeError, TypeError):
+        # the dispatcher's schema messages and type errors: the validator names the argument
+        _explain(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise,
+                 compute_dtype, mask, mask_coef)
+        raise
     return out
+
+
+def _explain(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise, compute_dtype,
+             mask, mask_coef) -> None:
+    """Raise the contract validator's ValueError for a call the op refused (nothing when the
+    validator finds the call well formed: the caller re-raises the op's own error)."""
+    if not isinstance(step, Tensor) and (isinstance(step, bool) or
+                                         not isinstance(step, numbers.Integral)):
+        raise ValueError(f"step must be an int or an int64 [B] tensor of draw numbers, got "
+                         f"{step!r}") from None
+    contract.validate(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise=noise,
+                      compute_dtype=compute_dtype, mask=mask, mask_coef=mask_coef,
+                      backend=_LIMITS)

@@ -21,9 +21,10 @@ convention; :func:`wrap` builds that callable, including for k-diffusion-style d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
+
+from .errors import check_callable, check_kwargs
 
 PREDICTIONS = ("epsilon", "sample", "v", "flow", "score")
 _ALIASES = {"eps": "epsilon", "x0": "sample", "v_prediction": "v", "velocity": "flow",
@@ -100,14 +101,10 @@ class ModelAdapter:
     """
 
     def __init__(self, model, extra_args: dict | None = None):
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if extra_args is not None and not isinstance(extra_args, Mapping):
-            raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got "
-                            f"{type(extra_args).__name__}")
+        check_callable("model", model)
         self.model = model
         self.is_denoiser = isinstance(model, Denoiser)
-        self.extra_args = dict(extra_args or {})
+        self.extra_args = check_kwargs("extra_args", extra_args)
 
     def __call__(self, x: torch.Tensor, sigma: float, t: float, s: float,
                  row: torch.Tensor | None = None) -> torch.Tensor:

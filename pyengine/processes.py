@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from .errors import check_real
+
 __all__ = ["Process", "VP", "VPDiscrete", "VPContinuous", "SubVP", "VE", "EDM", "RectifiedFlow",
            "betas_for", "NAMED", "named", "describe"]
 
@@ -268,6 +270,8 @@ class VE(Process):
     name = "ve"
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        sigma_min = check_real("sigma_min", sigma_min, lo=0.0, lo_open=True)
+        sigma_max = check_real("sigma_max", sigma_max, lo=0.0, lo_open=True)
         if not (0 < sigma_min < sigma_max):
             raise ValueError("need 0 < sigma_min < sigma_max")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
@@ -298,7 +302,7 @@ class EDM(VE):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
         super().__init__(sigma_min, sigma_max)
-        self.sigma_data = float(sigma_data)
+        self.sigma_data = check_real("sigma_data", sigma_data, lo=0.0, lo_open=True)
 
     def sigma_of_t(self, t):
         return _ret(_f64(t) * 1.0, t)
@@ -319,8 +323,8 @@ class RectifiedFlow(Process):
 
     def __init__(self, shift: float = 1.0, time_scale: float = 1.0, t_min: float = 1e-3,
                  t_max: float = 1.0 - 1e-3):
-        if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+        shift = check_real("shift", shift, lo=0.0, lo_open=True)
+        time_scale = check_real("time_scale", time_scale, lo=0.0, lo_open=True)
         if not (0 < t_min < t_max < 1):
             raise ValueError("need 0 < t_min < t_max < 1")
         self.shift, self.time_scale = float(shift), float(time_scale)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import schedules as sched
+from .errors import check_callable, check_tensor
 from .parameterization import Denoiser, check_prediction
 from .plan import Custom, Eval, GuidanceRescale, Plan, PlanBuilder, Update
 from .processes import Process
@@ -40,8 +41,26 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
                          f"(pyengine.solvers.registry.MAX_STEPS)")
     b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps,
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    info.build(b, **opts)
+    try:
+        info.build(b, **opts)
+    except (ArithmeticError, ValueError) as exc:
+        if not isinstance(exc, ArithmeticError) and str(exc) != "math domain error":
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"solver {solver!r}: {'its options ' + given if given else 'this grid'}"
+                         f" give no finite coefficients ({type(exc).__name__}: {exc}); use "
+                         f"values in the usual range") from None
     return b.finish()
+
+
+def _check_backend(backend) -> None:
+    """A backend argument: None, a registry name or a backend module; ValueError else."""
+    if backend is None or hasattr(backend, "fused_update"):
+        return
+    from .backends import dispatch
+    if not isinstance(backend, str) or backend not in dispatch.REGISTRY:
+        raise ValueError(f"backend must be one of {sorted(dispatch.REGISTRY)} (or None: the "
+                         f"best available), got {backend!r}")
 
 
 def _no_rebuild(builder, **options):
@@ -171,6 +190,14 @@ class Sampler:
         self.info = registry.get(solver)
         if init_noise_scale is not None:
             init_noise_scale = registry.check_scalar("init_noise_scale", init_noise_scale)
+        if guidance_scale is not None:
+            guidance_scale = registry.check_scalar("guidance_scale", guidance_scale)
+        guidance_rescale = registry.check_scalar("guidance_rescale", guidance_rescale or 0.0)
+        to_zero = registry.Option("bool").check("to_zero", to_zero)
+        _check_backend(backend)
+        if schedule_options is not None and not isinstance(schedule_options, dict):
+            raise ValueError(f"schedule_options must be a dict of the schedule's keyword "
+                             f"arguments, got {type(schedule_options).__name__}")
         self.prediction = check_prediction(prediction)
         inverse = self.info.family == "inversion"
         if sigmas is not None:
@@ -222,15 +249,11 @@ class Sampler:
             raise ValueError("give strength= or start_sigma=, not both")
         n = self.steps
         if strength is not None:
-            strength = float(strength)
-            if not 0.0 <= strength <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            strength = registry.check_scalar("strength", strength)
             # diffusers: init_timestep = min(int(steps * strength), steps); t_start = steps - it
             k = n - min(int(n * strength), n)
         elif start_sigma is not None:
-            start_sigma = float(start_sigma)
-            if not start_sigma >= 0:
-                raise ValueError(f"start_sigma must be >= 0, got {start_sigma!r}")
+            start_sigma = registry.check_scalar("start_sigma", start_sigma)
             below = np.nonzero(self.sigmas <= start_sigma)[0]
             k = int(below[0]) if below.size else n
         else:
@@ -262,7 +285,10 @@ class Sampler:
     def _guidance(self, guidance_scale, guidance_rescale) -> tuple:
         """(w, phi) of a call: the sampler's unless overridden (``...``: not given)."""
         w = self.guidance_scale if guidance_scale is ... else guidance_scale
-        phi = self.guidance_rescale if guidance_rescale is ... else float(guidance_rescale or 0.0)
+        if w is not None and guidance_scale is not ...:
+            w = registry.check_scalar("guidance_scale", w)
+        phi = self.guidance_rescale if guidance_rescale is ... else \
+            registry.check_scalar("guidance_rescale", guidance_rescale or 0.0)
         if w is None and guidance_rescale is ...:
             phi = 0.0
         return w, phi
@@ -283,6 +309,7 @@ class Sampler:
             if not isinstance(init, torch.Tensor) or init.shape != noise.shape:
                 raise ValueError(f"init must be a tensor of the noise's shape "
                                  f"{tuple(noise.shape)}")
+            check_tensor("init", init, device=noise.device)
             k = self.start_index(1.0 if strength is None and start_sigma is None else strength,
                                  start_sigma)
             plan = self.plan_for(k, w, phi)
@@ -306,13 +333,12 @@ class Sampler:
         ``strength`` or ``start_sigma``: img2img (see the class docstring); ``init`` with
         ``mask``: inpainting (see the class docstring).
         """
-        if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-        if not noise.is_floating_point() or noise.dim() < 1 or noise.shape[0] < 1:
-            raise ValueError(f"noise must be a floating tensor [B, ...] with B >= 1, got "
-                             f"dtype {noise.dtype} shape {tuple(noise.shape)}")
+        check_tensor("noise", noise)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError("generator must be a torch.Generator")
+        if callback is not None:
+            check_callable("callback", callback, "callback(step, sigma, slots)")
+        _check_backend(backend)
         if isinstance(model, Denoiser) and self.prediction != "sample":
             raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
                              f"with prediction={self.prediction!r}; use prediction='sample'")
@@ -361,6 +387,7 @@ class Sampler:
         per-sample coefficient tables (bitwise on the CPU backends).
         """
         from .runtime.transforms import inpaint
+        _check_backend(backend)
         if isinstance(model, Denoiser) and self.prediction != "sample":
             raise ValueError(f"model is a pe.Denoiser (it returns x0), but the sampler was built "
                              f"with prediction={self.prediction!r}; use prediction='sample'")

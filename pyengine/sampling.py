@@ -125,12 +125,14 @@ import torch
 
 from . import backends
 from . import schedules as _sched
+from .errors import as_device, check_callable, check_int, check_real, check_tensor
 from .parameterization import Denoiser
 from .plan import Eval, Plan
 from .processes import EDM
 from .runtime import SuppliedDraws, run_plan
 from .sampler import build_plan
 from .solvers._common import churn_gamma
+from .solvers.registry import OPTION_SPECS
 
 __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2",
@@ -163,11 +165,14 @@ SAMPLERS = {
 
 
 def _as_tensor(s: np.ndarray, device) -> torch.Tensor:
-    return torch.tensor(s, dtype=torch.get_default_dtype(), device=device)
+    return torch.tensor(s, dtype=torch.get_default_dtype(), device=as_device(device))
 
 
 def append_zero(x: torch.Tensor) -> torch.Tensor:
     """``x`` with a 0 appended (the final level of a sigma schedule)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 1:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"append_zero takes a 1-D tensor of levels x, got {got}")
     return torch.cat([x, x.new_zeros([1])])
 
 
@@ -189,24 +194,33 @@ def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1.0, device="cpu"):
 def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device="cpu"):
     """Continuous VP (Song et al. 2021) levels sigma(t) = sqrt(e^{beta_d t^2/2 + beta_min t}
     - 1) at t uniform from 1 to eps_s, then 0."""
-    t = np.linspace(1.0, eps_s, int(n))
-    return _as_tensor(np.append(np.sqrt(np.expm1(beta_d * t ** 2 / 2 + beta_min * t)), 0.0),
-                      device)
+    n = _sched._count(n)
+    beta_d = check_real("beta_d", beta_d, lo=0.0, lo_open=True)
+    beta_min = check_real("beta_min", beta_min, lo=0.0)
+    eps_s = check_real("eps_s", eps_s, lo=0.0, hi=1.0, lo_open=True)
+    t = np.linspace(1.0, eps_s, n)
+    s = np.append(np.sqrt(np.expm1(beta_d * t ** 2 / 2 + beta_min * t)), 0.0)
+    return _as_tensor(_sched.validate(s) if n > 1 or eps_s < 1.0 else s, device)
 
 
 def to_d(x, sigma, denoised):
-    """The Karras ODE derivative dx/dsigma = (x - D) / sigma."""
+    """The Karras ODE derivative dx/dsigma = (x - D) / sigma (``sigma`` a tensor [B] or a
+    number)."""
+    if not isinstance(sigma, torch.Tensor):
+        sigma = torch.as_tensor(_sched._real(sigma, "sigma"), dtype=x.dtype, device=x.device)
     return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.dim() - sigma.dim()))
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     """(sigma_down, sigma_up) of an ancestral step, sigma_down^2 + sigma_up^2 = sigma_to^2."""
-    f, t = float(sigma_from), float(sigma_to)
+    f = _sched._real(sigma_from, "sigma_from")
+    t = _sched._real(sigma_to, "sigma_to")
+    eta_f = _sched._real(eta, "eta")
     if not (f > 0 and 0 <= t <= f):
         raise ValueError(f"get_ancestral_step needs sigma_from > 0 and 0 <= sigma_to <= "
                          f"sigma_from (a step down), got sigma_from={sigma_from}, "
                          f"sigma_to={sigma_to}")
-    if not (math.isfinite(float(eta)) and float(eta) >= 0):
+    if not (math.isfinite(eta_f) and eta_f >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if not eta:
         return sigma_to, 0.0
@@ -294,13 +308,14 @@ class _KNoise:
 
     def __init__(self, fn, sigmas: torch.Tensor, draws, at_step_start: bool):
         self.fn, self.sigmas, self.draws = fn, sigmas, draws
+        self.shape = None                  # the state's shape, set by the caller
         self.grid = _grid(sigmas)
         self.at_step_start = at_step_start
         self.started: set[int] = set()
         self.pending = None
 
     def _draw(self, i: int) -> torch.Tensor:
-        return self.fn(self.sigmas[i], self.sigmas[i + 1])
+        return _noise_out(self.fn(self.sigmas[i], self.sigmas[i + 1]), self.shape)
 
     def _start(self, i: int) -> None:
         if i not in self.started and self.draws(i, self.grid):
@@ -326,6 +341,17 @@ class _KNoise:
 
     def source(self) -> SuppliedDraws:
         return SuppliedDraws(self.update_noise, self.at_eval)
+
+
+def _noise_out(z, shape):
+    """A noise sampler's draw, checked: a floating tensor of the state's ``shape``."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point() or \
+            (shape is not None and tuple(z.shape) != tuple(shape)):
+        got = f"{z.dtype} tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) \
+            else type(z).__name__
+        raise ValueError(f"noise_sampler(sigma, sigma_next) must return a floating tensor of "
+                         f"x's shape {tuple(shape) if shape is not None else ''}, got {got}")
+    return z
 
 
 def _grid(sigmas) -> np.ndarray:
@@ -363,22 +389,40 @@ def _per_step(plan: Plan, n: int, disable, report):
     return bar, on_eval
 
 
-def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable, *,
-         options: dict, noise_sampler=None, draws=None, at_step_start: bool = False,
-         gammas=None):
-    """Compile ``solver`` over ``sigmas`` and run it on ``x``; see the module docstring."""
+def _check_call(name: str, model, x, sigmas, extra_args, callback, noise_sampler):
+    """The arguments every sampling function takes, checked before anything runs (the one
+    place for the k-diffusion and ComfyUI names); returns ``sigmas`` as a tensor."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: x must be a floating-point tensor")
-    if not callable(model):
-        raise TypeError(f"{name}: model must be callable, got {type(model).__name__}")
+    check_tensor("x", x, where=f"{name}: ")
+    check_callable("model", model, where=f"{name}: ")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"{name}: noise_sampler must be callable as noise_sampler(sigma, "
                         f"sigma_next), got {type(noise_sampler).__name__}")
+    if callback is not None:
+        check_callable("callback", callback, "callback(info_dict)", where=f"{name}: ")
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"{name}: extra_args must be a dict of model keyword arguments, got "
                         f"{type(extra_args).__name__}")
     if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas, device=x.device)
+        try:
+            sigmas = torch.as_tensor(sigmas, device=x.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name}: sigmas must be a 1-D tensor of noise levels ({exc})"
+                             ) from None
+    if sigmas.device.type == "meta":
+        raise ValueError(f"{name}: sigmas is a tensor on the meta device (it has no values)")
+    if sigmas.dim() != 1:
+        raise ValueError(f"{name}: sigmas must be a 1-D tensor of noise levels, got shape "
+                         f"{tuple(sigmas.shape)}")
+    return sigmas
+
+
+def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable, *,
+         options: dict, noise_sampler=None, draws=None, at_step_start: bool = False,
+         gammas=None):
+    """Compile ``solver`` over ``sigmas`` and run it on ``x``; see the module docstring."""
+    sigmas = _check_call(name, model, x, sigmas, extra_args, callback, noise_sampler)
     if sigmas.numel() < 2:
         return x                                       # no step: k-diffusion returns x
     grid = _grid(sigmas)
@@ -390,7 +434,9 @@ def _run(name: str, solver: str, model, x, sigmas, extra_args, callback, disable
     if isinstance(noise_sampler, PhiloxNoise):
         seed = noise_sampler.seed                      # the plan's own in-kernel draws
     elif draws is not None:
-        noise = _KNoise(noise_sampler, sigmas, draws, at_step_start).source()
+        knoise = _KNoise(noise_sampler, sigmas, draws, at_step_start)
+        knoise.shape = x.shape
+        noise = knoise.source()
 
     def report(i, op, slots):
         g = 0.0 if gammas is None else gammas[i]
@@ -420,10 +466,10 @@ def _churn_gammas(grid: np.ndarray, s_churn, s_tmin, s_tmax) -> list[float]:
 
 def _churned(name, solver, model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin,
              s_tmax, s_noise):
-    opts = dict(s_churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=float(s_tmax),
-                s_noise=float(s_noise))
-    if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas, device=x.device)
+    opts = {k: OPTION_SPECS[k].check(k, v, f"{name}: ") for k, v in
+            (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise))}
+    s_churn, s_tmin, s_tmax = opts["s_churn"], opts["s_tmin"], opts["s_tmax"]
+    sigmas = _check_call(name, model, x, sigmas, extra_args, callback, None)
     gammas = None
     if sigmas.numel() >= 2:
         gammas = _churn_gammas(_grid(sigmas), s_churn, s_tmin, s_tmax)
@@ -558,7 +604,8 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """iPNDM (Zhang & Chen 2023): Adams-Bashforth in sigma on d = (x - D)/sigma with warm-up
     order min(max_order, i + 1); ComfyUI's k-diffusion name (``ipndm``)."""
     return _run("sample_ipndm", "ipndm", model, x, sigmas, extra_args, callback, disable,
-                options=dict(order=int(max_order)))
+                options=dict(order=check_int("max_order", max_order, lo=1, hi=4,
+                                             where="sample_ipndm: ")))
 
 
 _warned_sde = False
@@ -660,8 +707,9 @@ def comfy_default_noise_sampler(x, seed=None):
     if seed is None:
         return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
                                                      device=x.device)
+    seed = check_int("seed", seed)
     gen = torch.Generator(device=x.device)
-    gen.manual_seed(int(seed) + (1 if x.device.type == "cpu" else 0))
+    gen.manual_seed(seed + (1 if x.device.type == "cpu" else 0))
     return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
                                                  device=x.device, generator=gen)
 
@@ -722,7 +770,7 @@ class _ComfyNoise:
         b = self._level(sigma, i)
         a = self.last.get(i, self.levels[i]) if self.chained else self.levels[i]
         self.last[i] = b
-        return self.fn(a, b)
+        return _noise_out(self.fn(a, b), like.shape)
 
     def at_eval(self, op) -> None:
         if self.every_step is not None and op.step not in self.churned:
@@ -814,18 +862,9 @@ class _CfgPPModel:
 def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback, disable,
                options: dict, levels=None, nfe=None):
     fname = f"sample_{name}"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fname}: x must be a floating-point tensor")
-    if not callable(model):
-        raise TypeError(f"{fname}: model must be callable, got {type(model).__name__}")
-    if extra_args is not None and not isinstance(extra_args, dict):
-        raise TypeError(f"{fname}: extra_args must be a dict of model keyword arguments, got "
-                        f"{type(extra_args).__name__}")
-    extra_args = {} if extra_args is None else extra_args
     noise_sampler = options.pop("noise_sampler", None)
-    if noise_sampler is not None and not callable(noise_sampler):
-        raise TypeError(f"{fname}: noise_sampler must be callable as noise_sampler(sigma, "
-                        f"sigma_next), got {type(noise_sampler).__name__}")
+    sigmas = _check_call(fname, model, x, sigmas, extra_args, callback, noise_sampler)
+    extra_args = {} if extra_args is None else extra_args
     if noise_sampler is not None and "noise_sampler" not in _cn.SAMPLERS[name][2]:
         raise TypeError(f"{fname}: ComfyUI's {fname} takes no noise_sampler (it draws no "
                         f"noise, or its churn noise with torch.randn_like)")
@@ -846,8 +885,6 @@ def _comfy_run(name: str, model_sampling, model, x, sigmas, extra_args, callback
     except ValueError as exc:
         raise TypeError(f"{fname}: {exc}") from None
     opts.update(passed)
-    if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas, device=x.device)
     if sigmas.numel() < 2:
         return x
     kind = _Kind(model_sampling)
@@ -989,6 +1026,10 @@ def comfy_sigmas(scheduler_name: str, model_sampling, steps: int, denoise: float
     """ComfyUI's BasicScheduler: the levels of ``scheduler_name`` (simple, normal, karras,
     ...) for ``steps`` steps of a :class:`pyengine.schedules.ModelSampling`, in the model's
     units (flow time t for flow models), ending in 0; ``denoise`` < 1 keeps the last steps."""
+    if not (hasattr(model_sampling, "sigma_min") and hasattr(model_sampling, "sigma_max")):
+        raise ValueError(f"model_sampling must be a pyengine.schedules.ModelSampling (e.g. "
+                         f"schedules.model_sampling_for(process)), got "
+                         f"{type(model_sampling).__name__}")
     return _as_tensor(_cn.scheduler_sigmas(scheduler_name, model_sampling, steps, denoise),
                       device)
 

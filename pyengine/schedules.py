@@ -10,6 +10,7 @@ every public constructor runs it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,12 +68,40 @@ def validate(sigmas, *, name: str = "sigmas", increasing: bool = False) -> np.nd
     return s
 
 
+#: The most levels a schedule function builds (80 MB of float64). A plan has at most
+#: pyengine.solvers.registry.MAX_STEPS steps; this bound only keeps a mistyped count from
+#: exhausting memory.
+MAX_LEVELS = 10_000_000
+
+
+def _count(n, name: str = "n (number of steps)") -> int:
+    """A positive integer count of levels (at most :data:`MAX_LEVELS`); ValueError naming it."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Real, np.integer)) or \
+            not math.isfinite(float(n)) or int(n) != n or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    if n > MAX_LEVELS:
+        raise ValueError(f"{name} must be at most {MAX_LEVELS:,} (MAX_LEVELS), got {n!r}")
+    return int(n)
+
+
+def _real(x, name: str) -> float:
+    """A real number (a Python or numpy number, or a 0-d real tensor) as a float."""
+    if not isinstance(x, (numbers.Real, np.integer, np.floating)) and \
+            getattr(x, "ndim", None) == 0 and getattr(getattr(x, "device", None), "type",
+                                                     None) != "meta":
+        x = x.item()                                 # k-diffusion passes model.sigma_min
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
 def _check_range(n, sigma_min, sigma_max):
-    if int(n) != n or n < 1:
-        raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
+    _count(n)
+    sigma_min, sigma_max = _real(sigma_min, "sigma_min"), _real(sigma_max, "sigma_max")
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, "
                          f"sigma_max={sigma_max}")
+    return sigma_min, sigma_max
 
 
 def _finish(s, append_zero):
@@ -86,7 +115,7 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
            append_zero: bool = True) -> np.ndarray:
     """Karras et al. 2022 eq. 5:
     sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
-    _check_range(n, sigma_min, sigma_max)
+    sigma_min, sigma_max = _check_range(n, sigma_min, sigma_max)
     if not (isinstance(rho, (int, float, np.floating, np.integer)) and math.isfinite(rho)
             and rho > 0):
         raise ValueError(f"rho must be a positive finite number, got {rho!r}")
@@ -97,7 +126,7 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
 
 def exponential(n: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> np.ndarray:
     """Uniform in log sigma from sigma_max down to sigma_min."""
-    _check_range(n, sigma_min, sigma_max)
+    sigma_min, sigma_max = _check_range(n, sigma_min, sigma_max)
     return _finish(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)), append_zero)
 
 
@@ -108,7 +137,7 @@ def logsnr_uniform(n: int, sigma_min: float, sigma_max: float,
     In the canonical form this grid coincides with ``exponential``; it is computed through
     lambda so that the two statements check each other.
     """
-    _check_range(n, sigma_min, sigma_max)
+    sigma_min, sigma_max = _check_range(n, sigma_min, sigma_max)
     lam = np.linspace(-math.log(sigma_max), -math.log(sigma_min), n)
     return _finish(np.exp(-lam), append_zero)
 
@@ -116,7 +145,8 @@ def logsnr_uniform(n: int, sigma_min: float, sigma_max: float,
 def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
                     append_zero: bool = True) -> np.ndarray:
     """log sigma = log smin + (1 - i/(n-1))^rho (log smax - log smin); rho=1 is exponential."""
-    _check_range(n, sigma_min, sigma_max)
+    sigma_min, sigma_max = _check_range(n, sigma_min, sigma_max)
+    _positive(rho, "rho")
     ramp = np.linspace(1.0, 0.0, n) ** rho
     return _finish(np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)),
                    append_zero)
@@ -439,6 +469,9 @@ class ModelSampling:
         """The level at fraction ``percent`` of the way from pure noise (0) to data (1), as
         each ComfyUI model sampling defines it (flow: shift(1 - p); discrete: sigma((1 - p)
         999); continuous: log-uniform between the end levels)."""
+        percent = _real(percent, "percent")
+        if math.isnan(percent):
+            raise ValueError("percent must be a number in [0, 1], got nan")
         if percent <= 0.0:
             return 1.0 if self.flow else 999999999.9
         if percent >= 1.0:
@@ -458,7 +491,11 @@ class ModelSampling:
     def discrete(cls, sigmas_table) -> ModelSampling:
         """ModelSamplingDiscrete: the table sqrt((1 - alpha_bar) / alpha_bar) of the training
         timesteps; timestep = nearest table index in log sigma, sigma = log-linear in t."""
-        table = np.asarray(sigmas_table, dtype=np.float64)
+        table = _as_list(sigmas_table, "sigmas_table")
+        if table.size < 2 or not np.all(np.isfinite(table)) or np.any(table <= 0) or \
+                np.any(np.diff(table) <= 0):
+            raise ValueError(f"sigmas_table must hold at least 2 positive, finite, strictly "
+                             f"increasing levels, got {table.size} levels")
         logs = np.log(table)
         idx = np.arange(table.size, dtype=np.float64)
 
@@ -521,10 +558,7 @@ def model_sampling_for(process) -> ModelSampling:
 
 
 def _steps(n, name="steps") -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer, float)) or int(n) != n \
-            or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return int(n)
+    return _count(n, name)
 
 
 def simple(ms: ModelSampling, steps: int) -> np.ndarray:
@@ -593,6 +627,9 @@ def linear_quadratic(ms: ModelSampling, steps: int, threshold_noise: float = 0.0
     """ComfyUI "linear_quadratic" (Mochi): 1 - t_i with t linear up to ``threshold_noise`` over
     ``linear_steps`` (steps // 2) steps, then quadratic to 1, times sigma_max; ends in 0."""
     steps = _steps(steps)
+    threshold_noise = _real(threshold_noise, "threshold_noise")
+    if not 0.0 < threshold_noise < 1.0:
+        raise ValueError(f"threshold_noise must lie in (0, 1), got {threshold_noise!r}")
     if steps == 1:
         return np.array([1.0, 0.0]) * ms.sigma_max
     L = steps // 2 if linear_steps is None else _steps(linear_steps, "linear_steps")
@@ -632,7 +669,10 @@ AYS_LEVELS = {
 
 def loglinear_interp(levels, n: int) -> np.ndarray:
     """n levels log-linearly interpolated along a decreasing list (AYS's interpolation)."""
-    lv = np.asarray(levels, dtype=np.float64)
+    lv = _as_list(levels, "levels")
+    if lv.size < 2 or not np.all(np.isfinite(lv)) or np.any(lv <= 0) or np.any(np.diff(lv) >= 0):
+        raise ValueError(f"levels must hold at least 2 positive, finite, strictly decreasing "
+                         f"levels, got {lv.tolist()!r}")
     n = _steps(n, "n")
     ys = np.log(lv[::-1])
     return np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, lv.size), ys))[::-1].copy()
@@ -703,7 +743,10 @@ def _as_list(sigmas, name="sigmas") -> np.ndarray:
         raise ValueError(f"{name} is a tensor on the meta device (it has no values)")
     if hasattr(sigmas, "detach"):
         sigmas = sigmas.detach().cpu()
-    s = np.asarray(sigmas, dtype=np.float64)
+    try:
+        s = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers ({e})") from None
     if s.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(s.shape)}")
     return s
@@ -742,6 +785,10 @@ def flip(sigmas, first: float = 1e-4) -> np.ndarray:
     """The list reversed (for inversion: data towards noise); a leading 0 becomes ``first``
     (ComfyUI's FlipSigmas uses 1e-4)."""
     s = _as_list(sigmas)[::-1].copy()
+    first = _real(first, "first")
+    if not (0.0 < first < math.inf):
+        raise ValueError(f"first (the level that replaces a leading 0) must be a positive "
+                         f"finite number, got {first!r}")
     if s.size and s[0] == 0:
         s[0] = first
     return s
@@ -822,10 +869,19 @@ def get_sigmas(schedule: str, process, n: int, append_zero: bool = True, **kw) -
     0 with ``append_zero``, else n + 1 positive levels ending at the low end of the range."""
     try:
         build = SCHEDULES[schedule]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}") from None
-    if int(n) != n or n < 1:
-        raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
-    if append_zero or schedule in ("leading", "trailing", "linspace"):
+    n = _count(n)
+    if not callable(getattr(process, "sigma_of_t", None)):
+        raise ValueError(f"process must be a pyengine process (pe.processes.*), got "
+                         f"{type(process).__name__}")
+    if not (append_zero or schedule in ("leading", "trailing", "linspace")):
+        n += 1
+    try:
         return build(process, n, append_zero, **dict(kw))
-    return build(process, n + 1, append_zero, **dict(kw))
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        bad = str(exc).rsplit(" ", 1)[-1]
+        raise ValueError(f"schedule {schedule!r} has no option {bad} (schedule_options "
+                         f"{sorted(kw)})") from None

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .errors import check_tensor
 from .parameterization import Denoiser, check_prediction, output_from_denoised, wrap
 from .processes import Process, VPDiscrete
 
@@ -202,6 +203,7 @@ def denoising_loss(model, process: Process, x0: torch.Tensor, *, prediction: str
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     _check_weighting(weighting)
+    check_tensor("x0", x0)
     n = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     if sigma is None:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import as_device
 from ..fused_update.contract import FLOAT_DTYPES as CONTRACT_DTYPES
-from ..fused_update.contract import K_MAX
+from ..fused_update.contract import K_MAX, validate
 from . import cpp, cuda, torch_ref
 
 PRIORITY = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "triton", "torch")}
@@ -63,8 +64,7 @@ class Call:
         n = 1
         for s in shape:
             n *= s
-        return cls(torch.device(device if device is not None else "cpu"), (dtype,) * (K + 1),
-                   K, n)
+        return cls(as_device(device), (dtype,) * (K + 1), K, n)
 
 
 class LazyBackend:
@@ -370,8 +370,18 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
     """The contract through the backend :func:`select` picks for this concrete call."""
     if not isinstance(bufs, (list, tuple)) or not bufs or \
             not all(isinstance(b, torch.Tensor) for b in bufs) or not isinstance(out, torch.Tensor):
+        # the validator names the argument (out, bufs, bufs[i])
+        validate(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise=noise,
+                 compute_dtype=compute_dtype, mask=mask, mask_coef=mask_coef)
         raise ValueError("fused_update takes an output tensor and a non-empty list of tensors")
-    be = select(Call.of(out, bufs, aux_out), backend)
+    try:
+        be = select(Call.of(out, bufs, aux_out), backend)
+    except ValueError:
+        if backend is None or backend in REGISTRY:
+            # no backend can run it: say which argument is at fault where one is
+            validate(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef, noise=noise,
+                     compute_dtype=compute_dtype, mask=mask, mask_coef=mask_coef)
+        raise
     return be.fused_update(out, bufs, coef, noise_coef, seeds, step, aux_out, aux_coef,
                            noise=noise, compute_dtype=compute_dtype, mask=mask,
                            mask_coef=mask_coef)

@@ -13,6 +13,7 @@ the same call as far as the contract goes, so a caller may cache it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -52,6 +53,13 @@ def compute_dtype_for(out_dtype, compute_dtype=None) -> torch.dtype:
     if compute_dtype is not None:
         return compute_dtype
     return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
+def check_compute_dtype(compute_dtype) -> None:
+    """ValueError naming ``compute_dtype`` unless it is None, torch.float32 or float64."""
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64 (or None), got "
+                         f"{compute_dtype!r}")
 
 
 def has_noise(noise_coef) -> bool:
@@ -143,6 +151,24 @@ def coef_kind(coef, B, K, name) -> str:
     raise ValueError(f"{name} must be [K]={K} or [B, K]=({B}, {K}), got {shape}")
 
 
+def check_finite(coef, name) -> None:
+    """ValueError naming ``coef`` if a host coefficient (a number, a list, an array) is NaN
+    or infinite. Tensors are not read: that would be a host read of device memory (and of
+    the compiled loop's tables, which never reads back); the executor's tables come from
+    plans, whose builder checks every number."""
+    if isinstance(coef, torch.Tensor):
+        return
+    if isinstance(coef, numbers.Real):
+        ok = math.isfinite(float(coef))
+    else:
+        try:
+            ok = bool(np.isfinite(np.asarray(coef, dtype=np.float64)).all())
+        except (TypeError, ValueError):
+            return                     # not numbers at all: the structure checks name it
+    if not ok:
+        raise ValueError(f"{name} must be finite, got {coef!r}")
+
+
 def check_step(step, B):
     """True for an int64 [B] (or [1]) tensor of per-sample draw numbers, False for an int;
     ValueError naming ``step`` otherwise."""
@@ -193,12 +219,14 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
         _writable(aux_out, "aux_out")
         if aux_out is out:
             raise ValueError("aux_out must be a different tensor from out")
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got "
-                         f"{compute_dtype}")
+    check_compute_dtype(compute_dtype)
     B = shape[0]
     kind = coef_kind(coef, B, K, "coef")
     aux_kind = coef_kind(aux_coef, B, K, "aux_coef") if aux_out is not None else None
+    if data:
+        check_finite(coef, "coef")
+        if aux_out is not None:
+            check_finite(aux_coef, "aux_coef")
     if (mask is None) != (mask_coef is None):
         raise ValueError("mask and mask_coef must be given together")
     mask_kind = None
@@ -213,7 +241,12 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
             raise ValueError(f"mask has unsupported dtype {_name(mask.dtype)} (float32, "
                              f"float64, float16, bfloat16)")
         mask_kind = coef_kind(mask_coef, B, K, "mask_coef")
+        if data:
+            check_finite(mask_coef, "mask_coef")
     per_sample = check_step(step, B)
+    if not per_sample and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+        raise ValueError(f"step must be an int or an int64 [B] tensor of draw numbers, got "
+                         f"{step!r}")
 
     # noise: Philox keyed by (seeds[b], step) or the given tensor, times a scalar or [B] c_z
     if isinstance(noise_coef, torch.Tensor):
@@ -224,6 +257,11 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
                                             not isinstance(noise_coef, numbers.Real)):
         raise ValueError(f"noise_coef must be a float or a [B] tensor, got "
                          f"{type(noise_coef).__name__}")
+    if data:
+        check_finite(noise_coef, "noise_coef")
+    if not per_sample and not isinstance(step, bool) and isinstance(step, numbers.Integral) \
+            and not -2 ** 63 <= step < 2 ** 63:
+        raise ValueError(f"step must fit in int64 (a draw number), got {step}")
     noise_kind = "none"
     if has_noise(noise_coef):
         if noise is not None:

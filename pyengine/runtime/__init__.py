@@ -17,6 +17,8 @@ functions.
 from __future__ import annotations
 
 from .. import backends
+from ..errors import check_callable
+from ..fused_update.contract import check_compute_dtype
 from ..noise import seeds_tensor
 from ..plan import Plan
 from .graph import CompiledLoop, GraphCache, compile_plan, graph_cache
@@ -51,6 +53,10 @@ def run_plan(plan: Plan, model, x, *, seed=0, generator=None, backend=None,
     :func:`inpaint`). ``recycle``: reuse the walk's buffers (default: unless a callback is
     given, which may keep the slot tensors it is shown).
     """
+    check_callable("model", model)
+    if callback is not None:
+        check_callable("callback", callback, "callback(step, sigma, slots)")
+    check_compute_dtype(compute_dtype)
     check_state_dtype(plan, x.dtype)
     inputs = {}
     if mask is not None:

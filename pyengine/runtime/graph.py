@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import backends
+from ..errors import as_device, check_callable, check_int, check_kwargs
 from ..noise import seeds_tensor
 from ..parameterization import ModelAdapter
 from ..plan import Plan
@@ -258,17 +259,22 @@ class CompiledLoop:
                  backend=None, capture: bool | None = None, extra_args=None,
                  compute_dtype=None, warmup: int = 2, cache: GraphCache | None = None,
                  start=("noise", None), init=None, mask=None):
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        try:
-            shape = tuple(int(d) for d in shape)
-        except TypeError:
-            raise ValueError(f"shape must be a sequence of ints [B, ...], got {shape!r}") from None
+        check_callable("model", model)
+        if isinstance(shape, torch.Size):
+            shape = tuple(shape)
+        if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"shape must be a sequence of ints [B, ...], got {shape!r}")
+        shape = tuple(int(d) for d in shape)
         if len(shape) < 1 or any(d < 1 for d in shape):
             raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        device = torch.device(device if device is not None else "cpu")
+        warmup = check_int("warmup", warmup, lo=0)
+        if cache is not None and not (hasattr(cache, "get") and hasattr(cache, "put")):
+            raise ValueError(f"cache must be a pe.runtime.GraphCache or None, got "
+                             f"{type(cache).__name__}")
+        device = as_device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         why = _graph_capable(device)
@@ -279,8 +285,7 @@ class CompiledLoop:
         if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got "
                              f"{compute_dtype}")
-        if extra_args is not None and not isinstance(extra_args, dict):
-            raise TypeError("extra_args must be a dict of keyword arguments for the model")
+        check_kwargs("extra_args", extra_args)
         if not math.isfinite(float(init_noise_scale)):
             raise ValueError(f"init_noise_scale must be finite, got {init_noise_scale!r}")
         check_state_dtype(plan, dtype)
@@ -376,6 +381,7 @@ class CompiledLoop:
             raise ValueError("this loop was compiled for img2img: give init=")
         if self.inpaint and mask is None:
             raise ValueError("this loop was compiled for inpainting: give mask=")
+        check_kwargs("extra_args", extra_args)
         entry = self._entry()
         loop = entry.loop
         loop.check_extra(extra_args)

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from ..errors import check_tensor
 from ..plan import K_MAX, Plan, Update
 
 __all__ = ["KNOWN", "KNOWN_NOISE", "check_state_dtype", "img2img_state", "inpaint",
@@ -63,6 +64,7 @@ def inpaint_inputs(x: torch.Tensor, mask, known, known_noise):
     for name, t in (("mask", mask), ("init", known), ("noise", known_noise)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor for inpainting, got {type(t).__name__}")
+        check_tensor(name, t, batch=False, floating=False)
         try:
             t = torch.broadcast_to(t, x.shape)
         except RuntimeError:

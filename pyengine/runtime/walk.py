@@ -492,6 +492,9 @@ class Walker:
         if self.noise is not None and type(self.noise) is not PhiloxDraws:
             self.noise.at_eval(op)
         if output is not None:
+            like = self.slots.get(op.src)
+            if like is not None:                 # the caller's model output, as a model's
+                output = ModelAdapter._check(output, like)
             self._pin_aliases(output)
             self.bind(op.dst, output)
         else:

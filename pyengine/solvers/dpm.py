@@ -394,7 +394,12 @@ def diffusers_order_list(steps: int, order: int, lower_order_final: bool,
 
 
 def _effective_orders(order_list, n: int, final_zero: bool) -> list[int]:
-    orders = [int(o) for o in order_list]
+    try:
+        orders = [o if isinstance(o, str) else int(o) if float(o).is_integer() else o
+                  for o in order_list]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"order_list must be a sequence of orders (1, 2 or 3), one per step, "
+                         f"got {order_list!r}") from None
     if len(orders) != n:
         raise ValueError(f"order_list has {len(orders)} entries for {n} steps")
     out: list[int] = []

@@ -4,12 +4,12 @@ CLI, the adapters and the tests; with every option's type and range (:data:`OPTI
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from ..errors import Option
 
 __all__ = ["SolverInfo", "Option", "register", "get", "list_solvers", "featured",
            "check_options", "check_scalar", "check_timesteps", "REGISTRY", "OPTION_SPECS",
@@ -18,79 +18,6 @@ __all__ = ["SolverInfo", "Option", "register", "get", "list_solvers", "featured"
 #: The most steps a plan may have. A plan is built on the host in Python: dpmpp_2m takes
 #: 1.2 s for 10^4 steps and 12 s for 10^5 (2-core EPYC), so 10^7 would take most of an hour.
 MAX_STEPS = 10_000
-
-
-@dataclass(frozen=True)
-class Option:
-    """Type and range of one scalar option: ``kind`` "real" (finite unless ``allow_inf``),
-    "int", "bool", "choice" or "solver" (a registry solver's name); bounds ``lo``/``hi``
-    inclusive (``lo_open``: lo excluded); ``allow_none``: None is a value too (meaning the
-    solver's fallback)."""
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    allow_inf: bool = False
-    choices: tuple = ()
-    allow_none: bool = False
-
-    def describe(self) -> str:
-        if self.allow_none:
-            return Option(self.kind, self.lo, self.hi, self.lo_open, self.allow_inf,
-                          self.choices).describe() + " or None"
-        if self.kind == "bool":
-            return "True or False"
-        if self.kind == "choice":
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.kind == "solver":
-            return "the name of a registry solver"
-        what = "an integer" if self.kind == "int" else "a number"
-        if self.lo is not None and self.hi is not None:
-            return f"{what} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}" + \
-                (" (inf allowed)" if self.allow_inf else "")
-        return what + ("" if self.allow_inf or self.kind == "int" else " (finite)")
-
-    def check(self, name: str, value, where: str = ""):
-        """``value`` as a Python scalar of this kind; ValueError naming ``name`` if not."""
-        bad = ValueError(f"{where}{name} must be {self.describe()}, got {value!r}")
-        if value is None and self.allow_none:
-            return None
-        if self.kind == "choice":
-            if isinstance(value, str) and value in self.choices:
-                return value
-            raise bad
-        if self.kind == "solver":
-            if isinstance(value, str) and value in REGISTRY:
-                return value
-            raise bad
-        if self.kind == "bool":
-            if isinstance(value, (bool, np.bool_)):
-                return bool(value)
-            raise bad
-        if isinstance(value, (bool, np.bool_)):
-            raise bad
-        if not isinstance(value, numbers.Real) and getattr(value, "ndim", None) == 0:
-            value = value.item()                  # a 0-d tensor or array: its number
-        if self.kind == "int":
-            if isinstance(value, numbers.Integral):
-                v = int(value)
-            elif isinstance(value, numbers.Real) and float(value).is_integer():
-                v = int(value)
-            else:
-                raise bad
-        else:
-            if not isinstance(value, numbers.Real):
-                raise bad
-            v = float(value)
-            if math.isnan(v) or (math.isinf(v) and not (self.allow_inf and v > 0)):
-                raise bad
-        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-            raise bad
-        if self.hi is not None and v > self.hi:
-            raise bad
-        return v
 
 
 _REAL_NONNEG = Option("real", lo=0.0)
@@ -128,6 +55,9 @@ PLAN_SCALARS: dict[str, Option] = {
     "init_noise_scale": Option("real", lo=0.0, lo_open=True),
     "guidance_scale": Option("real"),
     "guidance_rescale": Option("real", lo=0.0, hi=1.0),
+    "strength": Option("real", lo=0.0, hi=1.0),
+    "start_sigma": Option("real", lo=0.0, allow_inf=True),
+    "warmup": Option("int", lo=0, hi=100),
 }
 
 
@@ -188,6 +118,9 @@ def register(name, *, order, nfe_per_step, stochastic, family, summary, options=
 
 
 def get(name: str) -> SolverInfo:
+    if not isinstance(name, str):
+        raise ValueError(f"solver must be a solver's name (a str; pe.list_solvers() lists "
+                         f"them), got {type(name).__name__} {name!r}")
     try:
         return REGISTRY[name]
     except KeyError:

@@ -111,7 +111,9 @@ def unipc(b, order, variant, corrector, disable_corrector, lower_order_final):
         raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     try:
         disabled = {int(j) for j in disable_corrector}
-    except TypeError:
+        if any(isinstance(j, bool) or float(j) != int(j) for j in disable_corrector):
+            raise TypeError
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"disable_corrector must be a sequence of step indices, got "
                          f"{disable_corrector!r}") from None
     sig = b.sigmas
