@@ -60,15 +60,15 @@ _EDM_ZERO_STEP = ("nan", "the test's configuration loop reaches final_sigmas_typ
                   "divides by h = 0 there (nan); the drop-in refuses that grid at "
                   "set_timesteps")
 #: Tests that pass with their steps run by the wrapped class, each with the reason (counted
-#: in their own column of the table): {class: {test name: reason}}. PNDM's tests write the
-#: multistep history (``scheduler.ets = four dummy past residuals``) and call step_prk /
+#: in their own column of the table): {class: {"TestClass::test": reason}}. PNDM's tests
+#: write the multistep history (``scheduler.ets = four dummy past residuals``) and call step_prk /
 #: step_plms with it at timesteps outside a run; writing ``ets`` hands the run to the wrapped
 #: scheduler (``FusedScheduler.ets``), as the drop-in's own history is its plan's buffers,
 #: filled by its model calls. The full-loop tests run the drop-in's own steps.
 _PNDM_ETS = ("the test writes PNDMScheduler's multistep history (ets) and steps with it at "
              "timesteps outside a run: the drop-in hands those steps to the wrapped class")
 HANDED_OVER: dict[str, dict[str, str]] = {
-    "PNDMScheduler": {t: _PNDM_ETS for t in (
+    "PNDMScheduler": {"PNDMSchedulerTest::" + t: _PNDM_ETS for t in (
         "test_betas", "test_inference_steps", "test_prediction_type", "test_schedules",
         "test_step_shape", "test_steps_offset", "test_time_indices", "test_timesteps")},
 }
@@ -178,8 +178,8 @@ def _summary(name: str, res: dict) -> dict:
          "handed": []}
     for test, (outcome, msg) in sorted(oc.items()):
         short = test.split("::")[-1]
-        if outcome == "passed" and short in handed:
-            s["handed"].append((short, handed[short]))
+        if outcome == "passed" and test in handed:
+            s["handed"].append((short, handed[test]))
         elif outcome == "passed":
             s["passed"] += 1
         elif outcome == "skipped":

@@ -461,6 +461,48 @@ def test_kdpm2_ancestral_steps_on_the_wrapped_class_levels():
             pe.build_plan(proc, "dpm_2_ancestral", sig, "epsilon", levels=bad)
 
 
+#: 100 steps of a 100-timestep schedule repeat one level (steps 49 and 50 share sigma): a
+#: zero-length step inside the run
+REPEATED_LEVEL = [
+    # diffusers draws the SDE noise of the zero-length (identity) step too
+    ("DPM SDE++ order 1", D.DPMSolverMultistepScheduler, dict(
+        algorithm_type="sde-dpmsolver++", solver_order=1)),
+    ("DPM sde-dpmsolver order 1", D.DPMSolverMultistepScheduler, dict(
+        algorithm_type="sde-dpmsolver", solver_order=1, final_sigmas_type="sigma_min")),
+    # the zero-length step ends an order-2 block, or sits inside an order-3 block: an
+    # update from the block's start, not the identity
+    ("singlestep order 2", D.DPMSolverSinglestepScheduler, {}),
+    ("singlestep SDE order 2", D.DPMSolverSinglestepScheduler, dict(
+        algorithm_type="sde-dpmsolver++")),
+    ("singlestep order 3", D.DPMSolverSinglestepScheduler, dict(solver_order=3)),
+    ("singlestep SDE order 3", D.DPMSolverSinglestepScheduler, dict(
+        algorithm_type="sde-dpmsolver++", solver_order=3)),
+]
+
+
+@pytest.mark.parametrize("label,cls,kw", REPEATED_LEVEL, ids=[c[0] for c in REPEATED_LEVEL])
+def test_repeated_level_inside_the_run(label, cls, kw):
+    sch = cls(num_train_timesteps=100, **kw)
+    sch.set_timesteps(100)
+    sig = sch.sigmas
+    assert any(sig[i] == sig[i + 1] for i in range(len(sig) - 2))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    ref = protocol_loop(copy.deepcopy(sch), NonlinearModel(), noise, 100)
+    out = protocol_loop(FusedScheduler.from_scheduler(sch), NonlinearModel(), noise, 100)
+    record(f"repeated level: {label}", rel(out, ref))
+
+
+def test_repeated_level_where_diffusers_divides_by_zero():
+    # the middle step of an order-3 heun block has length 0: diffusers' next update divides
+    # by r0 - r1 = 0 (nan); the drop-in restarts the block there and stays finite
+    sch = D.DPMSolverSinglestepScheduler(num_train_timesteps=100, solver_order=3,
+                                         solver_type="heun")
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    ref = protocol_loop(copy.deepcopy(sch), NonlinearModel(), noise, 100)
+    out = protocol_loop(FusedScheduler.from_scheduler(sch), NonlinearModel(), noise, 100)
+    assert not torch.isfinite(ref).all() and torch.isfinite(out).all()
+
+
 def test_unsupported_and_misuse_raise():
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())

@@ -939,6 +939,25 @@ def _drop_interior_repeats(r: _Recipe, name: str) -> None:
         return
     g = r.sigmas
     rep = [i for i in range(g.size - 2) if abs(g[i] - g[i + 1]) <= 1e-7 * g[i]]
+    if name == "DPMSolverSinglestepScheduler" and r.orders is not None:
+        # a zero-length step at position >= 2 of a singlestep block is no identity: it
+        # updates from the block's start to the repeated level with the block's outputs (and
+        # the SDE form draws that update's noise); as at the grid's end, its level is
+        # nudged down by FINAL_NUDGE (coefficients move by O(1e-9)). Where diffusers divides
+        # by 0 next (the middle of an order-3 block with solver_type="heun": r0 = r1), the
+        # step stays dropped and the block restarts (diffusers is nan there)
+        mid_ok = r.options.get("solver_type", "midpoint") == "midpoint"
+
+        def nudged(i):
+            end = i + 1 >= len(r.orders) or r.orders[i + 1] <= 1
+            return r.orders[i] >= 2 and (end or mid_ok) and \
+                g[i] * (1.0 - FINAL_NUDGE) > g[i + 2]
+        ends = [i for i in rep if nudged(i)]
+        if ends:
+            g = r.sigmas = g.copy()
+            for i in ends:
+                g[i + 1] = g[i] * (1.0 - FINAL_NUDGE)
+            rep = [i for i in rep if i not in ends]
     if not rep:
         return
     keep = np.ones(g.size, dtype=bool)
@@ -1881,7 +1900,10 @@ class FusedScheduler:
                                f"there are timesteps; call set_timesteps() to start a new "
                                f"run.{cause}")
         if w.j in w.identity:
-            # diffusers' zero-length step (a repeated level): the identity
+            # diffusers' zero-length step (a repeated level): the identity, where the SDE
+            # classes still draw their step's noise (the generator moves on as in diffusers)
+            if self._noise == "torch" and variance_noise is None and self._draws_each_step():
+                self._randn(model_output, generator)
             w.j += 1
             self._sync_step_index(w)
             return self._output(sample, None, return_dict)
@@ -2001,6 +2023,12 @@ class FusedScheduler:
             be.fused_update(d, [sample, out], [dx * conv, do])
             return d
         return x0
+
+    def _draws_each_step(self) -> bool:
+        """Whether the wrapped class draws noise in every step() call (its SDE forms), a
+        zero-length step included."""
+        return self._name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler") \
+            and str(self._inner.config.algorithm_type).startswith("sde-")
 
     def _randn(self, model_output, generator):
         from diffusers.utils.torch_utils import randn_tensor
