@@ -114,6 +114,9 @@ _PROBE_PROCESS = EDM()
 
 def _grid(process, steps, schedule, sigmas, sigma_min, sigma_max, schedule_options):
     """The increasing inversion grid."""
+    if schedule_options is not None and not isinstance(schedule_options, dict):
+        raise ValueError(f"schedule_options must be a dict of the schedule's keyword "
+                         f"arguments, got {type(schedule_options).__name__}")
     opts = dict(schedule_options or {})
     if sigmas is not None:
         if steps is not None and steps != len(sigmas) - 1:

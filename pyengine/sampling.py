@@ -258,7 +258,12 @@ class BrownianTreeNoiseSampler:
             seed = torch.randint(0, 2 ** 63 - 1, []).item()
         self.batched = not isinstance(seed, (int, np.integer))
         if self.batched:
-            seed = list(seed)
+            if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__") or \
+                    not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                            for v in (seed.tolist() if hasattr(seed, "tolist") else seed)):
+                raise ValueError(f"BrownianTreeNoiseSampler: seed must be an int, one int per "
+                                 f"sample or None, got {seed!r}")
+            seed = seed.tolist() if hasattr(seed, "tolist") else list(seed)
             if len(seed) != x.shape[0]:
                 raise ValueError(f"BrownianTreeNoiseSampler: {len(seed)} seeds for a batch of "
                                  f"{x.shape[0]}")
@@ -987,6 +992,10 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     over its lambda-uniform grid from ``sigma_max`` to ``sigma_min`` (registry ``dpm_fast``).
     The callback receives {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} per step."""
     from .solvers.comfy import dpm_fast_sigmas
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and \
+            n > _registry.MAX_STEPS:
+        raise ValueError(f"sample_dpm_fast: n (model evaluations) must be at most "
+                         f"{_registry.MAX_STEPS} (pyengine.solvers.registry.MAX_STEPS), got {n}")
     levels = torch.as_tensor(dpm_fast_sigmas(float(sigma_min), float(sigma_max), n),
                              device=x.device)
     return _comfy_run("dpm_fast", _model_sampling(model), model, x, levels, extra_args,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import backends
-from ..errors import as_device, check_callable, check_int, check_kwargs
+from ..errors import as_device, check_callable, check_int, check_kwargs, check_tensor
 from ..noise import seeds_tensor
 from ..parameterization import ModelAdapter
 from ..plan import Plan
@@ -235,6 +235,7 @@ def _extra_signature(extra_args) -> tuple:
 def _static_tensor(name: str, t, shape, device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    check_tensor(name, t, batch=False, floating=False)
     try:
         return torch.broadcast_to(t.to(device), shape)
     except RuntimeError:
