@@ -158,7 +158,11 @@ def check_finite(coef, name) -> None:
     plans, whose builder checks every number."""
     if isinstance(coef, torch.Tensor):
         return
-    if isinstance(coef, numbers.Real):
+    if type(coef) is float:
+        ok = math.isfinite(coef)
+    elif type(coef) is np.ndarray and coef.ndim == 1 and coef.dtype.kind == "f":
+        ok = all(map(math.isfinite, coef.tolist()))          # [K]: faster than a ufunc
+    elif isinstance(coef, numbers.Real):
         ok = math.isfinite(float(coef))
     else:
         try:
@@ -244,9 +248,12 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
         if data:
             check_finite(mask_coef, "mask_coef")
     per_sample = check_step(step, B)
-    if not per_sample and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+    if not per_sample and type(step) is not int and (
+            isinstance(step, bool) or not isinstance(step, numbers.Integral)):
         raise ValueError(f"step must be an int or an int64 [B] tensor of draw numbers, got "
                          f"{step!r}")
+    if not per_sample and not -2 ** 63 <= step < 2 ** 63:
+        raise ValueError(f"step must fit in int64 (a draw number), got {step}")
 
     # noise: Philox keyed by (seeds[b], step) or the given tensor, times a scalar or [B] c_z
     if isinstance(noise_coef, torch.Tensor):
@@ -259,9 +266,6 @@ def validate(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=None,
                          f"{type(noise_coef).__name__}")
     if data:
         check_finite(noise_coef, "noise_coef")
-    if not per_sample and not isinstance(step, bool) and isinstance(step, numbers.Integral) \
-            and not -2 ** 63 <= step < 2 ** 63:
-        raise ValueError(f"step must fit in int64 (a draw number), got {step}")
     noise_kind = "none"
     if has_noise(noise_coef):
         if noise is not None:
