@@ -92,10 +92,11 @@ def fused_update(out, bufs, coef, noise_coef=0.0, seeds=None, step=-1, aux_out=N
 
     Arguments the op's schema cannot take (a list for ``out``, a string coefficient, a step
     that is not an integer) are reported by the contract's validator, naming the argument."""
-    for name, c in (("coef", coef), ("aux_coef", aux_coef), ("mask_coef", mask_coef),
-                    ("noise_coef", noise_coef)):
-        if c is not None:
-            contract.check_finite(c, name)          # host numbers, before they become tensors
+    if not torch.compiler.is_compiling():           # (traced: the fake implementation checks)
+        for name, c in (("coef", coef), ("aux_coef", aux_coef), ("mask_coef", mask_coef),
+                        ("noise_coef", noise_coef)):
+            if c is not None:
+                contract.check_finite(c, name)      # host numbers, before they become tensors
     try:
         if not isinstance(step, Tensor) and (isinstance(step, bool) or
                                              not isinstance(step, numbers.Integral)):
