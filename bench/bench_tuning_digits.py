@@ -28,6 +28,15 @@ the feature distance to the teacher on the first held-out set (the fits' loss on
 noise: paired, far less noisy than the FD). ``--plans-dir`` keeps the fitted plans and fit
 records; ``--reuse`` takes them instead of refitting (e.g. with another ``--eval-seed``).
 ``--quick``: one NFE, tiny fits and sample sets, in process (a smoke test, < 20 s).
+
+``--seeds 0,1,2,3 --eval 4096,512,128``: the large-sample table. Every row (the teacher,
+fixed solvers on ``--schedules``, GITS, tuned, ``--ref-nfe``) on each held-out seed's
+``torch.randn(4096, 1, 8, 8)``, the FD of each prefix size (the prefixes of one draw equal the
+smaller draws, so the 512 / 128 cells of seed 0 are those of the single-seed table), then the
+mean and spread over the seeds and the targets on the mean, per seed and as the paired
+difference tuned - fixed. One worker process per seed (``--jobs`` at a time); each seed's
+measurement is kept in ``--plans-dir`` and ``--reuse`` takes it when its configuration (sizes,
+candidates, GITS grids, plan files) is the same, so seeds can be added in later runs.
 """
 
 from __future__ import annotations
@@ -356,6 +365,303 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# several held-out seeds at large sample sizes (``--seeds``)
+# ---------------------------------------------------------------------------------------
+
+
+def sample_chunked(s, model, z, chunk: int, scale: float = 1.0):
+    """``s.sample`` over ``z`` in chunks of ``chunk`` samples (the digits U-Net runs at
+    0.26 ms per sample and evaluation in batches of 512-1024 on one thread, 0.41 at 4096)."""
+    with torch.no_grad():
+        return torch.cat([s.sample(model, c * scale) for c in z.split(chunk)])
+
+
+def seed_candidates(args, grids: dict, plans: dict) -> list:
+    """(kind, nfe, label, sampler factory) of every row measured per held-out seed: the fits'
+    teacher first (its endpoints are the reference of the feature distance), then the fixed
+    solvers on ``--schedules``, the GITS grids, the tuned plans and ``--ref-nfe``."""
+    import pyengine as pe
+    from pyengine.models.digits import load_digits_model
+    from pyengine.tuning import DEFAULT_TEACHER
+    from pyengine.tuning.fit import teacher_sigmas
+
+    process, model, pred = load_digits_model()
+    t_name, t_steps, t_opts = DEFAULT_TEACHER
+    base = pe.Sampler(process, solver=args.base, steps=args.nfe[0], prediction=pred)
+    out = [("teacher", t_steps, f"{t_name}@{t_steps}", lambda: (pe.Sampler(
+        process, solver=t_name, prediction=pred, init_noise_scale=1.0,
+        sigmas=teacher_sigmas(base.sigmas, process, t_steps), **t_opts),
+        base.init_noise_scale))]
+    for nfe in args.fixed_nfe:
+        for solver, opts in SOLVERS:
+            for sch in args.schedules:
+                out.append(("fixed", nfe, f"{_label(solver, opts)}/{sch}", lambda nfe=nfe,
+                            solver=solver, opts=opts, sch=sch: (pe.Sampler(
+                                process, solver=solver, steps=nfe, schedule=sch,
+                                prediction=pred, **opts), 1.0)))
+    for nfe, grid in grids.items():
+        for solver, opts in SOLVERS:
+            out.append(("gits", int(nfe), _label(solver, opts), lambda grid=grid,
+                        solver=solver, opts=opts: (pe.Sampler(
+                            process, solver=solver, sigmas=grid, prediction=pred, **opts),
+                            1.0)))
+    for nfe, path in plans.items():
+        out.append(("tuned", int(nfe), "tuned", lambda path=path: (pe.Sampler.from_tuned(
+            path, process, prediction=pred, model=model), 1.0)))
+    for nfe in args.ref_nfe:
+        for solver in ("unipc", "dpmpp_2m"):
+            out.append(("converged", nfe, f"{solver}/karras", lambda nfe=nfe, solver=solver: (
+                pe.Sampler(process, solver=solver, steps=nfe, schedule="karras",
+                           prediction=pred), 1.0)))
+    return out
+
+
+def eval_seed(seed: int, args, grids: dict, plans: dict) -> dict:
+    """Every candidate on the held-out noise ``torch.randn`` of ``seed``: the FD of each
+    prefix of ``--eval`` sizes (the prefixes of one draw are the draws of those sizes, so
+    the 512 and 128 cells are those of the single-seed table), the feature distance to the
+    teacher over the largest set, and the sampling seconds."""
+    from pyengine.models.digits import load_digits_model, quality
+
+    _, model, _ = load_digits_model()
+    sizes = sorted(args.eval_sizes, reverse=True)
+    z = torch.randn(sizes[0], *model.sample_shape,
+                    generator=torch.Generator().manual_seed(seed))
+    rows, ref = {}, None
+    t_all = time.perf_counter()
+    for kind, nfe, label, make in seed_candidates(args, grids, plans):
+        s, scale = make()
+        t0 = time.perf_counter()
+        x = sample_chunked(s, model, z, args.chunk, scale)
+        sec = time.perf_counter() - t0
+        with torch.no_grad():
+            f = _features(x)
+        if ref is None:
+            ref = f
+        row = {str(n): quality(x[:n])["fd"] for n in sizes}
+        row["tdist"] = float((f - ref).pow(2).mean(1).sqrt().mean())
+        row["seconds"] = sec
+        rows.setdefault(kind, {}).setdefault(str(nfe), {})[label] = row
+        print(f"seed {seed}: {kind} NFE {nfe} {label}: fd {row[str(sizes[0])]:.3f} "
+              f"({sec:.0f} s)", flush=True)
+    return {"seed": seed, "sizes": sizes, "rows": rows, "chunk": args.chunk,
+            "seconds": time.perf_counter() - t_all, "schedules": args.schedules,
+            "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _seed_config(args, grids, plans) -> dict:
+    """What a seed's measurement depends on (a cached one is reused only when it matches)."""
+    return {"sizes": sorted(args.eval_sizes, reverse=True), "schedules": args.schedules,
+            "fixed_nfe": args.fixed_nfe, "ref_nfe": args.ref_nfe,
+            "grids": {str(k): v for k, v in grids.items()},
+            "plans": {str(k): Path(v).read_text() for k, v in plans.items()}}
+
+
+def _stats(vals: list) -> dict:
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": float(t.mean()), "sd": float(t.std()) if len(vals) > 1 else 0.0,
+            "min": float(t.min()), "max": float(t.max()), "values": list(vals)}
+
+
+def measure_seeds(args) -> dict:
+    """The fits (or ``--reuse``), the GITS grids, then :func:`eval_seed` per held-out seed
+    (``--jobs`` worker processes at a time; kept in ``--plans-dir`` and, with ``--reuse``,
+    taken from there when their configuration matches), aggregated over the seeds."""
+    import pyengine as pe
+    from pyengine.distributed import initial_noise
+    from pyengine.models.digits import load_digits_model
+    from pyengine.tuning.gits import dp_path, step_costs, teacher_trajectory
+
+    plans_dir = Path(args.plans_dir) if args.plans_dir else Path(tempfile.mkdtemp())
+    plans_dir.mkdir(parents=True, exist_ok=True)
+    fits = run_fits(args.nfe, args, plans_dir)
+    plans = {n: fits[n]["plan"] for n in args.nfe}
+    process, model, pred = load_digits_model()
+    t0 = time.perf_counter()
+    fit_noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
+                              dtype=torch.float64)
+    ref = pe.Sampler(process, solver="ipndm", steps=args.nfe[0], prediction=pred)
+    traj = teacher_trajectory(ref, model, fit_noise, fine_steps=args.gits_fine)
+    costs = step_costs(traj)
+    grids = {n: [float(v) for v in traj.sigmas[dp_path(costs, n)[0]]] for n in args.nfe}
+    gits_seconds = time.perf_counter() - t0
+    config = _seed_config(args, grids, plans)
+    per_seed, todo, running = {}, [], {}
+    grids_file = plans_dir / "gits_grids.json"
+    grids_file.write_text(json.dumps({str(k): v for k, v in grids.items()}))
+    for seed in args.seeds:
+        out = plans_dir / f"eval_seed{seed}_n{config['sizes'][0]}.json"
+        if args.reuse and out.exists():
+            old = json.loads(out.read_text())
+            if old.get("config") == config:
+                per_seed[seed] = dict(old, reused=True)
+                continue
+        if args.jobs == 0:                  # in process (--quick)
+            per_seed[seed] = eval_seed(seed, args, grids, plans)
+            out.write_text(json.dumps(dict(per_seed[seed], config=config), indent=1))
+            continue
+        todo.append((seed, out))
+    common = ["--nfe", ",".join(map(str, args.nfe)), "--fixed-nfe",
+              ",".join(map(str, args.fixed_nfe)), "--eval", ",".join(map(str, args.eval_sizes)),
+              "--ref-nfe", ",".join(map(str, args.ref_nfe)), "--schedules",
+              ",".join(args.schedules), "--chunk", str(args.chunk), "--base", args.base,
+              "--grids-file", str(grids_file), "--plans-dir", str(plans_dir)]
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            seed, out = todo.pop(0)
+            cmd = [sys.executable, str(HERE), "--seed-worker", str(seed), "--info-out",
+                   str(out)] + common
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            running[seed] = (subprocess.Popen(cmd, env=env), out)
+            print(f"held-out seed {seed}: started", flush=True)
+        time.sleep(1.0)
+        for seed, (p, out) in list(running.items()):
+            if p.poll() is None:
+                continue
+            del running[seed]
+            if p.returncode != 0:
+                raise SystemExit(f"the measurement of seed {seed} failed (exit {p.returncode})")
+            per_seed[seed] = json.loads(out.read_text())
+    # -- aggregate: every row over the seeds --------------------------------------------
+    seeds = sorted(per_seed)
+    sizes = [str(n) for n in config["sizes"]]
+    agg: dict = {}
+    first = per_seed[seeds[0]]["rows"]
+    for kind, by_nfe in first.items():
+        for nfe, by_label in by_nfe.items():
+            for label in by_label:
+                cells = [per_seed[s]["rows"][kind][nfe][label] for s in seeds]
+                agg.setdefault(kind, {}).setdefault(nfe, {})[label] = {
+                    k: _stats([c[k] for c in cells]) for k in sizes + ["tdist", "seconds"]}
+    best = {kind: {nfe: min(rows, key=lambda k: rows[k][sizes[0]]["mean"])
+                   for nfe, rows in agg.get(kind, {}).items()} for kind in ("fixed", "gits")}
+    return {"machine": machine(), "torch": torch.__version__, "threads": args.threads,
+            "command": args.command, "seeds": seeds, "sizes": sizes, "fit_seed": args.fit_seed,
+            "num": args.num, "iters": args.iters, "batch": args.batch, "base": args.base,
+            "gits_fine": args.gits_fine, "chunk": args.chunk, "schedules": args.schedules,
+            "fits": {str(k): v for k, v in fits.items()}, "gits_grids": config["grids"],
+            "gits_seconds": gits_seconds, "rows": agg, "best": best,
+            "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "config"}
+                         for s in seeds}}
+
+
+def seed_targets(r: dict, size: str) -> list:
+    """The issue's targets at one size over the seeds: (text, met on the mean, seeds met)."""
+    out = []
+    rows, best = r["rows"], r["best"]
+    for t_nfe, f_nfe in ((5, 10), (4, 8)):
+        t = rows.get("tuned", {}).get(str(t_nfe), {}).get("tuned")
+        fb = best["fixed"].get(str(f_nfe))
+        if not (t and fb):
+            continue
+        f = rows["fixed"][str(f_nfe)][fb]
+        tv, fv = t[size]["values"], f[size]["values"]
+        diff = _stats([a - b for a, b in zip(tv, fv)])
+        won = sum(a <= b for a, b in zip(tv, fv))
+        ok = t[size]["mean"] <= f[size]["mean"]
+        out.append((f"tuned {t_nfe} NFE {t[size]['mean']:.3f} <= best fixed at {f_nfe} NFE "
+                    f"({fb}) {f[size]['mean']:.3f}: {'met' if ok else 'MISSED'} on the mean; "
+                    f"on {won} of {len(tv)} seeds; paired difference tuned - fixed "
+                    f"{diff['mean']:+.3f} +- {diff['sd']:.3f}", ok, won))
+    return out
+
+
+def markdown_seeds(r: dict) -> str:
+    sizes, seeds, rows, best = r["sizes"], r["seeds"], r["rows"], r["best"]
+    big = sizes[0]
+    nfes = sorted({int(n) for k in ("fixed", "gits", "tuned") for n in rows.get(k, {})})
+
+    def ms(cell, key, fmt=".2f"):
+        return f"{cell[key]['mean']:{fmt}} +- {cell[key]['sd']:{fmt}}" if cell else "-"
+
+    def row_of(kind, n):
+        by = rows.get(kind, {}).get(str(n))
+        if not by:
+            return None, None
+        label = best[kind][str(n)] if kind in best else "tuned"
+        return label, by[label]
+    (te_nfe, te_by), = rows["teacher"].items()
+    te_label, te = next(iter(te_by.items()))
+    lines = [f"# The digits model at large sample sizes: fixed, GITS and tuned plans over "
+             f"{len(seeds)} held-out seeds ({r['machine']})", "",
+             f"`{r['command']}` (torch {r['torch']}, {r['threads']} thread per process). "
+             f"Frechet distance on the bundled classifier's features (`quality(x)['fd']`, "
+             f"against the 1797 training digits) of the first {' / '.join(sizes)} samples of "
+             f"`torch.randn({big}, 1, 8, 8)` from a generator seeded {', '.join(map(str, seeds))}"
+             f" (seed 0's first 512 and 128 samples are the single-seed table's sets); none of "
+             f"it used in any fit. Each cell: mean +- standard deviation over the "
+             f"{len(seeds)} seeds. 'Best' = lowest mean FD at {big} samples among the "
+             f"candidates (dpmpp_2m, unipc, ipndm, dpm_multistep order 3 on the "
+             f"{', '.join(r['schedules'])} schedules; GITS: the same solvers on the DP grid of a "
+             f"{r['gits_fine']}-step teacher trajectory of the fitting noise), chosen on the "
+             f"held-out sets themselves. Tuned: `pe.tune` of {r['base']}, classifier-feature "
+             f"loss, {r['num']} noises `initial_noise({r['fit_seed']}, range({r['num']}))`, at "
+             f"most {r['iters']} Adam iterations, batch {r['batch']}. Feature distance to the "
+             f"teacher: the mean over the {big} samples of the RMS distance of a sample's "
+             f"classifier features to those of the teacher's endpoint from the same noise.", "",
+             f"The fits' teacher ({te_label}, log-uniform grid; the exact ODE's endpoints, "
+             f"which a fit matches): FD " + " / ".join(ms(te, s) for s in sizes) +
+             f" at {' / '.join(sizes)} samples.", "",
+             f"| NFE | best fixed | fixed FD @{big} | GITS (best) | GITS FD @{big} | "
+             f"tuned FD @{big} | teacher FD @{big} | feature dist. to teacher: fixed / GITS "
+             f"/ tuned | fit s |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in nfes:
+        (fl, f), (gl, g), (_, t) = row_of("fixed", n), row_of("gits", n), row_of("tuned", n)
+        fit = r["fits"].get(str(n))
+        lines.append(f"| {n} | {fl or '-'} | {ms(f, big)} | {gl or '-'} | {ms(g, big)} | "
+                     f"{ms(t, big)} | {ms(te, big)} | {ms(f, 'tdist', '.3f')} / "
+                     f"{ms(g, 'tdist', '.3f')} / {ms(t, 'tdist', '.3f')} | "
+                     f"{fit['fit_seconds']:.0f} |" if fit else
+                     f"| {n} | {fl or '-'} | {ms(f, big)} | {gl or '-'} | {ms(g, big)} | "
+                     f"{ms(t, big)} | {ms(te, big)} | {ms(f, 'tdist', '.3f')} / "
+                     f"{ms(g, 'tdist', '.3f')} / {ms(t, 'tdist', '.3f')} | - |")
+    lines.append("")
+    for s in sizes:
+        v = seed_targets(r, s)
+        if v:
+            lines.append(f"Targets at {s} samples: " + "; ".join(t for t, _, _ in v) + ".")
+            lines.append("")
+    lines += ["Per seed (FD at " + big + " samples):", "",
+              "| seed | teacher | best fixed 10 | tuned 5 | best fixed 8 | tuned 4 | "
+              "GITS 5 | GITS 4 |", "|---|---|---|---|---|---|---|---|"]
+    for i, s in enumerate(seeds):
+        def v(kind, n):
+            _, c = row_of(kind, n)
+            return f"{c[big]['values'][i]:.3f}" if c else "-"
+        lines.append(f"| {s} | {te[big]['values'][i]:.3f} | {v('fixed', 10)} | "
+                     f"{v('tuned', 5)} | {v('fixed', 8)} | {v('tuned', 4)} | "
+                     f"{v('gits', 5)} | {v('gits', 4)} |")
+    for s in sizes[1:]:
+        lines += ["", f"The same rows at {s} samples (the prefixes; continuity with the "
+                  f"single-seed table):", "", "| NFE | fixed | GITS | tuned | teacher |",
+                  "|---|---|---|---|---|"]
+        for n in nfes:
+            lines.append(f"| {n} | {ms(row_of('fixed', n)[1], s)} | "
+                         f"{ms(row_of('gits', n)[1], s)} | {ms(row_of('tuned', n)[1], s)} | "
+                         f"{ms(te, s)} |")
+    if rows.get("converged"):
+        lines += ["", f"Fixed solvers at more NFE (toward the exact ODE), FD @{big}: " +
+                  "; ".join(f"{lab}@{n} {ms(c, big)}" for n, by in rows["converged"].items()
+                            for lab, c in by.items()) + "."]
+    lines += ["", f"All candidates (mean FD at {big} samples over the seeds):", ""]
+    for kind in ("fixed", "gits"):
+        for n in sorted(rows.get(kind, {}), key=int):
+            lines.append(f"* {kind} NFE {n}: " + "; ".join(
+                f"{k} {c[big]['mean']:.2f}" for k, c in sorted(
+                    rows[kind][n].items(), key=lambda kv: kv[1][big]["mean"])))
+    secs = [p["seconds"] for p in r["per_seed"].values()]
+    tsec = te["seconds"]["mean"]
+    lines += ["", f"Seconds per seed (every candidate, {big} samples, chunks of {r['chunk']}, "
+              f"one thread): {min(secs):.0f}-{max(secs):.0f}; the teacher alone "
+              f"{tsec:.0f} s ({tsec / int(big) / int(te_nfe) * 1e3:.3f} ms per sample and "
+              f"teacher step); GITS grids {r['gits_seconds']:.0f} s. Fits: " + ", ".join(
+                  f"NFE {n} {v['fit_seconds']:.0f} s" + (" (reused)" if v.get("reused")
+                                                         else "")
+                  for n, v in sorted(r["fits"].items(), key=lambda kv: int(kv[0]))) + ".", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nfe", default="3,4,5,6,8", help="NFE of the GITS and tuned plans")
@@ -380,13 +686,22 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--from-json", default=None, help="render --markdown from this file")
+    ap.add_argument("--seeds", default=None,
+                    help="held-out seeds (e.g. 0,1,2,3): every row over each seed, mean and "
+                         "spread (with --eval 4096,512,128; --jobs seeds at a time)")
+    ap.add_argument("--schedules", default="karras,logsnr",
+                    help="schedules of the fixed solvers under --seeds")
+    ap.add_argument("--chunk", type=int, default=1024, help="samples per sampling call")
     ap.add_argument("--fit-worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed-worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--grids-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plan-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--info-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.from_json:
-        Path(args.markdown).write_text(markdown(json.loads(Path(args.from_json).read_text())))
+        r = json.loads(Path(args.from_json).read_text())
+        Path(args.markdown).write_text(markdown_seeds(r) if "seeds" in r else markdown(r))
         return None
     if args.fit_worker is not None:
         info = fit_one(args.fit_worker, args, Path(args.plan_out))
@@ -398,10 +713,31 @@ def main(argv=None):
         args.nfe, args.fixed_nfe, args.eval = "3", "3", "32"
         args.num, args.iters, args.batch, args.jobs, args.gits_fine = 8, 2, 8, 0, 20
         args.ref_nfe = "12"
+        if args.seeds is not None:
+            args.eval = "32,16"
     args.nfe = [int(v) for v in args.nfe.split(",")]
     args.fixed_nfe = [int(v) for v in args.fixed_nfe.split(",")]
     args.eval_sizes = [int(v) for v in args.eval.split(",")]
     args.ref_nfe = [int(v) for v in args.ref_nfe.split(",") if v]
+    args.schedules = [v for v in args.schedules.split(",") if v]
+    if args.seed_worker is not None:
+        grids = {int(k): v for k, v in json.loads(Path(args.grids_file).read_text()).items()}
+        plans = {n: str(Path(args.plans_dir) / f"digits_nfe{n}.json") for n in args.nfe}
+        info = eval_seed(args.seed_worker, args, grids, plans)
+        info["config"] = _seed_config(args, grids, plans)
+        Path(args.info_out).write_text(json.dumps(info, indent=1))
+        return info
+    if args.seeds is not None:
+        args.seeds = [int(v) for v in args.seeds.split(",")]
+        res = measure_seeds(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        page = markdown_seeds(res)
+        if args.markdown:
+            Path(args.markdown).write_text(page)
+        else:
+            print(page)
+        return res
     res = measure(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

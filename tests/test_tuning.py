@@ -452,3 +452,55 @@ def test_digits_table_bench_quick_smoke(tmp_path):
     assert f"| {nfe} | {best['best']} |" in page
     mod.main(["--from-json", str(js), "--markdown", str(md2)])
     assert md2.read_text() == page
+
+
+def test_digits_table_bench_seeds_quick(tmp_path):
+    """bench/bench_tuning_digits.py --quick --seeds: every row measured on each seed, the FD of
+    a prefix equal to the FD of the smaller draw, the aggregate the mean / spread of the seeds'
+    values, the best row the lowest mean, the page re-rendered from its JSON the same page, and
+    a second run with --reuse taking the kept seeds."""
+    import importlib.util
+    from pathlib import Path
+
+    from pyengine.models.digits import load_digits_model, quality
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_tuning_digits.py"
+    spec = importlib.util.spec_from_file_location("bench_tuning_digits_seeds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    js, md, md2 = tmp_path / "d.json", tmp_path / "d.md", tmp_path / "d2.md"
+    argv = ["--quick", "--seeds", "3,1", "--json", str(js), "--markdown", str(md),
+            "--plans-dir", str(tmp_path / "plans")]
+    res = mod.main(argv)
+    big, small = res["sizes"]
+    assert res["seeds"] == [1, 3] and int(big) > int(small)
+    rows = res["rows"]
+    for kind in ("teacher", "fixed", "gits", "tuned"):
+        for by in rows[kind].values():
+            for cell in by.values():
+                vals = cell[big]["values"]
+                assert len(vals) == 2 and all(math.isfinite(v) and v > 0 for v in vals)
+                assert cell[big]["mean"] == pytest.approx(sum(vals) / 2, rel=1e-12)
+                assert cell[big]["sd"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5,
+                                                        rel=1e-9)
+    (_, te_by), = rows["teacher"].items()
+    (_, te), = te_by.items()
+    assert te["tdist"]["max"] == 0.0                       # the teacher is the reference
+    nfe, fixed = next(iter(rows["fixed"].items()))
+    best = res["best"]["fixed"][nfe]
+    assert fixed[best][big]["mean"] == min(c[big]["mean"] for c in fixed.values())
+    # the small cell is the FD of the smaller draw of the same seed
+    process, model, pred = load_digits_model()
+    solver, sch = best.split("/")
+    s = pe.Sampler(process, solver=solver, steps=int(nfe), schedule=sch, prediction=pred)
+    z = torch.randn(int(small), *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fd = quality(s.sample(model, z))["fd"]
+    assert fixed[best][small]["values"][1] == pytest.approx(fd, rel=1e-4)
+    page = md.read_text()
+    assert f"| {nfe} | {best} |" in page and "Per seed" in page
+    mod.main(["--from-json", str(js), "--markdown", str(md2)])
+    assert md2.read_text() == page
+    again = mod.main(argv + ["--reuse"])
+    assert all(v.get("reused") for v in again["per_seed"].values())
+    assert again["rows"] == rows
