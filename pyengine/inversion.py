@@ -39,7 +39,7 @@ from .parameterization import Denoiser, check_prediction
 from .plan import Custom, Plan, PlanBuilder
 from .processes import EDM, Process
 from .runtime import run_plan
-from .sampler import Sampler
+from .sampler import Sampler, run_builder
 from .solvers import registry
 
 __all__ = ["Inverter", "inversion_plan", "invert", "invertible_solvers"]
@@ -54,7 +54,7 @@ def _noise_reason(info, process, sig_down, prediction, options) -> str | None:
     Judged on the downward grid, where every solver's plan is well defined: an ancestral or
     churn step built upward takes the square root of a negative variance."""
     b = PlanBuilder(process, sig_down, prediction, solver=info.name)
-    info.build(b, **{**info.defaults, **options})
+    run_builder(info, b, {**info.defaults, **options}, options)
     custom = [op for op in b.plan.ops if isinstance(op, Custom)]
     if b.plan.n_noise:
         return "its plan draws noise"
@@ -94,7 +94,7 @@ def inversion_plan(process: Process, solver: str, sigmas, prediction: str = "eps
                          f"needs a deterministic plan; solvers that invert: "
                          f"{', '.join(invertible_solvers())}")
     b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps)
-    info.build(b, **{**info.defaults, **options})
+    run_builder(info, b, {**info.defaults, **options}, options)
     return b.finish()
 
 

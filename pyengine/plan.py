@@ -60,6 +60,11 @@ class Lin:
         return " + ".join(f"{v:.6g}*{s}@{ver}" for (s, ver), v in self.terms.items()) or "0"
 
 
+#: The largest float32: a plan coefficient beyond it overflows the kernels' float32
+#: arithmetic (every state dtype but float64 computes in float32).
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass
 class Eval:
     """Call the model on buffer ``src`` at noise level ``sigma``; bind the output to ``dst``."""
@@ -318,6 +323,14 @@ class PlanBuilder:
         if not np.all(np.isfinite(coefs)):
             raise FloatingPointError(f"non-finite coefficient in {kind} at step {self.step}: "
                                      f"{coefs}")
+        if not math.isfinite(float(noise) * s):
+            raise FloatingPointError(f"non-finite noise coefficient in {kind} at step "
+                                     f"{self.step}: {float(noise) * s}")
+        if np.abs(coefs).max(initial=0.0) > _F32_MAX or abs(float(noise) * s) > _F32_MAX:
+            # the kernels compute in float32 for every state but float64: inf from here on
+            raise FloatingPointError(f"coefficient beyond float32's range ({_F32_MAX:.3g}) "
+                                     f"in {kind} at step {self.step}: {coefs}, noise "
+                                     f"{float(noise) * s:.3g}")
         draw = noisy or noise != 0.0
         idx = -1
         if draw:

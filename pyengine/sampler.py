@@ -41,16 +41,25 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
                          f"(pyengine.solvers.registry.MAX_STEPS)")
     b = PlanBuilder(process, sig, prediction, solver=solver, timesteps=timesteps,
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    run_builder(info, b, opts, options)
+    return b.finish()
+
+
+def run_builder(info, builder, opts: dict, given: dict) -> None:
+    """``info.build(builder, **opts)``; arithmetic failures of the solver's host code (an
+    option value far outside its range: a math domain error, an overflow, a coefficient
+    that is not finite or beyond float32) raise ValueError naming the ``given`` options."""
     try:
-        info.build(b, **opts)
+        info.build(builder, **opts)
     except (ArithmeticError, ValueError) as exc:
         if not isinstance(exc, ArithmeticError) and str(exc) != "math domain error":
             raise
-        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ValueError(f"solver {solver!r}: {'its options ' + given if given else 'this grid'}"
-                         f" give no finite coefficients ({type(exc).__name__}: {exc}); use "
-                         f"values in the usual range") from None
-    return b.finish()
+        named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"solver {info.name!r}: "
+                         f"{'its options ' + named if named else 'this grid'} give "
+                         f"coefficients that are not finite or overflow float32 "
+                         f"({type(exc).__name__}: {exc}); use values in the usual range"
+                         ) from None
 
 
 def _check_backend(backend) -> None:
