@@ -82,8 +82,9 @@ def seeds_tensor(seed, batch: int) -> torch.Tensor:
     ``seed`` is an int in [0, 2^32) (sample i uses ``sample_seed(seed, i)``) or a sequence of
     ``batch`` per-sample seeds in [0, 2^64).
     """
-    if isinstance(seed, torch.Tensor):
-        seed = seed.tolist()
+    if isinstance(seed, torch.Tensor) or type(seed).__module__ == "numpy" and \
+            getattr(seed, "ndim", 0) > 0:
+        seed = seed.tolist()                 # a tensor or numpy array of seeds
     if isinstance(seed, bool) or seed is None:
         raise ValueError(f"seed must be an int or a sequence of ints, got {seed!r}")
     if not isinstance(seed, int) and hasattr(seed, "__index__"):

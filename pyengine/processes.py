@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from .errors import check_real
+from .errors import check_int, check_real
 
 __all__ = ["Process", "VP", "VPDiscrete", "VPContinuous", "SubVP", "VE", "EDM", "RectifiedFlow",
            "betas_for", "NAMED", "named", "describe"]
@@ -95,6 +95,11 @@ class Process:
 # ---------------------------------------------------------------------------------------
 
 
+#: The most training timesteps of a discrete VP process (diffusers' models use 1000 to 4000;
+#: the tables are float64 arrays of this length).
+MAX_TRAIN_TIMESTEPS = 1_000_000
+
+
 def betas_for(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
               beta_end: float = 2e-2, trained_betas=None) -> np.ndarray:
     """The float64 beta table of a discrete VP process.
@@ -108,9 +113,7 @@ def betas_for(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: f
         if b.size < 2 or not np.all(np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
             raise ValueError("trained_betas must be a table of at least 2 values in (0, 1)")
         return b
-    n = int(num_train_timesteps)
-    if n < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    n = check_int("num_train_timesteps", num_train_timesteps, lo=2, hi=MAX_TRAIN_TIMESTEPS)
     if beta_schedule == "linear":
         b = np.linspace(beta_start, beta_end, n, dtype=np.float64)
     elif beta_schedule == "scaled_linear":
@@ -190,9 +193,14 @@ class VPContinuous(Process):
     name = "vp_continuous"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
+        beta_min = check_real("beta_min", beta_min, lo=0.0, lo_open=True)
+        beta_max = check_real("beta_max", beta_max, lo=0.0, lo_open=True)
         if not (0 < beta_min < beta_max):
             raise ValueError("need 0 < beta_min < beta_max")
-        self.beta_min, self.beta_max, self.t_min = float(beta_min), float(beta_max), float(t_min)
+        t_min = check_real("t_min", t_min, lo=0.0, hi=1.0, lo_open=True)
+        if t_min >= 1.0:
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
+        self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
         self.sigma_min = float(self.sigma_of_t(self.t_min))
         self.sigma_max = float(self.sigma_of_t(1.0))
 

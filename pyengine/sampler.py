@@ -28,6 +28,9 @@ def build_plan(process: Process, solver: str, sigmas, prediction: str = "epsilon
     """Compile ``solver`` over the grid ``sigmas`` into a Plan (float64 coefficients).
 
     ``guidance_scale=w`` folds classifier-free guidance into the plan (see :class:`Sampler`)."""
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
+                        f"{type(process).__name__}")
     info = registry.get(solver)
     opts = registry.check_options(info, options)      # every option's type and range
     if guidance_scale is not None:
@@ -275,6 +278,7 @@ class Sampler:
     def plan_for(self, start: int = 0, guidance_scale: float | None = None,
                  guidance_rescale: float = 0.0) -> Plan:
         """The plan over the grid from level ``start`` (cached), optionally with guidance."""
+        start = registry.Option("int", lo=0, hi=self.steps - 1).check("start", start)
         key = (int(start), None if guidance_scale is None else float(guidance_scale),
                float(guidance_rescale or 0.0))
         if key == (0, self.guidance_scale, self.guidance_rescale):

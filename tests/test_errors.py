@@ -111,7 +111,14 @@ CASES = [
     ("disable_corrector-str", lambda: pe.build_plan(_edm(), "unipc", [80.0, 3.0, 0.2, 0.0],
                                                     "sample", disable_corrector="x"),
      ValueError, r"disable_corrector"),
+    ("build_plan-process-str", lambda: pe.build_plan("edm", "euler", [3.0, 1.0, 0.0]),
+     TypeError, r"process must be"),
+    ("plan_for-start", lambda: _ddim().plan_for(1.5), ValueError, r"start must be"),
+    ("plan_for-start-beyond", lambda: _ddim().plan_for(3), ValueError, r"start must be"),
     # -- Sampler.sample ------------------------------------------------------------------
+    ("seed-float-array", lambda: pe.Sampler(_edm(), "euler_ancestral", steps=3,
+                                            prediction="sample").sample(
+        _den, _x(), seed=np.array([1.5] * B)), ValueError, r"seed must be"),
     ("model-None", lambda: _ddim().sample(None, _x()), TypeError, r"model must be callable"),
     ("callback-str", lambda: _ddim().sample(_eps, _x(), callback="cb"), TypeError,
      r"callback must be callable"),
@@ -168,6 +175,10 @@ CASES = [
     # -- processes -----------------------------------------------------------------------
     ("EDM-sigma_data-0", lambda: pe.processes.EDM(sigma_data=0.0), ValueError,
      r"sigma_data must be"),
+    ("VP-num_train_timesteps-huge", lambda: pe.processes.VP.discrete(
+        "linear", num_train_timesteps=10 ** 12), ValueError, r"num_train_timesteps must be"),
+    ("VP-continuous-t_min", lambda: pe.processes.VP.continuous(t_min=-1.0), ValueError,
+     r"t_min must"),
     ("RectifiedFlow-shift-nan", lambda: pe.processes.RectifiedFlow(shift=NAN), ValueError,
      r"shift must be"),
     # -- RequestScheduler ----------------------------------------------------------------
@@ -349,8 +360,8 @@ def test_cli_bad_device_is_a_usage_error(tmp_path):
 
 def test_valid_inputs_still_run():
     """The checks take every valid form: numpy and 0-d tensor scalars (a 0-d tensor
-    sigma_min in schedule_options was refused before), bool masks, float64 model outputs,
-    numpy integer seeds."""
+    sigma_min in schedule_options and a numpy array of per-sample seeds were refused before),
+    bool masks, float64 model outputs, numpy integer seeds."""
     proc = _vp()
     lo = torch.tensor(float(RNG.uniform(0.05, 0.2)), dtype=torch.float64)
     smp = pe.Sampler(proc, "ddim", steps=np.int64(3), guidance_rescale=0, to_zero=np.bool_(True),
@@ -359,6 +370,10 @@ def test_valid_inputs_still_run():
     x = _x()
     a = smp.sample(_eps, x, seed=np.int64(2))
     b = smp.sample(lambda xx, t: _eps(xx, t).double(), x, seed=2)
+    ea = pe.Sampler(_edm(), "euler_ancestral", steps=3, prediction="sample")
+    seeds = RNG.integers(0, 2 ** 32, B)
+    torch.testing.assert_close(ea.sample(_den, x, seed=seeds),       # numpy per-sample seeds
+                               ea.sample(_den, x, seed=seeds.tolist()), rtol=0, atol=0)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     torch.testing.assert_close(a, b)
     m = torch.rand(B, C) > 0.5
