@@ -67,6 +67,11 @@ def _seeds():
     return torch.arange(B, dtype=torch.int64)
 
 
+def _gmm():
+    from pyengine.models.gmm import GaussianMixture
+    return GaussianMixture
+
+
 def _twice(**kw):
     """A second call of one sampler (its program validated by the first) with ``kw``."""
     smp, x = _ddim(), _x()
@@ -296,6 +301,15 @@ CASES = [
     ("comfy_default_noise_sampler-seed", lambda: K.comfy_default_noise_sampler(_x(), seed=1.5),
      ValueError, r"seed must be"),
     # -- other modules -------------------------------------------------------------------
+    ("gmm-random-d-0", lambda: _gmm().random(d=0), ValueError, r"^d must be"),
+    ("gmm-sample-n-float", lambda: _gmm().random(d=3, M=2).sample(1.5), ValueError,
+     r"^n must be"),
+    ("gmm-denoise-sigma-nan", lambda: _gmm().random(d=C, M=2).denoise(_x(), NAN), ValueError,
+     r"sigma must be"),
+    ("gmm-means-nan", lambda: _gmm()(torch.full((2, C), NAN), torch.ones(2)), ValueError,
+     r"means must be finite"),
+    ("gmm-as_model-process", lambda: _gmm().random(d=C, M=2).as_model("edm"), TypeError,
+     r"process must be"),
     ("denoising_loss-x0-0d", lambda: pe.denoising_loss(_den, _edm(), torch.tensor(1.0),
                                                        prediction="sample"),
      ValueError, r"x0 must be a tensor"),

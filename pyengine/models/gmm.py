@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from ..errors import check_int, check_real
 from ..parameterization import output_from_denoised
 
 __all__ = ["GaussianMixture"]
@@ -30,8 +31,10 @@ class GaussianMixture:
 
     def __init__(self, means, covs, weights=None):
         mu = torch.as_tensor(np.asarray(means, dtype=np.float64))
-        if mu.dim() != 2:
-            raise ValueError(f"means must be [M, d], got shape {tuple(mu.shape)}")
+        if mu.dim() != 2 or mu.numel() == 0:
+            raise ValueError(f"means must be [M, d] with M, d >= 1, got shape {tuple(mu.shape)}")
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError("means must be finite")
         M, d = mu.shape
         c = torch.as_tensor(np.asarray(covs, dtype=np.float64))
         if c.shape == (M,):
@@ -40,13 +43,15 @@ class GaussianMixture:
             c = torch.diag_embed(c)
         elif c.shape != (M, d, d):
             raise ValueError(f"covs must be [M, d, d], [M, d] or [M]; got {tuple(c.shape)}")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("covs must be finite")
         c = 0.5 * (c + c.transpose(1, 2))
         lam, U = torch.linalg.eigh(c)
         if lam.min() < 0:
             raise ValueError("covariances must be positive semi-definite")
         w = torch.full((M,), 1.0 / M, dtype=torch.float64) if weights is None else \
             torch.as_tensor(np.asarray(weights, dtype=np.float64))
-        if w.shape != (M,) or w.min() <= 0:
+        if w.shape != (M,) or not w.min() > 0 or not bool(torch.isfinite(w).all()):
             raise ValueError("weights must be M positive numbers")
         self.means, self.covs, self.weights = mu, c, w / w.sum()
         self.lam, self.U = lam.clamp_min(0.0), U
@@ -56,6 +61,8 @@ class GaussianMixture:
     def random(cls, d: int = 16, M: int = 4, *, seed: int = 0, full: bool = True,
                scale: float = 1.0) -> GaussianMixture:
         """A reproducible random mixture with well-separated means and anisotropic covariances."""
+        d, M = check_int("d", d, lo=1), check_int("M", M, lo=1)
+        scale = check_real("scale", scale, lo=0.0, lo_open=True)
         g = np.random.default_rng(seed)
         means = g.normal(size=(M, d)) * scale
         if full:
@@ -68,6 +75,7 @@ class GaussianMixture:
 
     # -- sampling and density -------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        n = check_int("n", n, lo=1)
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.d, dtype=torch.float64, generator=generator)
         L = self.U * self.lam.sqrt().unsqueeze(1)          # U diag(sqrt(lam))
@@ -78,7 +86,10 @@ class GaussianMixture:
         x = x_hat.to(torch.float64).reshape(x_hat.shape[0], -1)
         if x.shape[1] != self.d:
             raise ValueError(f"expected states with {self.d} elements per sample, got {x.shape[1]}")
-        s2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2   # [B|1,1,1]
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        if s.device.type == "cpu" and not bool(((s >= 0) & torch.isfinite(s)).all()):
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+        s2 = s.reshape(-1, 1, 1) ** 2                                              # [B|1,1,1]
         y = torch.einsum("mji,bmj->bmi", self.U, x[:, None, :] - self.means[None])  # [B, M, d]
         var = self.lam[None] + s2                                                 # [B, M, d]
         logn = -0.5 * ((y * y) / var).sum(-1) - 0.5 * torch.log(var).sum(-1) \
@@ -109,6 +120,13 @@ class GaussianMixture:
         """``model(x, t)`` in the process's convention returning the given prediction kind;
         ``t`` is per sample (a [B] tensor, as the request scheduler mixes noise levels in one
         batch) or one time for the whole batch (a number or a 0-d / 1-element tensor)."""
+        from ..parameterization import check_prediction
+        from ..processes import Process
+        if not isinstance(process, Process):
+            raise TypeError(f"process must be a pyengine process (pe.processes.*), got "
+                            f"{type(process).__name__}")
+        prediction = check_prediction(prediction)
+
         def model(x, t):
             B = x.shape[0]
             tt = torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1)
