@@ -372,6 +372,17 @@ def test_cli_bad_device_is_a_usage_error(tmp_path):
     assert not (tmp_path / "x.npy").exists()
 
 
+def test_clip_bounds_beyond_float32_clamp_nothing():
+    """clip_x0 with clip_sample_range / sample_max_value beyond float32's range is the
+    unclipped run (torch refused to convert the bound at run time before)."""
+    proc, x = _vp(), _x() * 5
+    for kw in ({"clip_sample_range": 1e300}, {"thresholding": True, "sample_max_value": 1e300}):
+        inf_kw = {k: (math.inf if v == 1e300 else v) for k, v in kw.items()}
+        got = pe.Sampler(proc, "clip_x0", steps=3, **kw).sample(_eps, x)
+        want = pe.Sampler(proc, "clip_x0", steps=3, **inf_kw).sample(_eps, x)
+        assert torch.equal(got, want)
+
+
 def test_valid_inputs_still_run():
     """The checks take every valid form: numpy and 0-d tensor scalars (a 0-d tensor
     sigma_min in schedule_options and a numpy array of per-sample seeds were refused before),

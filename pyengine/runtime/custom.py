@@ -4,8 +4,6 @@ and writes the walker's slots and issues its fused updates through ``walker.appl
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..noise import philox_normal
@@ -95,9 +93,10 @@ def _process_x0(op, w) -> None:
         flat = d.reshape(B, -1)
         src = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         q = torch.quantile(src.abs(), op.threshold_ratio, dim=1)
-        q = torch.clamp(q, min=1.0, max=op.max_value).unsqueeze(1)
+        # a bound beyond the dtype's range clamps nothing (and torch refuses to convert it)
+        q = torch.clamp(q, min=1.0, max=min(op.max_value, torch.finfo(q.dtype).max)).unsqueeze(1)
         d.copy_((torch.clamp(src, -q, q) / q).to(d.dtype).reshape(d.shape))
-    elif math.isfinite(op.clip_range):
+    elif op.clip_range < torch.finfo(d.dtype).max:     # a bound beyond the range clamps nothing
         d.clamp_(-op.clip_range, op.clip_range)
     w.bind(op.dst, d)
 
