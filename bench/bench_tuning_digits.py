@@ -622,29 +622,32 @@ def markdown_seeds(r: dict) -> str:
         if v:
             lines.append(f"Targets at {s} samples: " + "; ".join(t for t, _, _ in v) + ".")
             lines.append("")
-    lines += ["Per seed (FD at " + big + " samples):", "",
-              "| seed | teacher | best fixed 10 | tuned 5 | best fixed 8 | tuned 4 | "
-              "GITS 5 | GITS 4 |", "|---|---|---|---|---|---|---|---|"]
-    for i, s in enumerate(seeds):
-        def v(kind, n):
-            _, c = row_of(kind, n)
-            return f"{c[big]['values'][i]:.3f}" if c else "-"
-        lines.append(f"| {s} | {te[big]['values'][i]:.3f} | {v('fixed', 10)} | "
-                     f"{v('tuned', 5)} | {v('fixed', 8)} | {v('tuned', 4)} | "
-                     f"{v('gits', 5)} | {v('gits', 4)} |")
+    for size in sizes:
+        lines += [f"Per seed, FD at {size} samples (the rows best at {big}):", "",
+                  "| seed | teacher | best fixed 10 | tuned 5 | best fixed 8 | tuned 4 | "
+                  "GITS 5 | GITS 4 |", "|---|---|---|---|---|---|---|---|"]
+        for i, s in enumerate(seeds):
+            def v(kind, n):
+                _, c = row_of(kind, n)
+                return f"{c[size]['values'][i]:.3f}" if c else "-"
+            lines.append(f"| {s} | {te[size]['values'][i]:.3f} | {v('fixed', 10)} | "
+                         f"{v('tuned', 5)} | {v('fixed', 8)} | {v('tuned', 4)} | "
+                         f"{v('gits', 5)} | {v('gits', 4)} |")
+        lines.append("")
     for s in sizes[1:]:
-        lines += ["", f"The same rows at {s} samples (the prefixes; continuity with the "
-                  f"single-seed table):", "", "| NFE | fixed | GITS | tuned | teacher |",
+        lines += [f"The same rows (best at {big}) at {s} samples, the prefixes, mean +- "
+                  f"sd over the seeds:", "", "| NFE | fixed | GITS | tuned | teacher |",
                   "|---|---|---|---|---|"]
         for n in nfes:
             lines.append(f"| {n} | {ms(row_of('fixed', n)[1], s)} | "
                          f"{ms(row_of('gits', n)[1], s)} | {ms(row_of('tuned', n)[1], s)} | "
                          f"{ms(te, s)} |")
+        lines.append("")
     if rows.get("converged"):
-        lines += ["", f"Fixed solvers at more NFE (toward the exact ODE), FD @{big}: " +
+        lines += [f"Fixed solvers at more NFE (toward the exact ODE), FD @{big}: " +
                   "; ".join(f"{lab}@{n} {ms(c, big)}" for n, by in rows["converged"].items()
-                            for lab, c in by.items()) + "."]
-    lines += ["", f"All candidates (mean FD at {big} samples over the seeds):", ""]
+                            for lab, c in by.items()) + ".", ""]
+    lines += [f"All candidates (mean FD at {big} samples over the seeds):", ""]
     for kind in ("fixed", "gits"):
         for n in sorted(rows.get(kind, {}), key=int):
             lines.append(f"* {kind} NFE {n}: " + "; ".join(
