@@ -503,6 +503,29 @@ def test_repeated_level_where_diffusers_divides_by_zero():
     assert not torch.isfinite(ref).all() and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("bad,err,match", [
+    (dict(sample=[1.0]), TypeError, "sample must be a torch.Tensor"),
+    (dict(model_output="x"), TypeError, "model_output must be a torch.Tensor"),
+    (dict(timestep=float("nan")), ValueError, "timestep must be finite"),
+    (dict(timestep=torch.tensor(float("nan"))), ValueError, "timestep"),
+    (dict(timestep="a"), TypeError, "timestep must be a number"),
+])
+@pytest.mark.parametrize("cls", [D.DDIMScheduler, D.EulerDiscreteScheduler,
+                                 D.DPMSolverMultistepScheduler])
+def test_step_names_a_bad_argument(cls, bad, err, match):
+    fused = FusedScheduler.from_scheduler(cls())
+    fused.set_timesteps(5)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    args = dict(model_output=x, timestep=fused.timesteps[0], sample=x)
+    args.update(bad)
+    with pytest.raises(err, match=match):
+        fused.step(**args)
+    # after set_begin_index the timestep is not read (as in diffusers): None is accepted
+    fused.set_timesteps(5)
+    fused.set_begin_index(0)
+    assert torch.isfinite(fused.step(x, None, x).prev_sample).all()
+
+
 def test_unsupported_and_misuse_raise():
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())

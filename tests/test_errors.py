@@ -118,6 +118,12 @@ CASES = [
      ValueError, r"disable_corrector"),
     ("build_plan-process-str", lambda: pe.build_plan("edm", "euler", [3.0, 1.0, 0.0]),
      TypeError, r"process must be"),
+    ("dpm_fast-nfe-huge", lambda: pe.build_plan(_edm(), "dpm_fast", [80.0, 3.0, 0.2, 0.0],
+                                                "sample", nfe=10 ** 9),
+     ValueError, r"nfe must be an integer in \[0, 30000\]"),
+    ("lcm_boundary-timestep_scaling-huge", lambda: pe.build_plan(
+        _edm(), "lcm_boundary", [80.0, 3.0, 0.0], "sample", timestep_scaling=1e300),
+     ValueError, r"timestep_scaling must be"),
     ("plan_for-start", lambda: _ddim().plan_for(1.5), ValueError, r"start must be"),
     ("plan_for-start-beyond", lambda: _ddim().plan_for(3), ValueError, r"start must be"),
     # -- Sampler.sample ------------------------------------------------------------------

@@ -164,6 +164,10 @@ def test_not_json_and_missing(tmp_path):
         load_plan(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError):
         pe.Sampler.from_tuned(str(tmp_path / "nope.json"), PROC)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_plan(tmp_path)
+    with pytest.raises(TypeError, match="path must be a file path"):
+        load_plan(None)
 
 
 def test_process_description_and_mismatch():

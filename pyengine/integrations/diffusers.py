@@ -70,6 +70,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1099,6 +1100,24 @@ def from_diffusers(scheduler, num_inference_steps: int | None = None, *,
     return _sampler(r, name, overrides)
 
 
+def _check_timestep(where: str, timestep) -> None:
+    """A step's timestep: a finite real number or a tensor (its value is not read here), or
+    None (diffusers' schedulers read no timestep after set_begin_index or past the first
+    step)."""
+    if timestep is None:
+        return
+    if isinstance(timestep, torch.Tensor):
+        if timestep.is_complex() or timestep.dtype == torch.bool:
+            raise TypeError(f"{where}: timestep must be a real number, got a "
+                            f"{timestep.dtype} tensor")
+        return
+    if isinstance(timestep, (bool, np.bool_)) or not isinstance(timestep, numbers.Real):
+        raise TypeError(f"{where}: timestep must be a number or a tensor, got "
+                        f"{timestep!r}")
+    if not math.isfinite(float(timestep)):
+        raise ValueError(f"{where}: timestep must be finite, got {timestep!r}")
+
+
 def _set_timesteps(sch, name: str, n, device, custom: dict) -> None:
     """``sch.set_timesteps(n, device, **custom)``; a keyword the class does not take is a
     ValueError naming it."""
@@ -1874,6 +1893,7 @@ class FusedScheduler:
                 continue            # FlowMatchEuler's step() takes them and never reads them
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
+        self._check_step_inputs(model_output, timestep, sample)
         if self._walk is None and self._begin_index is None and \
                 self._detached(timestep):
             # a timestep outside the schedule, in a class whose step reads it (DDIM, DDPM,
@@ -2060,6 +2080,16 @@ class FusedScheduler:
             self._walk = w = self._start(w.begin, opts)
         return w
 
+    def _check_step_inputs(self, model_output, timestep, sample) -> None:
+        """step()'s tensors and timestep checked by type (no host read: a tensor timestep's
+        value is read once per run, by :meth:`_lookup`)."""
+        where = f"FusedScheduler({self._name}).step"
+        for name, val in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(val, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a torch.Tensor, got "
+                                f"{type(val).__name__}")
+        _check_timestep(where, timestep)
+
     def _default_opts(self) -> tuple:
         return (_DEFAULT_ETA.get(self._name, 0.0), False)
 
@@ -2069,6 +2099,9 @@ class FusedScheduler:
         if timestep is None or hasattr(self._inner, "index_for_timestep"):
             return False
         ts = self._inner.timesteps
+        if isinstance(timestep, torch.Tensor) and not bool(torch.isfinite(timestep).all()):
+            raise ValueError(f"FusedScheduler({self._name}).step: timestep must be finite, "
+                             f"got {timestep!r}")
         t = torch.as_tensor(timestep, device=ts.device).to(ts.dtype)
         return not bool((ts == t).any())
 
@@ -2079,6 +2112,10 @@ class FusedScheduler:
         UniPC). The one host sync of a run."""
         if timestep is None:
             return 0
+        if isinstance(timestep, torch.Tensor) and (
+                timestep.numel() != 1 or not math.isfinite(float(timestep.reshape(-1)[0]))):
+            raise ValueError(f"FusedScheduler({self._name}): the first step's timestep must "
+                             f"be one finite number, got {timestep!r}")
         if hasattr(self._inner, "index_for_timestep"):
             t = timestep
             if isinstance(t, torch.Tensor):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from .. import parameterization as _param
-from .registry import Option, register
+from .registry import MAX_STEPS, Option, register
 
 __all__ = ["ComfySpace", "ancestral_split", "lagrange_weights"]
 
@@ -909,7 +909,7 @@ def dpm_fast_orders(nfe: int) -> list[int]:
                   "over dpm_fast_sigmas(sigma_min, sigma_max, nfe), eps-form, in ComfyUI's "
                   "space; ancestral noise with eta > 0",
           options=("nfe", "eta", "s_noise"), nfe=0, eta=0.0, s_noise=1.0,
-          specs={"nfe": Option("int", lo=0)},
+          specs={"nfe": Option("int", lo=0, hi=3 * MAX_STEPS)},
           variants=(("dpm_fast", {}, 3, 3),))
 def dpm_fast(b, nfe, eta, s_noise):
     """The plan's grid is :func:`dpm_fast_sigmas` (k-diffusion's; a final step to 0, not part

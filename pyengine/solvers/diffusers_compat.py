@@ -146,7 +146,7 @@ def _clip_x0(b, base, base_options, clip_sample_range, thresholding,
                   "c_out D with c_skip = sd^2/(tau^2 + sd^2), c_out = tau/sqrt(tau^2 + sd^2), "
                   "tau = timestep_scaling * t; x_hat' = D' + sigma' z, x = D' on the last step",
           options=("timestep_scaling", "sigma_data"), timestep_scaling=10.0, sigma_data=0.5,
-          specs={"timestep_scaling": Option("real", lo=0.0),
+          specs={"timestep_scaling": Option("real", lo=0.0, hi=1e6),
                  "sigma_data": Option("real", lo=0.0, lo_open=True)})
 def lcm_boundary(b, timestep_scaling, sigma_data):
     """The boundary condition reads the model's own time t of each level (the discrete

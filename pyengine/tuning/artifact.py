@@ -443,8 +443,14 @@ def save_plan(plan: Plan, path, *, provenance: dict) -> Path:
 def load_plan(path) -> TunedPlanFile:
     """Read a tuned-plan file (see the module docstring). Raises FileNotFoundError when it is
     missing and ValueError naming the path and the field when it is malformed."""
-    p = Path(os.fspath(path)).expanduser()
+    try:
+        p = Path(os.fspath(path)).expanduser()
+    except TypeError:
+        raise TypeError(f"load_plan: path must be a file path (str or os.PathLike), got "
+                        f"{path!r}") from None
     where = str(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"tuned plan file {where!r} is a directory")
     if not p.is_file():
         raise FileNotFoundError(f"tuned plan file {where!r} does not exist")
     try:
