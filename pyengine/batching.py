@@ -43,6 +43,7 @@ from .fused_update.contract import check_compute_dtype
 from .noise import sample_seed
 from .parameterization import Denoiser, ModelAdapter
 from .plan import K_MAX, Eval, Plan, Update
+from .runtime.graph import same_value
 from .runtime.transforms import KNOWN, KNOWN_NOISE, check_state_dtype, inpaint, inpaint_inputs
 from .runtime.walk import Program, Walker
 
@@ -116,13 +117,13 @@ def _merge(order: list, seq: list) -> list | None:
     return out
 
 
-def _same_value(a, b) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:                              # noqa: BLE001 -- incomparable: differ
-        return False
+def _rows(v) -> bool:
+    """An extra_args value with one row per model row (concatenated across requests); any
+    other value (0-d tensors included) is passed whole and groups the model calls."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+_ROWS = object()        # the group key of a per-row tensor argument
 
 
 def _seeds(seed, b: int) -> list[int]:
@@ -232,7 +233,7 @@ class RequestScheduler:
                              f"{type(extra_args).__name__}")
         extra = dict(extra_args or {})
         for k, v in extra.items():
-            if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != rows):
+            if _rows(v) and v.shape[0] != rows:
                 raise ValueError(f"extra_args[{k!r}] must have the request's model batch size "
                                  f"{rows} in dim 0, got {tuple(v.shape)}")
         if self.active or self.pending:
@@ -461,10 +462,9 @@ class RequestScheduler:
         """Evaluations grouped by equal non-tensor extra_args (one model call per group)."""
         groups: list[tuple[dict, list]] = []
         for job in evals:
-            fixed = {k: v for k, v in job[0].extra_args.items()
-                     if not isinstance(v, torch.Tensor)}
+            fixed = {k: _ROWS if _rows(v) else v for k, v in job[0].extra_args.items()}
             for ref, members in groups:
-                if all(_same_value(ref[k], fixed[k]) for k in ref):
+                if all(same_value(ref[k], fixed[k]) for k in ref):
                     members.append(job)
                     break
             else:
@@ -528,7 +528,7 @@ class RequestScheduler:
         tt = self._table(times).to(tdt)
         extra = {}
         for k, v in group[0][0].extra_args.items():
-            if isinstance(v, torch.Tensor):
+            if _rows(v):
                 extra[k] = torch.cat([r.extra_args[k] for r, *_ in group]).to(self.device)
             else:
                 extra[k] = v

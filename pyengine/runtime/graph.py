@@ -56,6 +56,9 @@ class _Loop:
         self._seed_base = torch.arange(B, dtype=torch.int64, device=self.device) << 32
         self.extra = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
                       for k, v in (extra_args or {}).items()}
+        # (tensor, version) last copied into each static extra_args buffer
+        self.extra_from = {k: (v, v._version) for k, v in (extra_args or {}).items()
+                           if isinstance(v, torch.Tensor)}
         self.adapter = ModelAdapter(model, self.extra)
         self.backend = backend
         self.compute_dtype = compute_dtype
@@ -90,14 +93,19 @@ class _Loop:
                 if not isinstance(v, torch.Tensor) or v.shape != cur.shape:
                     raise ValueError(f"extra_args[{k!r}] must be a tensor of shape "
                                      f"{tuple(cur.shape)} (as compiled)")
-            elif v is not cur and v != cur:
+            elif not same_value(v, cur):
                 raise ValueError(f"extra_args[{k!r}] differs from the compiled value; non-tensor "
                                  f"arguments are baked into the loop")
 
     def set_extra(self, extra_args) -> None:
+        """Copy the call's tensor ``extra_args`` into the static buffers (skipped for a
+        tensor copied last time and not written since)."""
         for k, v in (extra_args or {}).items():
             if isinstance(self.extra[k], torch.Tensor):
-                self.extra[k].copy_(v)
+                last = self.extra_from.get(k)
+                if last is None or last[0] is not v or last[1] != v._version:
+                    self.extra[k].copy_(v)
+                    self.extra_from[k] = (v, v._version)
 
     def body(self) -> torch.Tensor:
         """The whole loop, from the static inputs to the output slot (what gets captured)."""
@@ -222,13 +230,46 @@ def _cache_size_from_env() -> int:
 graph_cache = GraphCache(_cache_size_from_env())
 
 
+def _plain(v) -> bool:
+    """A value whose repr determines it (numbers, strings, None, containers of them)."""
+    if v is None or type(v) in (bool, int, float, complex, str, bytes, torch.dtype,
+                                torch.device) or isinstance(v, np.generic):
+        return True
+    if type(v) in (tuple, list, frozenset):
+        return all(_plain(u) for u in v)
+    if type(v) is dict:
+        return all(_plain(a) and _plain(u) for a, u in v.items())
+    return False
+
+
+def same_value(a, b) -> bool:
+    """Whether two non-row model arguments are the same value: the same type (and for
+    tensors dtype, device and shape) and equal; incomparable values differ."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor) and (a.dtype != b.dtype or a.device != b.device
+                                        or a.shape != b.shape):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:                              # noqa: BLE001 -- incomparable: differ
+        return False
+
+
 def _extra_signature(extra_args) -> tuple:
+    # A non-tensor value is baked into the loop: keyed by its repr where that determines it,
+    # else by identity (a summarized repr -- a large array or a list of tensors -- would let
+    # another value share the loop; the loop holds the value, so its id stays its own).
     out = []
     for k, v in sorted((extra_args or {}).items()):
         if isinstance(v, torch.Tensor):
             out.append((k, "tensor", tuple(v.shape), v.dtype, str(v.device)))
-        else:
+        elif _plain(v):
             out.append((k, "value", repr(v)))
+        else:
+            out.append((k, "object", id(v)))
     return tuple(out)
 
 
@@ -387,7 +428,9 @@ class CompiledLoop:
         loop = entry.loop
         loop.check_extra(extra_args)
         loop.set_seeds(seed)                 # validates before it writes
-        loop.set_extra(extra_args)
+        # this loop's own tensor defaults where the call gives none: the static buffers are
+        # shared by every CompiledLoop of the cache entry and keep the last call's values
+        loop.set_extra({**self.extra_args, **(extra_args or {})})
         loop.load(self.plan, self.init_noise_scale)
         loop.noise_in.copy_(noise)
         if loop.init_in is not None:
