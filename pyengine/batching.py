@@ -504,8 +504,12 @@ class RequestScheduler:
                     p[1].append(val)
                 off += r._model_rows
         for name, (rows, vals) in parts.items():
-            t = self._slot(name).clone()
-            t.index_copy_(0, torch.cat(rows).to(self.device), torch.cat(vals))
+            val = torch.cat(vals)
+            t = self._slot(name)
+            # a model output of another float dtype than the buffer (a float16 model for a
+            # float32 state): the buffer takes the wider one, so both convert exactly
+            t = t.to(torch.promote_types(t.dtype, val.dtype), copy=True)
+            t.index_copy_(0, torch.cat(rows).to(self.device), val.to(t.dtype))
             w.slots[name] = t
 
     def _call(self, group, simple: bool) -> torch.Tensor:

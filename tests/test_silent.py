@@ -119,3 +119,25 @@ def test_scheduler_takes_zero_dim_tensor_arguments_as_sample_does():
     sch.run()
     assert torch.equal(r1.result, _ref(smp, n1, 1, extra_args={"scale": s1}))
     assert torch.equal(r2.result, _ref(smp, n2, 2, extra_args={"scale": s2}))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_scheduler_model_of_another_dtype_in_split_calls(out_dtype):
+    # requests in separate model calls (different non-tensor arguments, a guided one beside
+    # unguided ones) have their output rows copied into a float32 buffer: index_copy_'s dtype
+    # error for a float16 / bfloat16 / float64 model output before
+    def m(x, t, label=None, scale=1.0):
+        return model(x, t, label=label, scale=scale).to(out_dtype)
+
+    guided = _sampler(guidance_scale=3.0)
+    anc = pe.Sampler(PROC, "euler_ancestral", steps=4)
+    n1, n2 = _rand(SHAPE, 8), _rand((2, 5, 7), 9)
+    a1 = {"label": torch.rand(6), "scale": 1.0}
+    a2 = {"label": torch.rand(2), "scale": 0.5}
+    sch = pe.RequestScheduler(m, backend=BACKEND)
+    r1 = sch.submit(guided, n1, seed=1, extra_args=a1)
+    sch.step()
+    r2 = sch.submit(anc, n2, seed=2, extra_args=a2)
+    sch.run()
+    assert torch.equal(r1.result, guided.sample(m, n1, seed=1, backend=BACKEND, extra_args=a1))
+    assert torch.equal(r2.result, anc.sample(m, n2, seed=2, backend=BACKEND, extra_args=a2))
