@@ -11,7 +11,7 @@ request by one model evaluation:
 2. one model call on all requests' states, with per-sample times ``t`` (a [B] tensor);
    a request with classifier-free guidance puts its rows in twice (unconditional, then
    conditional, with its own 2b-row conditioning), as ``Sampler.sample`` does; requests whose
-   non-tensor ``extra_args`` differ are evaluated in separate model calls.
+   non-tensor (or 0-d tensor) ``extra_args`` differ are evaluated in separate model calls.
 
 Requests join at the start of an iteration and leave when their plan ends; nothing is
 recompiled. Each request's rows go through exactly the operations of running it alone, in
@@ -160,7 +160,9 @@ class RequestScheduler:
     ``max_batch`` bounds the rows in one model call (requests wait until rows free up; a
     guided request counts its rows twice); ``extra_args`` given to :meth:`submit` are
     per-request model arguments whose tensors have the request's batch size (2b rows,
-    unconditional first, for a guided request), concatenated in the model call's order.
+    unconditional first, for a guided request), concatenated in the model call's order; a
+    0-d tensor or any other value is passed whole (requests whose values differ get separate
+    model calls).
     Supported per request: img2img (``init``, ``strength``/``start_sigma``), inpainting
     (``init`` with ``mask``) and classifier-free guidance (the sampler's ``guidance_scale``).
     Not supported: plans with custom ops (the guidance rescale, the Langevin corrector),
