@@ -390,7 +390,8 @@ class Sampler:
         loops are cached (``pe.runtime.graph_cache``, LRU, ``$PYENGINE_GRAPH_CACHE`` entries)
         by model, shape, dtype, device, backend and plan structure: a sampler with another
         schedule of the same length, or another guidance scale, reuses the captured graph and
-        only rewrites its coefficient table. Non-tensor ``extra_args`` are baked in.
+        only rewrites its coefficient table. Non-tensor ``extra_args`` are baked in; tensor
+        ``extra_args`` given to a call replace the compiled ones for that call only.
 
         img2img and inpainting as in :meth:`sample`: ``init=`` with ``strength=`` /
         ``start_sigma=`` fixes where the loop starts (the plan's structure); ``mask=`` makes
