@@ -526,6 +526,27 @@ def test_step_names_a_bad_argument(cls, bad, err, match):
     assert torch.isfinite(fused.step(x, None, x).prev_sample).all()
 
 
+class _HalfModel(NonlinearModel):
+    """A float16 model: float32 math, a float16 output (as a half-precision UNet's)."""
+
+    def __call__(self, x, t):
+        return super().__call__(x.float(), t).half()
+
+
+@pytest.mark.parametrize("cls", [D.EulerDiscreteScheduler, D.EulerAncestralDiscreteScheduler,
+                                 D.EDMEulerScheduler, D.DPMSolverMultistepScheduler,
+                                 D.HeunDiscreteScheduler])
+def test_half_model_output_keeps_the_wrapped_class_dtype(cls):
+    # Euler, Euler ancestral, EDM Euler (and flow-matching Euler / Heun) step in float32 and
+    # return the model output's dtype; the others return their float32 state
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    ref = protocol_loop(cls(), _HalfModel(), noise, 6)
+    out = protocol_loop(FusedScheduler.from_scheduler(cls()), _HalfModel(), noise, 6)
+    assert out.dtype == ref.dtype
+    # float16 rounding of the state after every step: a few float16 spacings apart
+    assert rel(out.float(), ref.float()) < 5e-3
+
+
 def test_unsupported_and_misuse_raise():
     with pytest.raises(NotImplementedError, match="ScoreSdeVeScheduler"):
         FusedScheduler.from_scheduler(D.ScoreSdeVeScheduler())

@@ -880,6 +880,12 @@ _BUILDERS = {
     "DPMSolverSDEScheduler": _dpm_sde,
 }
 
+#: Classes whose step() computes in float32 and returns prev_sample in the model output's
+#: dtype (a float16 model's output gives a float16 state, as diffusers' own).
+_CASTS_TO_OUTPUT_DTYPE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                          "EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler",
+                          "FlowMatchHeunDiscreteScheduler")
+
 #: step()'s default eta where it is not 0 (TCD's gamma).
 _DEFAULT_ETA = {"TCDScheduler": 0.3}
 
@@ -1894,6 +1900,14 @@ class FusedScheduler:
             raise NotImplementedError(f"FusedScheduler({self._name}).step: {key}={val!r} is "
                                       f"not supported")
         self._check_step_inputs(model_output, timestep, sample)
+        cast_to = None
+        if self._name in _CASTS_TO_OUTPUT_DTYPE:
+            # these classes step in float32 (a float16 / bfloat16 sample upcast) and return
+            # the model output's dtype
+            if sample.is_floating_point() and sample.element_size() < 4:
+                sample = sample.float()
+            if model_output.dtype != sample.dtype:
+                cast_to = model_output.dtype
         if self._walk is None and self._begin_index is None and \
                 self._detached(timestep):
             # a timestep outside the schedule, in a class whose step reads it (DDIM, DDPM,
@@ -1926,7 +1940,8 @@ class FusedScheduler:
                 self._randn(model_output, generator)
             w.j += 1
             self._sync_step_index(w)
-            return self._output(sample, None, return_dict)
+            return self._output(sample if cast_to is None else sample.to(cast_to), None,
+                                return_dict)
         if w.walker is None:
             w.walker = Walker(w.program, None, backends.get(self._backend_name,
                                                              device=sample.device,
@@ -1980,6 +1995,8 @@ class FusedScheduler:
         elif self._name == "TCDScheduler":
             noised = self._tcd_noised(be, e, sample, x0, w)
         self._advance(w)
+        if cast_to is not None:
+            prev = prev.to(cast_to)
         out = FusedSchedulerOutput(prev, x0, denoised, _OUTPUT_FIELDS.get(self._name),
                                    noised)
         return out if return_dict else out.to_tuple()
