@@ -89,14 +89,41 @@ def _batch(batch_size, n, w) -> int:
     return batch_size
 
 
+def _per_sample(per_sample_args, n: int, where: str) -> dict:
+    """``per_sample_args`` checked: tensors whose first dimension holds one row per global
+    index (at least ``n`` rows)."""
+    if per_sample_args is None:
+        return {}
+    if not isinstance(per_sample_args, dict):
+        raise TypeError(f"{where}: per_sample_args must be a dict of tensors, got "
+                        f"{type(per_sample_args).__name__}")
+    for k, v in per_sample_args.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor) or v.dim() == 0 or \
+                v.shape[0] < n:
+            got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else \
+                type(v).__name__
+            raise ValueError(f"{where}: per_sample_args[{k!r}] must be a tensor with a row per "
+                             f"global sample index (>= {n} rows), got {got}")
+    return per_sample_args
+
+
 def sample_indices(sampler: Sampler, model, indices, shape, seed: int = 0, *,
                    batch_size: int | None = None, dtype=torch.float32, device=None,
-                   extra_args: dict | None = None,
+                   extra_args: dict | None = None, per_sample_args: dict | None = None,
                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Samples of the given global indices [len(indices), *shape], in global batches of
     ``batch_size`` (indices i with the same i // batch_size run together; default: all at
-    once), with the noise of :func:`initial_noise` and per-sample Philox seeds."""
+    once), with the noise of :func:`initial_noise` and per-sample Philox seeds.
+
+    ``extra_args`` go to the model as they are with every batch; ``per_sample_args`` are
+    tensors with a row per global index (class labels, prompt embeddings): each batch's
+    model call gets the rows of its indices (``v[indices]``), merged into ``extra_args``."""
     idx = [int(i) for i in indices]
+    per = _per_sample(per_sample_args, max(idx) + 1 if idx else 0, "sample_indices")
+    both = set(per) & set(extra_args or {})
+    if both:
+        raise ValueError(f"sample_indices: {sorted(both)[0]!r} is in both extra_args and "
+                         f"per_sample_args")
     if not idx:
         return torch.empty(0, *shape, dtype=dtype, device=device)
     if batch_size is None:
@@ -114,8 +141,13 @@ def sample_indices(sampler: Sampler, model, indices, shape, seed: int = 0, *,
     outs = []
     for g in groups:
         noise = initial_noise(seed, g, shape, dtype=dtype, device=device)
+        args = extra_args
+        if per:
+            rows = torch.tensor(g, dtype=torch.long)
+            args = dict(extra_args or {})
+            args.update({k: v[rows.to(v.device)] for k, v in per.items()})
         outs.append(sampler.sample(model, noise, seed=sample_seeds(seed, g), backend=be,
-                                   extra_args=extra_args, compute_dtype=compute_dtype))
+                                   extra_args=args, compute_dtype=compute_dtype))
     return torch.cat(outs)
 
 
@@ -143,7 +175,7 @@ def init_distributed(dist_backend: str | None = None) -> bool:
 def sample_sharded(sampler: Sampler, model, num_samples: int, shape, seed: int = 0, *,
                    group=None, dist_backend: str | None = None, batch_size: int | None = None,
                    dtype=torch.float32, device=None, gather: str = "rank0",
-                   extra_args: dict | None = None,
+                   extra_args: dict | None = None, per_sample_args: dict | None = None,
                    compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Sample ``num_samples`` states of ``shape`` across the ranks of ``group`` (default: the
     world, initialized from torchrun's environment if needed; a single process without one).
@@ -154,7 +186,9 @@ def sample_sharded(sampler: Sampler, model, num_samples: int, shape, seed: int =
     rank and None elsewhere, "all" returns it on every rank, "none" returns each rank's own
     slice. Bitwise the result of ``sample_indices(sampler, model, range(N), shape, seed,
     batch_size=batch_size)`` in one process when ``batch_size`` is given (see the module
-    docstring for batch_size=None).
+    docstring for batch_size=None). ``extra_args`` / ``per_sample_args``: as
+    :func:`sample_indices` (``per_sample_args`` tensors hold ``num_samples`` rows; each rank
+    passes its indices' rows to the model).
     """
     import torch.distributed as dist
 
@@ -172,8 +206,10 @@ def sample_sharded(sampler: Sampler, model, num_samples: int, shape, seed: int =
             device = torch.device("cpu")
     b = _batch(batch_size, int(num_samples), world)
     mine = shard_range(num_samples, rank, world, b)
+    _per_sample(per_sample_args, int(num_samples), "sample_sharded")
     out = sample_indices(sampler, model, mine, shape, seed, batch_size=b, dtype=dtype,
-                         device=device, extra_args=extra_args, compute_dtype=compute_dtype)
+                         device=device, extra_args=extra_args, per_sample_args=per_sample_args,
+                         compute_dtype=compute_dtype)
     if gather == "none" or world == 1:
         return out
     # Object collectives pickle the shards (their sizes differ by up to a batch); the CPU copy

@@ -155,3 +155,33 @@ def test_batch_size_invariance_with_a_batch_invariant_model():
     for b in (1, 3, 4):
         assert torch.equal(sample_indices(sampler, eps_model, range(10), (2, 5), SEED,
                                           batch_size=b), ref)
+
+
+def test_per_sample_args_follow_the_global_index(monkeypatch):
+    # a conditional model: each sample's label shifts its output; the rows of per_sample_args
+    # are taken by global index, so a sample gets its own label whatever batch it is in
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    sampler, base = _setup()
+    labels = torch.arange(7, dtype=torch.float64) * 0.3
+
+    def model(x, t, label):
+        assert label.shape[0] == x.shape[0]
+        return base(x, t) + label.view(-1, 1)
+
+    whole = sample_indices(sampler, model, range(7), (DIM,), SEED, dtype=torch.float64,
+                           per_sample_args={"label": labels})
+    parts = sample_indices(sampler, model, range(7), (DIM,), SEED, batch_size=3,
+                           dtype=torch.float64, per_sample_args={"label": labels})
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-12)
+    one = sample_indices(sampler, model, [5], (DIM,), SEED, dtype=torch.float64,
+                         per_sample_args={"label": labels})
+    torch.testing.assert_close(one[0], whole[5], rtol=0, atol=1e-12)
+    x = sample_sharded(sampler, model, 7, (DIM,), SEED, batch_size=3, dtype=torch.float64,
+                       per_sample_args={"label": labels})
+    assert torch.equal(x, parts)
+    with pytest.raises(ValueError, match="per_sample_args\\['label'\\]"):
+        sample_indices(sampler, model, range(9), (DIM,), SEED, per_sample_args={"label": labels})
+    with pytest.raises(ValueError, match="both"):
+        sample_indices(sampler, model, range(3), (DIM,), SEED, extra_args={"label": labels},
+                       per_sample_args={"label": labels})
