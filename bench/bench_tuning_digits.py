@@ -732,19 +732,12 @@ def main(argv=None):
         return info
     if args.seeds is not None:
         args.seeds = [int(v) for v in args.seeds.split(",")]
-        res = measure_seeds(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
-        page = markdown_seeds(res)
-        if args.markdown:
-            Path(args.markdown).write_text(page)
-        else:
-            print(page)
-        return res
-    res = measure(args)
+        res, render = measure_seeds(args), markdown_seeds
+    else:
+        res, render = measure(args), markdown
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    page = markdown(res)
+    page = render(res)
     if args.markdown:
         Path(args.markdown).write_text(page)
     else:
