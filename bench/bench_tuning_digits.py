@@ -173,11 +173,24 @@ def scores(sample, noises: dict) -> dict:
     return res
 
 
-def measure(args) -> dict:
+def gits_grids(args, process, model, pred) -> dict:
+    """{nfe: the GITS grid}: dynamic programming over one teacher trajectory of
+    ``--gits-fine`` steps on the fitting noise (every NFE shares it)."""
     import pyengine as pe
     from pyengine.distributed import initial_noise
-    from pyengine.models.digits import load_digits_model
     from pyengine.tuning.gits import dp_path, step_costs, teacher_trajectory
+
+    fit_noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
+                              dtype=torch.float64)
+    ref = pe.Sampler(process, solver="ipndm", steps=args.nfe[0], prediction=pred)
+    traj = teacher_trajectory(ref, model, fit_noise, fine_steps=args.gits_fine)
+    costs = step_costs(traj)
+    return {n: traj.sigmas[dp_path(costs, n)[0]] for n in args.nfe}
+
+
+def measure(args) -> dict:
+    import pyengine as pe
+    from pyengine.models.digits import load_digits_model
 
     _REF.clear()
     process, model, pred = load_digits_model()
@@ -223,13 +236,9 @@ def measure(args) -> dict:
 
     # -- GITS grids (one teacher trajectory on the fitting noise) ------------------------
     t0 = time.perf_counter()
-    fit_noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
-                              dtype=torch.float64)
-    ref = pe.Sampler(process, solver="ipndm", steps=args.nfe[0], prediction=pred)
-    traj = teacher_trajectory(ref, model, fit_noise, fine_steps=args.gits_fine)
-    costs = step_costs(traj)
+    gits = gits_grids(args, process, model, pred)
     for nfe in args.nfe:
-        grid = traj.sigmas[dp_path(costs, nfe)[0]]
+        grid = gits[nfe]
         rows = {}
         for solver, opts in SOLVERS:
             s = pe.Sampler(process, solver=solver, sigmas=grid, prediction=pred, **opts)
@@ -468,10 +477,7 @@ def measure_seeds(args) -> dict:
     """The fits (or ``--reuse``), the GITS grids, then :func:`eval_seed` per held-out seed
     (``--jobs`` worker processes at a time; kept in ``--plans-dir`` and, with ``--reuse``,
     taken from there when their configuration matches), aggregated over the seeds."""
-    import pyengine as pe
-    from pyengine.distributed import initial_noise
     from pyengine.models.digits import load_digits_model
-    from pyengine.tuning.gits import dp_path, step_costs, teacher_trajectory
 
     plans_dir = Path(args.plans_dir) if args.plans_dir else Path(tempfile.mkdtemp())
     plans_dir.mkdir(parents=True, exist_ok=True)
@@ -479,12 +485,8 @@ def measure_seeds(args) -> dict:
     plans = {n: fits[n]["plan"] for n in args.nfe}
     process, model, pred = load_digits_model()
     t0 = time.perf_counter()
-    fit_noise = initial_noise(args.fit_seed, range(args.num), model.sample_shape,
-                              dtype=torch.float64)
-    ref = pe.Sampler(process, solver="ipndm", steps=args.nfe[0], prediction=pred)
-    traj = teacher_trajectory(ref, model, fit_noise, fine_steps=args.gits_fine)
-    costs = step_costs(traj)
-    grids = {n: [float(v) for v in traj.sigmas[dp_path(costs, n)[0]]] for n in args.nfe}
+    grids = {n: [float(v) for v in g] for n, g in gits_grids(args, process, model,
+                                                              pred).items()}
     gits_seconds = time.perf_counter() - t0
     config = _seed_config(args, grids, plans)
     per_seed, todo, running = {}, [], {}
