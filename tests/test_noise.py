@@ -334,7 +334,8 @@ def test_triton_interpreter_normals_bitwise_equal_the_definition():
     proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"DIFFER 0 OF {3 * int(args[2])}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert f"DIFFER 0 OF {3 * int(args[2])}" in proc.stdout, f"child args {args}: " + \
+        proc.stdout + proc.stderr[-2000:]
 
 
 _CPP_CHILD = """
@@ -368,4 +369,5 @@ def test_cpp_normals_without_avx512_bitwise_equal_the_definition():
     proc = subprocess.run([sys.executable, "-c", _CPP_CHILD, *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "DIFFER 0 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "DIFFER 0 0" in proc.stdout, f"child args {args}: " + proc.stdout + \
+        proc.stderr[-2000:]
