@@ -28,6 +28,18 @@ def _gmm(d=8, M=3, seed=5):
     return GaussianMixture.random(d=d, M=M, seed=seed)
 
 
+def _shifted_model():
+    """(mixture, EDM process, a conditional denoiser: the mixture's plus the ``shift``
+    argument, per row)."""
+    gmm = _gmm()
+    proc = pe.processes.named("edm")
+    base = mixture_model(gmm, proc, "sample")
+
+    def model(x, t, shift):
+        return base(x, t) + shift
+    return gmm, proc, model
+
+
 def _bits(a) -> bytes:
     return np.asarray(a, dtype=np.float64).tobytes()
 
@@ -190,13 +202,7 @@ def test_difwalk_matches_sample(name, opts):
 def test_difwalk_guidance_and_gradients():
     """Guidance doubles the batch (conditioning with 2B rows); the gradients of the endpoint
     in the time and coefficient parameters match central differences."""
-    gmm = _gmm()
-    proc = pe.processes.named("edm")
-    base = mixture_model(gmm, proc, "sample")
-
-    def model(x, t, shift):
-        return base(x, t) + shift
-
+    gmm, proc, model = _shifted_model()
     B = 3
     shift = torch.cat([torch.zeros(B, gmm.d), 0.1 * torch.ones(B, gmm.d)]).double()
     s = pe.Sampler(proc, solver="unipc", steps=4, prediction="sample", guidance_scale=2.0,
@@ -336,13 +342,7 @@ def test_denoiser_models_fit_without_time_shifts():
 def test_fit_with_guidance_and_lbfgs():
     """A guided plan with per-sample conditioning (2N rows, sliced per minibatch) fits with
     L-BFGS; the tuned plan keeps the guidance and lowers the validation loss."""
-    gmm = _gmm()
-    proc = pe.processes.named("edm")
-    base = mixture_model(gmm, proc, "sample")
-
-    def model(x, t, shift):
-        return base(x, t) + shift
-
+    gmm, proc, model = _shifted_model()
     N = 12
     g = torch.Generator().manual_seed(4)
     shift = 0.05 * torch.randn(N, gmm.d, dtype=torch.float64, generator=g)
