@@ -18,7 +18,9 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,15 +30,8 @@ from pyengine.tuning import DEFAULT_TEACHER
 from pyengine.tuning.fit import teacher_sigmas
 from pyengine.tuning.mixture import mixture_model
 
-FIXED = [("dpmpp_2m", {}), ("unipc", {}), ("ipndm", {}), ("dpm_multistep", {"order": 3}),
-         ("dpmpp_3m", {})]
-SCHEDULES = ["karras", "time_uniform", "logsnr"]
-PROCESSES = {"edm": "sample", "vp": "epsilon"}
-
-
-def errors(out, exact):
-    e = (out - exact).reshape(out.shape[0], -1).norm(dim=1) / math.sqrt(exact[0].numel())
-    return float(e.median()), float(e.quantile(0.9))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tuning import FIXED, PROCESSES, SCHEDULES, errors  # noqa: E402
 
 
 def main(argv=None):
