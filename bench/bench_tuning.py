@@ -83,7 +83,11 @@ def run_process(name: str, nfes, args) -> dict:
                            f"{base_name}, "
                            + (f"Adam lr {args.lr}" if args.optimizer == "adam" else
                               "L-BFGS (strong Wolfe line search, full training set)")
-                           + f", up to {args.iters} iterations"}
+                           + f", up to {args.iters} iterations"
+                           + (f", trim {args.trim}" if args.trim else "")
+                           + (f", {args.starts} Nelder-Mead starts" if args.starts > 1 else "")
+                           + (f", up to {args.alternate} alternation rounds"
+                              if args.alternate else "")}
     print(f"[{name}] exact endpoints of {args.test} test noises: "
           f"{res['exact_seconds']:.1f} s", flush=True)
 
@@ -123,7 +127,8 @@ def run_process(name: str, nfes, args) -> dict:
         base = pe.Sampler(proc, solver=base_name, steps=nfe, schedule="karras", prediction=pred)
         base_err = errors(base.sample(model, test), exact)
         kw = dict(teacher=teacher, progress=False, iters=args.iters, lr=args.lr,
-                  optimizer=args.optimizer)
+                  optimizer=args.optimizer, trim=args.trim, schedule_starts=args.starts,
+                  alternate=args.alternate)
         sched, sched_sel = fit_select(base, model, train, sel, dict(kw, times=False,
                                       coefficients=False), args.restarts)
         full, full_sel = fit_select(base, model, train, sel, kw, args.restarts)
@@ -302,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--trim", type=float, default=0.0, help="pe.tune's trim")
+    ap.add_argument("--starts", type=int, default=1, help="pe.tune's schedule_starts")
+    ap.add_argument("--alternate", type=int, default=0, help="pe.tune's alternate")
     ap.add_argument("--restarts", type=int, default=1,
                     help="fit with pe.tune seeds 0..R-1 and keep the lowest 90th percentile "
                          "on --select noises of seed 3 (teacher endpoints)")

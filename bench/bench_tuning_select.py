@@ -46,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--patience", type=int, default=8)
     ap.add_argument("--batch", default="128")
     ap.add_argument("--seed", default="0", help="pe.tune's seed (split, minibatches)")
+    ap.add_argument("--trim", default="0", help="pe.tune's trim")
+    ap.add_argument("--starts", default="1", help="pe.tune's schedule_starts")
+    ap.add_argument("--alternate", default="0", help="pe.tune's alternate")
     ap.add_argument("--select", type=int, default=256)
     ap.add_argument("--no-schedule-only", action="store_true",
                     help="skip the schedule-only fits")
@@ -56,7 +59,9 @@ def main(argv=None):
         args.base.split(","), [int(v) for v in args.train.split(",")],
         [float(v) for v in args.lr.split(",")],
         [int(v) for v in args.iters.split(",")], args.optimizer.split(","),
-        [int(v) for v in args.batch.split(",")], [int(v) for v in args.seed.split(",")]))
+        [int(v) for v in args.batch.split(",")], [int(v) for v in args.seed.split(",")],
+        [float(v) for v in args.trim.split(",")], [int(v) for v in args.starts.split(",")],
+        [int(v) for v in args.alternate.split(",")]))
     n_max = max(g[1] for g in grid)
     for name in args.process.split(","):
         pred = PROCESSES[name]
@@ -88,11 +93,12 @@ def main(argv=None):
         f10 = rows[best]
         print(f"[{name}] selection set: {args.select} noises (seed 3); best fixed 10-NFE "
               f"{best} {f10[0]:.4f} / {f10[1]:.4f}", flush=True)
-        for base, n, lr, iters, opt, bs, seed in grid:
+        for base, n, lr, iters, opt, bs, seed, trim, starts, alt in grid:
             smp = pe.Sampler(proc, solver=base, steps=args.nfe, schedule="karras",
                              prediction=pred)
             kw = dict(teacher=teacher_all[:n], progress=False, seed=seed, iters=iters, lr=lr,
-                      optimizer=opt, patience=args.patience, batch_size=bs)
+                      optimizer=opt, patience=args.patience, batch_size=bs, trim=trim,
+                      schedule_starts=starts, alternate=alt)
             t0 = time.perf_counter()
             full = pe.tune(smp, model, train_all[:n], **kw)
             t_full = time.perf_counter() - t0
@@ -104,12 +110,14 @@ def main(argv=None):
                 e_s = errors(sched.sampler().sample(model, sel), exact)
             rec = {"process": name, "nfe": args.nfe, "base": base, "train": n,
                    "lr": lr, "iters": iters, "optimizer": opt,
-                   "patience": args.patience, "batch": bs, "seed": seed, "full": e_f,
+                   "patience": args.patience, "batch": bs, "seed": seed, "trim": trim,
+                   "starts": starts, "alternate": alt, "full": e_f,
                    "schedule": e_s,
                    "fixed10": {"best": best, "error": f10}, "fit_seconds": t_full,
                    "iters_run": full.provenance["fitted"]["iters"],
                    "grid": full.provenance["fitted"]["gradient_grid"]}
-            print(f"[{name}] {base} n={n} lr={lr:g} it={iters} {opt} b={bs} s={seed}: full "
+            print(f"[{name}] {base} n={n} lr={lr:g} it={iters} {opt} b={bs} s={seed} "
+                  f"trim={trim:g} starts={starts} alt={alt}: full "
                   f"{e_f[0]:.4f} / {e_f[1]:.4f} (x fixed10 {e_f[0] / f10[0]:.2f} / "
                   f"{e_f[1] / f10[1]:.2f}); sched {e_s[0]:.4f} / {e_s[1]:.4f} (full/sched "
                   f"{e_f[0] / e_s[0]:.2f} / {e_f[1] / e_s[1]:.2f}); {t_full:.0f} s, "

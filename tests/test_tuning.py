@@ -326,6 +326,75 @@ def test_fit_is_deterministic_given_the_seed():
         not np.array_equal(a.plan.sigmas, c.plan.sigmas)
 
 
+def test_coefficient_coordinates_name_one_buffer_on_every_grid():
+    # coordinate i of an update's z moves the coefficient of one fixed non-pivot buffer
+    # (and the two pivot buffers' to keep the consistency condition), on every grid
+    proc = pe.processes.named("edm")
+    tp = TunablePlan(pe.Sampler(proc, solver="ipndm", steps=6, prediction="sample"))
+    assert max(b.shape[1] for b in tp._bases) >= 2
+    g = np.random.default_rng(0)
+    for _ in range(4):
+        tp.set_schedule(g.normal(0.0, 0.5, tp.theta.size))
+        for basis, piv, (A, _, _) in zip(tp._bases, tp._pivots, consistency_systems(
+                tp.plan, proc, "sample")):
+            if not basis.shape[1]:
+                continue
+            B = basis.numpy()
+            free = [i for i in range(B.shape[0]) if i not in piv]
+            assert np.count_nonzero(B[free], axis=0).tolist() == [1] * B.shape[1]
+            assert np.all(np.argmax(np.abs(B[free]), axis=0) == np.arange(B.shape[1]))
+            assert np.abs(A @ B).max() <= 1e-12 * max(1.0, np.abs(A).max() * np.abs(B).max())
+
+
+def test_trim_leaves_the_largest_distances_out_of_every_loss():
+    s, model, train, _, _ = _fit_problem()
+    teacher = pe.Sampler(s.process, solver="unipc", steps=24,
+                         prediction="sample").sample(model, train)
+    gen = torch.Generator().manual_seed(0)                # pe.tune's split for seed 0
+    perm = torch.randperm(train.shape[0], generator=gen)
+    n_val = round(train.shape[0] * 0.25)
+    train_idx = perm[n_val:].sort().values
+    bad = teacher.clone()
+    bad[train_idx[[2, 9]]] += 50.0                       # two training endpoints far off
+    kw = dict(progress=False, seed=0, times=False, coefficients=False, schedule=False)
+    clean = pe.tune(s, model, train, teacher=teacher, **kw).provenance["losses"]["base"]
+    plain = pe.tune(s, model, train, teacher=bad, **kw).provenance["losses"]["base"]
+    trimmed = pe.tune(s, model, train, teacher=bad, trim=0.1, **kw).provenance["losses"]
+    assert plain["train"] > clean["train"] + 1.0          # each adds 50 / 30 to the mean
+    assert trimmed["base"]["train"] <= clean["train"] + 1e-12
+    assert trimmed["base"]["val"] <= clean["val"] + 1e-12
+    # an independent statement of the trimmed loss: mean of the smallest 90% of distances
+    out = run_plan(s.plan, model, train * s.init_noise_scale)
+    d = ((out - bad).pow(2).mean(1)).sqrt()[train_idx].sort().values
+    want = float(d[:math.ceil(d.numel() * 0.9)].mean())
+    assert abs(trimmed["base"]["train"] - want) <= 1e-9 * want
+    for bad_trim in (-0.1, 0.5, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="trim"):
+            pe.tune(s, model, train, trim=bad_trim, **kw)
+
+
+def test_schedule_starts_and_alternation_never_lose_on_validation():
+    # more Nelder-Mead starts (the first is the single-start run) and alternation rounds
+    # (kept only when better) can only lower the validation loss the fit chooses by
+    s, model, train, _, _ = _fit_problem()
+    kw = dict(teacher=("unipc", 24), progress=False, seed=1, schedule_evals=30, iters=12,
+              eval_every=4, optimizer="lbfgs")
+    one = pe.tune(s, model, train, **kw)
+    more = pe.tune(s, model, train, schedule_starts=3, **kw)
+    alt = pe.tune(s, model, train, schedule_starts=3, alternate=2, **kw)
+    v1, v3, va = (t.provenance["losses"]["tuned"]["val"] for t in (one, more, alt))
+    assert v3 <= v1 + 1e-12 and va <= v3 + 1e-12, (v1, v3, va)
+    assert more.provenance["fitted"]["schedule_evals"] > one.provenance["fitted"][
+        "schedule_evals"]
+    rounds = alt.provenance["fitted"]["alternation"]
+    assert 1 <= len(rounds) <= 2
+    kept = [r for r in rounds if r["val"] < v3]
+    assert (va < v3) == bool(kept)
+    for name in ("schedule_starts", "alternate"):
+        with pytest.raises(ValueError, match=name):
+            pe.tune(s, model, train, **{**kw, name: -1})
+
+
 def test_denoiser_models_fit_without_time_shifts():
     gmm = _gmm()
     proc = pe.processes.named("vp")

@@ -25,7 +25,13 @@ bitwise: same ops, same float64 numbers):
 * ``z`` (torch float64) -- coefficient corrections. Update j's coefficients become
   ``coefs + W_j N_j z_j`` (``aux_coefs`` are left alone), where N_j spans the null space of
   the update's consistency system below and W_j is a diagonal scaling that makes one unit
-  of z change the update's output by about one unit of its own magnitude.
+  of z change the update's output by about one unit of its own magnitude. N_j is built by
+  elimination, not by an SVD: coordinate i of z_j moves the coefficient of the i-th buffer
+  outside a fixed pivot pair (the best conditioned pair of columns on the base grid) and
+  the pivot pair absorbs it. So a coordinate names one buffer's coefficient on every grid
+  (an SVD basis of a null space of dimension >= 2 is whichever orthonormal basis LAPACK
+  returns), which the alternation of :func:`pyengine.tuning.tune` relies on when it moves
+  the schedule with z held.
 
 **The consistency condition.** Take a model whose denoiser is a constant, D(x, sigma) = c.
 The exact PF-ODE solution from any state is then x_hat(sigma) = c + sigma k with k constant,
@@ -110,6 +116,35 @@ def consistency_systems(plan: Plan, process, prediction: str):
             raise ValueError(f"plan {plan.solver!r} holds a {type(op).__name__} op; a tunable "
                              f"plan has model evaluations and fused updates only")
     return out
+
+
+def _pivot_pair(Aw: np.ndarray) -> tuple[int, int]:
+    """The two buffers whose (scaled) columns of the 2 x K consistency system are the best
+    conditioned pair: they absorb each correction; the other K - 2 are its coordinates."""
+    K = Aw.shape[1]
+    best, pair = -1.0, (0, 1)
+    for a in range(K):
+        for b in range(a + 1, K):
+            M = Aw[:, [a, b]]
+            den = float(np.linalg.norm(M[:, 0]) * np.linalg.norm(M[:, 1]))
+            q = abs(float(np.linalg.det(M))) / den if den > 0 else 0.0
+            if q > best + 1e-12:
+                best, pair = q, (a, b)
+    return pair
+
+
+def _null_basis(Aw: np.ndarray, pivots: tuple[int, int]) -> np.ndarray:
+    """A basis [K, K - 2] of the null space of the rank-2 system ``Aw``: coordinate i moves
+    the i-th non-pivot buffer's coefficient by one and the two pivot buffers' so that the
+    system still holds. Unlike an SVD basis it depends smoothly on the grid (no sign flips
+    or rotations), so fitted coordinates keep their meaning when the schedule moves."""
+    K = Aw.shape[1]
+    piv = list(pivots)
+    free = [i for i in range(K) if i not in piv]
+    N = np.zeros((K, len(free)))
+    N[free, range(len(free))] = 1.0
+    N[piv, :] = -np.linalg.solve(Aw[:, piv], Aw[:, free])
+    return N
 
 
 def _structure(plan: Plan):
@@ -305,21 +340,25 @@ class TunablePlan:
         if first:
             self._dims = []
             self.residuals = [res for _, _, res in systems]
+        if first:
+            self._pivots = []
         for j, (op, (A, target, res)) in enumerate(zip(self._updates, systems)):
             K = len(op.bufs)
             m = np.sqrt((A * A).sum(0))
             mt = math.sqrt(float(target @ target))
             w = np.where(m > 0, mt / np.where(m > 0, m, 1.0), 0.0)
-            _, sv, vt = np.linalg.svd(A * w[None, :])
+            Aw = A * w[None, :]
+            sv = np.linalg.svd(Aw, compute_uv=False)
             rank = int(np.sum(sv > 1e-12 * max(sv.max(initial=0.0), 1e-300)))
             if first:
                 # an update the base solver itself does not keep consistent stays as it is
-                self._dims.append(K - rank if res <= 1e-9 else 0)
+                self._dims.append(K - rank if res <= 1e-9 and rank == 2 else 0)
+                self._pivots.append(_pivot_pair(Aw) if self._dims[j] else None)
             dim = self._dims[j]
             if dim and K - rank != dim:
                 raise RuntimeError(f"update {j} of the tuned grid's plan has a consistency "
                                    f"system of another rank than on the base grid")
-            basis = w[:, None] * vt[K - dim:].T if dim else np.zeros((K, 0))
+            basis = w[:, None] * _null_basis(Aw, self._pivots[j]) if dim else np.zeros((K, 0))
             self._bases.append(torch.from_numpy(np.ascontiguousarray(basis)))
             self._slices.append(slice(off, off + basis.shape[1]))
             off += basis.shape[1]
