@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyengine as pe
+from pyengine.models import GaussianMixture
 
 PROC = pe.processes.VP.discrete("linear")
 SHAPE = (3, 5, 7)
@@ -141,3 +142,20 @@ def test_scheduler_model_of_another_dtype_in_split_calls(out_dtype):
     sch.run()
     assert torch.equal(r1.result, guided.sample(m, n1, seed=1, backend=BACKEND, extra_args=a1))
     assert torch.equal(r2.result, anc.sample(m, n2, seed=2, backend=BACKEND, extra_args=a2))
+
+
+def test_mixture_flow_model_at_t_one_is_the_limit():
+    # t = 1 (sigma = inf) of a flow model: the state is pure noise, D is the data mean;
+    # the value there is the limit of the values below it, in a batch with other times
+    proc = pe.processes.named("flow")
+    gmm = GaussianMixture.random(d=6, M=3, seed=4)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mean = (gmm.weights[:, None] * gmm.means).sum(0) / gmm.weights.sum()
+    for pred in ("flow", "epsilon", "sample", "v"):
+        model = gmm.as_model(proc, pred)
+        at_one = model(x, torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64))
+        near = model(x, torch.full((3,), 1.0 - 1e-10, dtype=torch.float64))
+        assert torch.isfinite(at_one).all()
+        torch.testing.assert_close(at_one[[0, 2]], near[[0, 2]], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(at_one[1], model(x[1:2], 0.5)[0], rtol=0, atol=0)
+    torch.testing.assert_close(gmm.as_model(proc, "flow")(x, 1.0), x - mean)

@@ -137,11 +137,29 @@ class GaussianMixture:
                                               dtype=np.float64).reshape(-1))
             s = torch.from_numpy(np.asarray(process.s_of_sigma(sig.numpy()),
                                             dtype=np.float64).reshape(-1))
+            sd = s * sig
+            top = torch.isinf(sig)
+            if bool(top.any()):
+                sig, s, sd, top = (v.expand(B) for v in (sig, s, sd, top))
+                # sigma = inf (a flow model at t = 1): x = s sigma eps carries no information
+                # about x0, so D is the data mean; s sigma is its finite limit there
+                big = 1e300
+                s = torch.where(top, torch.zeros_like(s), s)
+                sd = torch.where(top, torch.as_tensor(
+                    float(np.asarray(process.s_of_sigma(big))) * big, dtype=torch.float64), sd)
             view = (-1,) + (1,) * (x.dim() - 1)
-            sig, s = sig.to(x.device).view(view), s.to(x.device).view(view)
+            sig, s, sd = (v.to(x.device).view(view) for v in (sig, s, sd))
             x64 = x.to(torch.float64)
-            D = self.denoise(x64 / s, sig.reshape(-1))
-            return output_from_denoised(prediction, x64, D, s, s * sig).to(x.dtype)
+            top = torch.isinf(sig.reshape(-1))
+            if bool(top.any()):
+                mean = (self.weights[:, None] * self.means).sum(0) / self.weights.sum()
+                D = torch.empty_like(x64)
+                D[top] = mean.to(x.device).reshape(x.shape[1:])
+                if bool((~top).any()):
+                    D[~top] = self.denoise(x64[~top] / s[~top], sig[~top].reshape(-1))
+            else:
+                D = self.denoise(x64 / s, sig.reshape(-1))
+            return output_from_denoised(prediction, x64, D, s, sd).to(x.dtype)
         return model
 
     # -- exact PF-ODE ----------------------------------------------------------------------
