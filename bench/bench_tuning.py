@@ -61,13 +61,18 @@ def errors(out, exact):
     return float(e.median()), float(e.quantile(0.9))
 
 
-def run_process(name: str, nfes, args) -> dict:
+def problem(name: str, base: str):
+    """(prediction, process, base solver, mixture, model) of process ``name``; ``base`` is
+    one solver name or ``process=solver,...``."""
     pred = PROCESSES[name]
     proc = pe.processes.named(name)
-    base_name = dict(v.split("=") for v in args.base.split(",")).get(name) \
-        if "=" in args.base else args.base
+    base_name = dict(v.split("=") for v in base.split(",")).get(name) if "=" in base else base
     gmm = GaussianMixture.random(d=64, M=4, seed=0)
-    model = mixture_model(gmm, proc, pred)
+    return pred, proc, base_name, gmm, mixture_model(gmm, proc, pred)
+
+
+def run_process(name: str, nfes, args) -> dict:
+    pred, proc, base_name, gmm, model = problem(name, args.base)
     test = torch.randn(args.test, 64, generator=torch.Generator().manual_seed(1),
                        dtype=torch.float64)
     train = torch.randn(args.train, 64, generator=torch.Generator().manual_seed(2),

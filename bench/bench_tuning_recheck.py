@@ -25,23 +25,16 @@ from pathlib import Path
 import torch
 
 import pyengine as pe
-from pyengine.models import GaussianMixture
 from pyengine.tuning import DEFAULT_TEACHER
 from pyengine.tuning.fit import teacher_sigmas
-from pyengine.tuning.mixture import mixture_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tuning import FIXED, PROCESSES, SCHEDULES, errors, machine  # noqa: E402
+from bench_tuning import FIXED, SCHEDULES, errors, machine, problem  # noqa: E402
 
 
 def recheck(res: dict, nfe: int, args) -> dict:
     name = res["process"]
-    pred = PROCESSES[name]
-    proc = pe.processes.named(name)
-    base_name = dict(v.split("=") for v in args.base.split(",")).get(name) \
-        if "=" in args.base else args.base
-    gmm = GaussianMixture.random(d=64, M=4, seed=0)
-    model = mixture_model(gmm, proc, pred)
+    pred, proc, base_name, gmm, model = problem(name, args.base)
     train = torch.randn(args.train, 64, generator=torch.Generator().manual_seed(2),
                         dtype=torch.float64)
     test = torch.randn(64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
