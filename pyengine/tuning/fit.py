@@ -308,7 +308,8 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
 
     def nelder_mead(start, step, budget, label, fixed=False):
         """Nelder-Mead on the training loss over theta from ``start`` (simplex edge
-        ``step``), with the base coefficients or (``fixed``) the current phi and z."""
+        ``step``), with the base coefficients or (``fixed``) the current phi and z; returns
+        (theta, evaluations, training loss at theta)."""
         from scipy.optimize import minimize
         dim = start.size
         bar = _bar(progress, budget, f"{label} ({dim} params, Nelder-Mead)")
@@ -332,7 +333,7 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                        options={"maxfev": budget, "initial_simplex": simplex,
                                 "xatol": 1e-3, "fatol": 0.0})
         bar.close()
-        return np.asarray(res.x, dtype=np.float64), int(res.nfev)
+        return np.asarray(res.x, dtype=np.float64), int(res.nfev), float(res.fun)
 
     fit_log = {}
 
@@ -362,14 +363,15 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                                    for _ in range(schedule_starts - 1)]
             nfev = 0
             for k, st in enumerate(nm_starts):
-                th, n_ev = nelder_mead(st, 0.5, budget_nm, "schedule" if len(nm_starts) == 1
-                                       else f"schedule, start {k + 1} of {len(nm_starts)}")
+                label = "schedule" if len(nm_starts) == 1 else \
+                    f"schedule, start {k + 1} of {len(nm_starts)}"
+                th, n_ev, train_loss = nelder_mead(st, 0.5, budget_nm, label)
                 nfev += n_ev
                 try:
                     tp.set_schedule(th)
                 except (ValueError, FloatingPointError, RuntimeError):
                     continue                    # a random start with no valid grid near it
-                grids.append((th, {"train": loss_of(train_idx), "val": loss_of(val_idx)}))
+                grids.append((th, {"train": train_loss, "val": loss_of(val_idx)}))
             fit_log["schedule_evals"] = nfev
             theta, sched_loss = min(grids, key=lambda g: g[1]["val"])
         else:
@@ -470,7 +472,7 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
     # then the gradient stage again from them; kept while the validation loss improves.
     rounds = []
     for r in range(alternate if schedule_mode and tp.theta.size else 0):
-        th_new, _ = nelder_mead(theta, 0.25, budget_nm, f"schedule with the fitted times "
+        th_new, _, _ = nelder_mead(theta, 0.25, budget_nm, f"schedule with the fitted times "
                                 f"and coefficients, round {r + 1}", fixed=True)
         tp.set_schedule(th_new)
         v0 = loss_of(val_idx, *current())
