@@ -451,9 +451,10 @@ def tune(sampler, model, noise: torch.Tensor, *, extra_args: dict | None = None,
                 p.copy_(v)
         return best[0], tp.phi.detach(), tp.z.detach(), done
 
-    # From the schedule-tuned grid, and from the base grid when they differ: a schedule
-    # fitted with the base coefficients is not always the best grid to fit coefficients on
-    # (on the exact mixture it often is not); the lower validation loss wins.
+    # From the schedule-tuned grid, every other distinct grid the schedule stage found, and
+    # the base grid: a schedule fitted with the base coefficients is not always the best
+    # grid to fit coefficients on (on the exact mixture it often is not); the lowest
+    # validation loss wins.
     starts = [("tuned" if np.any(tp.theta != 0) else "base", tp.theta.copy(),
                losses["schedule"]["val"])]
     for th, lo in sorted(grids, key=lambda g: g[1]["val"]):
